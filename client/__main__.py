@@ -1,0 +1,5 @@
+import sys
+
+from netswap.client.cli import main
+
+sys.exit(main())

@@ -1,0 +1,230 @@
+"""The async client: SwapClient (a connection) and Area (one attached swap area).
+
+Slots map to RPCs in batches of at most max_batch_pages. Pages go out from the
+caller's buffer and come back into the caller's buffer or the area's PagePool;
+nothing on the data path allocates page-sized memory of its own except what
+gRPC itself does per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Self, TypeVar
+
+import grpc
+
+from netswap.client.errors import AreaNotFound, InvalidRequest, ServerError, error_from_rpc
+from netswap.client.pool import Lease, PagePool
+from netswap.client.wire import decode_swap_in_pages, encode_swap_out
+from netswap.common.limits import max_message_bytes
+from netswap.v1 import swap_pb2, swap_pb2_grpc
+
+T = TypeVar("T")
+
+_METHOD = "/netswap.v1.SwapService/"
+# Largest batch any server will offer; sizes the channel's message limit
+# before we know the server's actual max_batch_pages.
+MAX_BATCH_LIMIT = 4096
+DEFAULT_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class AreaInfo:
+    name: str
+    size_bytes: int
+    pages_stored: int
+
+
+class SwapClient:
+    """A connection to a netswap server, authenticated with a bearer token."""
+
+    def __init__(self, channel: grpc.aio.Channel, token: str, *, timeout: float = DEFAULT_TIMEOUT):
+        self._channel = channel
+        self._metadata = (("authorization", f"Bearer {token}"),)
+        self.timeout = timeout
+        self._stub = swap_pb2_grpc.SwapServiceStub(channel)
+        # The page-carrying calls skip protobuf's Python objects (see wire.py).
+        self._swap_out = channel.unary_unary(
+            _METHOD + "SwapOut", request_serializer=None, response_deserializer=None
+        )
+        self._swap_in = channel.unary_unary(
+            _METHOD + "SwapIn",
+            request_serializer=swap_pb2.SwapInRequest.SerializeToString,
+            response_deserializer=decode_swap_in_pages,
+        )
+
+    @classmethod
+    async def connect(
+        cls,
+        target: str,
+        token: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> SwapClient:
+        limit = max_message_bytes(MAX_BATCH_LIMIT)
+        channel = grpc.aio.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                *options,
+            ],
+        )
+        return cls(channel, token, timeout=timeout)
+
+    async def call(self, method: Callable[..., Awaitable[T]], request: Any) -> T:
+        """Invoke one RPC with credentials and deadline; gRPC errors become NetswapErrors."""
+        try:
+            return await method(request, metadata=self._metadata, timeout=self.timeout)
+        except grpc.aio.AioRpcError as e:
+            raise error_from_rpc(e) from None
+
+    async def swapon(self, name: str, size_bytes: int, *, pool_pages: int | None = None) -> Area:
+        """Attach (creating if needed) the area `name`; allocate its page pool now.
+
+        pool_pages defaults to two batches' worth (max_batch_pages * 2).
+        """
+        reply = await self.call(
+            self._stub.SwapOn, swap_pb2.SwapOnRequest(name=name, size_bytes=size_bytes)
+        )
+        pool = PagePool(pool_pages or reply.max_batch_pages * 2, reply.page_size)
+        return Area(self, name, reply, pool)
+
+    async def list_areas(self) -> list[AreaInfo]:
+        reply = await self.call(self._stub.ListAreas, swap_pb2.ListAreasRequest())
+        return [AreaInfo(a.name, a.size_bytes, a.pages_stored) for a in reply.areas]
+
+    async def swapoff(self, name: str) -> None:
+        """Destroy the area `name` without holding its handle (re-attaches to get one)."""
+        for info in await self.list_areas():
+            if info.name == name:
+                reply = await self.call(
+                    self._stub.SwapOn, swap_pb2.SwapOnRequest(name=name, size_bytes=info.size_bytes)
+                )
+                await self.call(self._stub.SwapOff, swap_pb2.SwapOffRequest(handle=reply.handle))
+                return
+        raise AreaNotFound(f"no area named {name!r} (NOT_FOUND)")
+
+    async def close(self) -> None:
+        await self._channel.close(None)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class Area:
+    """One attached area. Slots are 0..slot_count-1; each holds one page of page_size bytes."""
+
+    def __init__(
+        self, client: SwapClient, name: str, reply: swap_pb2.SwapOnResponse, pool: PagePool
+    ):
+        self._client = client
+        self._handle = reply.handle
+        self.name = name
+        self.slot_count = reply.slot_count
+        self.page_size = reply.page_size
+        self.max_batch_pages = reply.max_batch_pages
+        self.created = reply.created
+        self.pool = pool
+        # Batches of one call in flight at once: enough to keep the pipe full,
+        # few enough that one caller cannot monopolise the connection.
+        self.parallel = 4
+
+    @property
+    def size_bytes(self) -> int:
+        return self.slot_count * self.page_size
+
+    def _pages_for(self, slots: Sequence[int], buf: memoryview, what: str) -> None:
+        if len(buf) != len(slots) * self.page_size:
+            raise InvalidRequest(
+                f"{what} is {len(buf)} bytes; {len(slots)} slots need {len(slots) * self.page_size}"
+            )
+
+    async def _batches(self, n: int, one: Callable[[int, int], Awaitable[None]]) -> None:
+        """Run one(start, end) for each batch of slots [start, end), a few at a time."""
+        step = self.max_batch_pages
+        if n <= step:
+            await one(0, n)
+            return
+        gate = asyncio.Semaphore(self.parallel)
+
+        async def gated(start: int) -> None:
+            async with gate:
+                await one(start, min(start + step, n))
+
+        await asyncio.gather(*(gated(s) for s in range(0, n, step)))
+
+    async def swap_out(self, slots: Sequence[int], pages: Any) -> None:
+        """Write pages (a buffer of len(slots) * page_size bytes) to slots."""
+        view = memoryview(pages).cast("B")
+        self._pages_for(slots, view, "pages")
+        ps = self.page_size
+
+        async def one(start: int, end: int) -> None:
+            body = encode_swap_out(self._handle, slots[start:end], view[start * ps : end * ps])
+            await self._client.call(self._client._swap_out, body)
+
+        await self._batches(len(slots), one)
+
+    async def swap_in(self, slots: Sequence[int], into: Any = None) -> Lease:
+        """Read slots into `into` (a writable buffer) or, if None, into pages leased from the pool.
+
+        Returns a Lease whose .view holds the pages in slot order; release() it
+        (or use `with`) to return pool pages. For a caller buffer, release() is a no-op.
+        """
+        if into is None:
+            if len(slots) > self.pool.capacity:
+                raise InvalidRequest(
+                    f"{len(slots)} slots exceed the page pool ({self.pool.capacity} pages);"
+                    " pass a buffer as `into`"
+                )
+            lease = await self.pool.acquire(len(slots))
+        else:
+            lease = Lease(None, 0, len(slots), memoryview(into).cast("B"))
+        view = lease.view
+        try:
+            self._pages_for(slots, view, "into")
+            ps = self.page_size
+
+            async def one(start: int, end: int) -> None:
+                got = await self._client.call(
+                    self._client._swap_in,
+                    swap_pb2.SwapInRequest(handle=self._handle, slots=slots[start:end]),
+                )
+                if len(got) != (end - start) * ps:
+                    raise ServerError(f"server returned {len(got)} bytes for {end - start} pages")
+                view[start * ps : end * ps] = got
+
+            await self._batches(len(slots), one)
+        except BaseException:
+            lease.release()
+            raise
+        return lease
+
+    async def discard(self, slots: Sequence[int]) -> None:
+        """Forget slots: they read as zeros, and stay reserved."""
+
+        async def one(start: int, end: int) -> None:
+            await self._client.call(
+                self._client._stub.Discard,
+                swap_pb2.DiscardRequest(handle=self._handle, slots=slots[start:end]),
+            )
+
+        await self._batches(len(slots), one)
+
+    async def swapoff(self) -> None:
+        """Destroy the area on the server and free the page pool."""
+        await self._client.call(
+            self._client._stub.SwapOff, swap_pb2.SwapOffRequest(handle=self._handle)
+        )
+        self.pool.close()
+
+    def detach(self) -> None:
+        """Free the page pool, leaving the area (and its data) on the server."""
+        self.pool.close()

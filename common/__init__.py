@@ -1,0 +1,1 @@
+"""Pieces shared by netswap.server and netswap.client: wire constants, sizes, the event loop."""

@@ -1,0 +1,1 @@
+"""Generated code for the netswap.v1 API. Do not edit: see scripts/genproto.sh."""

@@ -1,0 +1,5 @@
+import sys
+
+from netswap.server.cli import main
+
+sys.exit(main())

@@ -1,0 +1,99 @@
+"""build_server(): the one factory that assembles the service. Tests call it with port 0."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from netswap.common.limits import max_message_bytes
+from netswap.server.areas import AreaManager
+from netswap.server.auth import AuthInterceptor, TokenTable
+from netswap.server.config import Config
+from netswap.server.handlers import SwapServicer
+from netswap.server.interceptors import StatusInterceptor
+from netswap.server.metrics import ServerMetrics
+from netswap.server.store import Store
+from netswap.v1 import swap_pb2, swap_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+# grpc-stubs does not know the asyncio health servicer.
+HealthServicer: Any = health.aio.HealthServicer  # type: ignore[attr-defined]
+
+SERVICE_NAME = swap_pb2.DESCRIPTOR.services_by_name["SwapService"].full_name
+
+
+class NetswapServer:
+    """A built, bound, not yet started server."""
+
+    def __init__(
+        self,
+        server: grpc.aio.Server,
+        manager: AreaManager,
+        health: Any,
+        address: str,
+    ) -> None:
+        self.grpc = server
+        self.manager = manager
+        self.address = address  # what clients dial: "127.0.0.1:PORT" or "unix:PATH"
+        self._health = health
+
+    async def start(self) -> None:
+        await self.grpc.start()
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float | None) -> None:
+        """Stop accepting calls, let in-flight ones finish for `grace` seconds, close the store."""
+        await self._health.enter_graceful_shutdown()
+        await self.grpc.stop(grace)
+        self.manager.close()
+
+
+def build_server(config: Config, store: Store, registry: CollectorRegistry) -> NetswapServer:
+    tokens = TokenTable.load(config.tokens) if config.tokens else TokenTable({})
+    metrics = ServerMetrics(registry)
+    manager = AreaManager(
+        store,
+        capacity=config.capacity,
+        max_area_size=config.max_area_size,
+        max_batch_pages=config.max_batch_pages,
+        quota_of=tokens.quota_of,
+    )
+    metrics.watch(manager)
+    limit = max_message_bytes(config.max_batch_pages)
+    server = grpc.aio.server(
+        interceptors=[
+            StatusInterceptor(metrics),
+            AuthInterceptor(
+                tokens, on_failure=lambda reason: metrics.auth_failures.labels(reason).inc()
+            ),
+        ],
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+        ],
+    )
+    swap_pb2_grpc.add_SwapServiceServicer_to_server(SwapServicer(manager, metrics), server)
+    health_servicer = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+    )
+    port = server.add_insecure_port(config.listen)
+    if config.listen.startswith("unix:"):
+        address = config.listen
+    else:
+        host = config.listen.rpartition(":")[0] or "127.0.0.1"
+        address = f"{host}:{port}"
+    return NetswapServer(server, manager, health_servicer, address)

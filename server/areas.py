@@ -1,0 +1,219 @@
+"""Areas, handles and the rules around them: the core of the swap service.
+
+Speaks Python (principal names, ints, buffers) and raises errors from
+netswap.server.errors; the gRPC layer above translates. Every check on a
+request happens here, before the store is touched.
+
+Concurrency: everything runs on the server's event loop. Data-plane calls
+(swap_out/swap_in/discard) are synchronous -- page-cache or memory copies of at
+most one batch -- so a call sees an area that cannot be swapped off under it.
+Control-plane calls (swapon/swapoff) take one lock, because creating an area
+(fallocate of gigabytes) runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from netswap.common.limits import NAME_PATTERN, PAGE_SIZE
+from netswap.server.errors import Exhausted, InvalidArgument, NotFound, SizeMismatch
+from netswap.server.store import AreaKey, Backing, Store
+
+HANDLE_BYTES = 16  # 128 random bits
+
+
+@dataclass
+class Area:
+    key: AreaKey
+    backing: Backing
+    handle: bytes | None = None  # the one live handle; None until attached
+
+    @property
+    def size_bytes(self) -> int:
+        return self.backing.size_bytes
+
+    @property
+    def slot_count(self) -> int:
+        return self.backing.size_bytes // PAGE_SIZE
+
+
+@dataclass(frozen=True)
+class Attachment:
+    handle: bytes
+    slot_count: int
+    created: bool
+
+
+@dataclass(frozen=True)
+class AreaStats:
+    name: str
+    size_bytes: int
+    pages_stored: int
+
+
+class AreaManager:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        capacity: int,
+        max_area_size: int,
+        max_batch_pages: int,
+        quota_of: Callable[[str], int | None],
+    ) -> None:
+        self.store = store
+        self.capacity = capacity
+        self.max_area_size = max_area_size
+        self.max_batch_pages = max_batch_pages
+        self._quota_of = quota_of
+        self._areas: dict[AreaKey, Area] = {}
+        self._handles: dict[bytes, Area] = {}
+        self._control = asyncio.Lock()
+        for key, backing in store.existing():
+            self._areas[key] = Area(key, backing)
+
+    # -- accounting (read by metrics at scrape time) --------------------------
+
+    @property
+    def reserved_bytes(self) -> int:
+        return sum(a.size_bytes for a in list(self._areas.values()))
+
+    def reserved_by(self, owner: str) -> int:
+        return sum(a.size_bytes for a in list(self._areas.values()) if a.key.owner == owner)
+
+    def area_count(self) -> int:
+        return len(self._areas)
+
+    def stored_pages(self) -> int:
+        return sum(a.backing.stored_pages() for a in list(self._areas.values()))
+
+    # -- control plane ----------------------------------------------------------
+
+    async def swapon(self, principal: str, name: str, size_bytes: int) -> Attachment:
+        if not NAME_PATTERN.fullmatch(name):
+            raise InvalidArgument(
+                f"area name {name!r} must be 1-64 characters of A-Z a-z 0-9 . _ -"
+            )
+        if size_bytes <= 0 or size_bytes % PAGE_SIZE:
+            raise InvalidArgument(
+                f"size_bytes {size_bytes} must be a positive multiple of {PAGE_SIZE}"
+            )
+        if size_bytes > self.max_area_size:
+            raise InvalidArgument(
+                f"size_bytes {size_bytes} exceeds the server's max area size {self.max_area_size}"
+            )
+        key = AreaKey(principal, name)
+        async with self._control:
+            area = self._areas.get(key)
+            created = area is None
+            if area is None:
+                area = await self._create(key, size_bytes)
+            elif area.size_bytes != size_bytes:
+                raise SizeMismatch(
+                    f"area {name!r} exists with size_bytes {area.size_bytes}, not {size_bytes}"
+                )
+            # One live handle per area: re-attaching (e.g. a client that lost
+            # its handle) takes the area over and the old handle stops working.
+            if area.handle is not None:
+                del self._handles[area.handle]
+            area.handle = secrets.token_bytes(HANDLE_BYTES)
+            self._handles[area.handle] = area
+            return Attachment(area.handle, area.slot_count, created)
+
+    async def _create(self, key: AreaKey, size_bytes: int) -> Area:
+        quota = self._quota_of(key.owner)
+        used = self.reserved_by(key.owner)
+        if quota is not None and used + size_bytes > quota:
+            raise Exhausted(
+                f"quota exceeded: {used} bytes reserved + {size_bytes} requested > quota {quota}"
+            )
+        total = self.reserved_bytes
+        if total + size_bytes > self.capacity:
+            raise Exhausted(
+                f"server capacity exceeded: {total} bytes reserved + {size_bytes} requested"
+                f" > capacity {self.capacity}"
+            )
+        # Reserving gigabytes (fallocate, or faulting in memory) takes a while;
+        # keep the event loop serving data-plane calls meanwhile.
+        backing = await asyncio.to_thread(self.store.create, key, size_bytes)
+        area = Area(key, backing)
+        self._areas[key] = area
+        return area
+
+    async def swapoff(self, principal: str, handle: bytes) -> None:
+        async with self._control:
+            area = self._attached(principal, handle)
+            del self._handles[handle]
+            del self._areas[area.key]
+            self.store.destroy(area.key, area.backing)
+
+    def list_areas(self, principal: str) -> list[AreaStats]:
+        return [
+            AreaStats(a.key.name, a.size_bytes, a.backing.stored_pages())
+            for key, a in sorted(self._areas.items())
+            if key.owner == principal
+        ]
+
+    # -- data plane -------------------------------------------------------------
+
+    def swap_out(
+        self, principal: str, handle: bytes, slots: Sequence[int], pages: memoryview
+    ) -> None:
+        area = self._attached(principal, handle)
+        self._check_slots(area, slots)
+        if len(pages) != len(slots) * PAGE_SIZE:
+            raise InvalidArgument(
+                f"pages is {len(pages)} bytes; {len(slots)} slots need exactly"
+                f" {len(slots) * PAGE_SIZE}"
+            )
+        area.backing.write(slots, pages)
+
+    def swap_in(self, principal: str, handle: bytes, slots: Sequence[int]) -> bytearray:
+        area = self._attached(principal, handle)
+        self._check_slots(area, slots)
+        out = bytearray(len(slots) * PAGE_SIZE)
+        area.backing.read(slots, memoryview(out))
+        return out
+
+    def discard(self, principal: str, handle: bytes, slots: Sequence[int]) -> None:
+        area = self._attached(principal, handle)
+        self._check_slots(area, slots)
+        area.backing.discard(slots)
+
+    # -- checks -----------------------------------------------------------------
+
+    def _attached(self, principal: str, handle: bytes) -> Area:
+        if not handle:
+            raise InvalidArgument("handle is empty: call SwapOn first")
+        area = self._handles.get(handle)
+        # Another principal's handle looks exactly like an unknown one: no
+        # existence oracle.
+        if area is None or area.key.owner != principal:
+            raise NotFound("unknown handle (expired by SwapOff, re-attach, or a server restart)")
+        return area
+
+    def _check_slots(self, area: Area, slots: Sequence[int]) -> None:
+        n = len(slots)
+        if n == 0:
+            raise InvalidArgument("slots is empty")
+        if n > self.max_batch_pages:
+            raise InvalidArgument(f"{n} slots exceed max_batch_pages {self.max_batch_pages}")
+        top = max(slots)
+        if top >= area.slot_count:
+            raise InvalidArgument(f"slot {top} out of range: slot_count is {area.slot_count}")
+        if len(set(slots)) != n:
+            seen: set[int] = set()
+            for slot in slots:
+                if slot in seen:
+                    raise InvalidArgument(f"slot {slot} appears more than once")
+                seen.add(slot)
+
+    def close(self) -> None:
+        for area in self._areas.values():
+            area.backing.close()
+        self._areas.clear()
+        self._handles.clear()
+        self.store.close()

@@ -1,0 +1,159 @@
+"""Credential context: bearer tokens -> principals, and the interceptor that enforces them.
+
+The tokens file (TOML) names each principal with the SHA-256 of its token, so
+the file itself holds no secret that would let a reader call the service:
+
+    [principals.alice]
+    token_sha256 = "<hex sha256 of the token>"
+    quota_bytes = 1073741824          # optional: total bytes alice may reserve
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import secrets
+import tomllib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from netswap.common.limits import NAME_PATTERN
+from netswap.server.errors import Unauthenticated
+
+SERVICE_PREFIX = "/netswap.v1.SwapService/"
+
+# The authenticated principal of the call being handled. Set by the
+# interceptor's wrapper around the handler, in the handler's own task.
+_principal: contextvars.ContextVar[str] = contextvars.ContextVar("netswap_principal")
+
+
+def current_principal() -> str:
+    """The caller of the RPC being handled (only valid inside a SwapService handler)."""
+    return _principal.get()
+
+
+@dataclass(frozen=True)
+class Principal:
+    name: str
+    quota_bytes: int | None
+
+
+class TokensError(ValueError):
+    """The tokens file is missing, malformed or unsafe; the message says where."""
+
+
+class TokenTable:
+    def __init__(self, principals: dict[bytes, Principal]) -> None:
+        self._by_digest = principals
+        self._by_name = {p.name: p for p in principals.values()}
+
+    @classmethod
+    def load(cls, path: Path) -> TokenTable:
+        try:
+            doc = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise TokensError(f"cannot read tokens file {path}: {e}") from e
+        table = doc.get("principals")
+        if not isinstance(table, dict):
+            raise TokensError(f"{path}: expected a [principals.NAME] table")
+        principals: dict[bytes, Principal] = {}
+        for name, entry in table.items():
+            where = f"{path}: principals.{name}"
+            if not NAME_PATTERN.fullmatch(name):
+                raise TokensError(f"{where}: name must be 1-64 characters of A-Z a-z 0-9 . _ -")
+            if not isinstance(entry, dict):
+                raise TokensError(f"{where}: expected a table")
+            digest_hex = entry.get("token_sha256")
+            try:
+                digest = bytes.fromhex(digest_hex) if isinstance(digest_hex, str) else b""
+            except ValueError:
+                digest = b""
+            if len(digest) != 32:
+                raise TokensError(f"{where}: token_sha256 must be 64 hex digits")
+            quota = entry.get("quota_bytes")
+            if quota is not None and (not isinstance(quota, int) or quota < 0):
+                raise TokensError(f"{where}: quota_bytes must be a non-negative integer")
+            if digest in principals:
+                raise TokensError(f"{where}: token_sha256 is also used by another principal")
+            principals[digest] = Principal(name, quota)
+        return cls(principals)
+
+    def authenticate(self, token: str) -> Principal | None:
+        # Looked up by SHA-256 of the token, as hashed API keys are: what the
+        # lookup's timing could reveal is about a digest the caller can compute
+        # anyway, not about any stored token.
+        return self._by_digest.get(hashlib.sha256(token.encode()).digest())
+
+    def quota_of(self, name: str) -> int | None:
+        p = self._by_name.get(name)
+        return p.quota_bytes if p else None
+
+
+def new_token() -> tuple[str, str]:
+    """A fresh token and the hex SHA-256 to put in the tokens file."""
+    token = secrets.token_urlsafe(32)
+    return token, hashlib.sha256(token.encode()).hexdigest()
+
+
+def bearer_token(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str | None:
+    for key, value in metadata or ():
+        if key == "authorization" and isinstance(value, str):
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() == "bearer" and token:
+                return token.strip()
+    return None
+
+
+if TYPE_CHECKING:
+    ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:  # not subscriptable at run time
+    ServerInterceptor = grpc.aio.ServerInterceptor
+
+Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+
+
+class AuthInterceptor(ServerInterceptor):
+    """Authenticates every SwapService call; the handler runs only for a known token.
+
+    Health and reflection stay open so probes and grpcurl work without a token.
+    """
+
+    def __init__(self, tokens: TokenTable, on_failure: Callable[[str], None]) -> None:
+        self._tokens = tokens
+        self._on_failure = on_failure
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(SERVICE_PREFIX):
+            return handler
+        token = bearer_token(handler_call_details.invocation_metadata)
+        principal = self._tokens.authenticate(token) if token else None
+        inner: Behavior = handler.unary_unary  # type: ignore[assignment]
+
+        async def authenticated(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            if principal is None:
+                self._on_failure("missing_token" if token is None else "unknown_token")
+                raise Unauthenticated(
+                    "missing bearer token" if token is None else "unknown bearer token"
+                )
+            reset = _principal.set(principal.name)
+            try:
+                return await inner(request, context)
+            finally:
+                _principal.reset(reset)
+
+        return grpc.unary_unary_rpc_method_handler(
+            authenticated,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

@@ -1,0 +1,25 @@
+"""Domain errors of the swap service. The gRPC status of each is in status.py, nowhere else."""
+
+
+class ServiceError(Exception):
+    """An error the caller is told about; str(error) is the message it sees."""
+
+
+class InvalidArgument(ServiceError):
+    """The request itself is wrong (bad name, size, slot, batch or blob length)."""
+
+
+class NotFound(ServiceError):
+    """No such area or handle *for this caller*; another principal's look the same."""
+
+
+class SizeMismatch(ServiceError):
+    """The area exists with another size; re-attach needs the size it was made with."""
+
+
+class Exhausted(ServiceError):
+    """Capacity, quota or disk space cannot cover the reservation."""
+
+
+class Unauthenticated(ServiceError):
+    """No or unknown bearer token."""

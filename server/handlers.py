@@ -1,0 +1,81 @@
+"""The gRPC adapter: protobuf in, AreaManager call, protobuf out. Nothing else.
+
+Every handler has one shape -- read the request, call the manager, count, reply.
+Authentication, error -> status mapping and timing happen in the interceptors;
+validation happens in the manager.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from netswap.common.limits import PAGE_SIZE
+from netswap.server.areas import AreaManager
+from netswap.server.auth import current_principal
+from netswap.server.metrics import ServerMetrics
+from netswap.v1 import swap_pb2, swap_pb2_grpc
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class SwapServicer(swap_pb2_grpc.SwapServiceServicer):
+    def __init__(self, manager: AreaManager, metrics: ServerMetrics) -> None:
+        self._manager = manager
+        self._metrics = metrics
+
+    async def SwapOn(
+        self, request: swap_pb2.SwapOnRequest, context: Context
+    ) -> swap_pb2.SwapOnResponse:
+        att = await self._manager.swapon(current_principal(), request.name, request.size_bytes)
+        return swap_pb2.SwapOnResponse(
+            handle=att.handle,
+            slot_count=att.slot_count,
+            page_size=PAGE_SIZE,
+            created=att.created,
+            max_batch_pages=self._manager.max_batch_pages,
+        )
+
+    async def SwapOut(
+        self, request: swap_pb2.SwapOutRequest, context: Context
+    ) -> swap_pb2.SwapOutResponse:
+        slots = request.slots
+        self._manager.swap_out(
+            current_principal(), request.handle, slots, memoryview(request.pages)
+        )
+        self._metrics.pages_moved("swap_out", len(slots))
+        return swap_pb2.SwapOutResponse()
+
+    async def SwapIn(
+        self, request: swap_pb2.SwapInRequest, context: Context
+    ) -> swap_pb2.SwapInResponse:
+        slots = request.slots
+        pages = self._manager.swap_in(current_principal(), request.handle, slots)
+        self._metrics.pages_moved("swap_in", len(slots))
+        return swap_pb2.SwapInResponse(pages=bytes(pages))
+
+    async def Discard(
+        self, request: swap_pb2.DiscardRequest, context: Context
+    ) -> swap_pb2.DiscardResponse:
+        slots = request.slots
+        self._manager.discard(current_principal(), request.handle, slots)
+        self._metrics.pages_moved("discard", len(slots))
+        return swap_pb2.DiscardResponse()
+
+    async def SwapOff(
+        self, request: swap_pb2.SwapOffRequest, context: Context
+    ) -> swap_pb2.SwapOffResponse:
+        await self._manager.swapoff(current_principal(), request.handle)
+        return swap_pb2.SwapOffResponse()
+
+    async def ListAreas(
+        self, request: swap_pb2.ListAreasRequest, context: Context
+    ) -> swap_pb2.ListAreasResponse:
+        areas = self._manager.list_areas(current_principal())
+        return swap_pb2.ListAreasResponse(
+            areas=[
+                swap_pb2.AreaInfo(name=a.name, size_bytes=a.size_bytes, pages_stored=a.pages_stored)
+                for a in areas
+            ]
+        )

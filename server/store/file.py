@@ -1,0 +1,241 @@
+"""Areas as preallocated files, so they survive a restart of the server.
+
+Layout under the root (names are hex-encoded: no input ever becomes a path):
+
+    <hex(owner)>/                 0700, one per principal
+        <hex(name)>.data          0600, size_bytes, posix_fallocate'd at swapon
+        <hex(name)>.map           0600, one byte per slot (1 = holds data), fallocate'd
+        <hex(name)>.meta          0600, JSON {owner, name, size_bytes, page_size}
+
+The .meta file is written last (write, fsync, rename): an area exists if and
+only if its .meta does, so a creation cut short leaves files that the next
+start removes. Pages are written with pwritev and not fsync'd: they survive a
+crash of the server process (the page cache keeps them), not of the host --
+swap does not outlive its host's memory either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import mmap
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from netswap.common.limits import NAME_PATTERN, PAGE_SIZE
+from netswap.server.errors import Exhausted
+from netswap.server.store.base import AreaKey, Backing, SlotMap, runs, zero_fill
+
+log = logging.getLogger(__name__)
+
+META_FORMAT = 1
+
+
+def _hex(text: str) -> str:
+    return text.encode().hex()
+
+
+def _unhex(text: str) -> str | None:
+    try:
+        return bytes.fromhex(text).decode()
+    except ValueError:
+        return None
+
+
+def _reserve(path: Path, size: int) -> int:
+    """Create `path` (must not exist) and allocate all of its blocks; return the fd."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError:
+        os.close(fd)
+        path.unlink()
+        raise
+    return fd
+
+
+class FileBacking:
+    def __init__(self, data_fd: int, map_fd: int, size_bytes: int) -> None:
+        self._fd = data_fd
+        self._map_fd = map_fd
+        self._size = size_bytes
+        # MAP_SHARED: map updates reach the page cache at once and survive
+        # kill -9 like the data they describe. The map file is fallocate'd, so
+        # touching it can never fault for lack of space (which would SIGBUS).
+        self._map_mm = mmap.mmap(map_fd, size_bytes // PAGE_SIZE, mmap.MAP_SHARED)
+        self._map = SlotMap(self._map_mm)
+
+    @property
+    def size_bytes(self) -> int:
+        return self._size
+
+    def write(self, slots: Sequence[int], pages: memoryview) -> None:
+        for index, first, count in runs(slots):
+            src = pages[index * PAGE_SIZE : (index + count) * PAGE_SIZE]
+            _pwrite_all(self._fd, src, first * PAGE_SIZE)
+            # Data first, then the map: a crash in between leaves the slot
+            # reading as its old contents, never as garbage.
+            self._map.mark(first, count)
+
+    def read(self, slots: Sequence[int], out: memoryview) -> None:
+        for index, first, count in runs(slots):
+            dst = out[index * PAGE_SIZE : (index + count) * PAGE_SIZE]
+            _pread_all(self._fd, dst, first * PAGE_SIZE)
+            # Discarded slots keep their old bytes on disk (discard writes
+            # nothing); the map says to show zeros instead.
+            for off in self._map.empty_in(first, count):
+                zero_fill(dst[off * PAGE_SIZE : (off + 1) * PAGE_SIZE])
+
+    def discard(self, slots: Sequence[int]) -> None:
+        for _, first, count in runs(slots):
+            self._map.clear(first, count)
+
+    def stored_pages(self) -> int:
+        return self._map.stored
+
+    def close(self) -> None:
+        self._map_mm.close()
+        os.close(self._map_fd)
+        os.close(self._fd)
+
+
+def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
+    while buf:
+        n = os.pwritev(fd, [buf], offset)
+        buf, offset = buf[n:], offset + n
+
+
+def _pread_all(fd: int, buf: memoryview, offset: int) -> None:
+    while buf:
+        n = os.preadv(fd, [buf], offset)
+        if n == 0:  # the file is fallocate'd to its full size; EOF means it was truncated
+            raise OSError(errno.EIO, f"short read at offset {offset}: area file truncated")
+        buf, offset = buf[n:], offset + n
+
+
+class FileStore:
+    kind = "file"
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def _paths(self, key: AreaKey) -> tuple[Path, Path, Path]:
+        base = self.root / _hex(key.owner) / _hex(key.name)
+        return base.with_suffix(".data"), base.with_suffix(".map"), base.with_suffix(".meta")
+
+    def existing(self) -> list[tuple[AreaKey, Backing]]:
+        found: list[tuple[AreaKey, Backing]] = []
+        for owner_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            owner = _unhex(owner_dir.name)
+            if owner is None or not NAME_PATTERN.fullmatch(owner):
+                log.warning("ignoring %s: not a netswap principal directory", owner_dir)
+                continue
+            metas = {p.stem for p in owner_dir.glob("*.meta")}
+            for tmp in owner_dir.glob("*.meta-tmp"):
+                tmp.unlink()
+            for leftover in sorted(owner_dir.glob("*.data")) + sorted(owner_dir.glob("*.map")):
+                if leftover.stem not in metas:
+                    log.warning("removing %s: left by an interrupted swapon", leftover)
+                    leftover.unlink()
+            for stem in sorted(metas):
+                area = self._load(owner, owner_dir / f"{stem}.meta")
+                if area is not None:
+                    found.append(area)
+        return found
+
+    def _load(self, owner: str, meta_path: Path) -> tuple[AreaKey, Backing] | None:
+        # Anything unexpected is logged and left alone: never delete data we
+        # do not understand.
+        try:
+            meta = json.loads(meta_path.read_text())
+            key = AreaKey(owner=str(meta["owner"]), name=str(meta["name"]))
+            size = int(meta["size_bytes"])
+            ok = (
+                meta.get("format") == META_FORMAT
+                and meta.get("page_size") == PAGE_SIZE
+                and key.owner == owner
+                and NAME_PATTERN.fullmatch(key.name) is not None
+                and meta_path.stem == _hex(key.name)
+                and size > 0
+                and size % PAGE_SIZE == 0
+            )
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.error("ignoring area %s: unreadable metadata (%s)", meta_path, e)
+            return None
+        if not ok:
+            log.error("ignoring area %s: metadata does not match its location", meta_path)
+            return None
+        data_path, map_path, _ = self._paths(key)
+        try:
+            data_fd = os.open(data_path, os.O_RDWR | os.O_CLOEXEC)
+            map_fd = os.open(map_path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            log.error("ignoring area %s: %s", meta_path, e)
+            return None
+        if os.fstat(data_fd).st_size != size or os.fstat(map_fd).st_size != size // PAGE_SIZE:
+            log.error("ignoring area %s: files are not the recorded size %d", meta_path, size)
+            os.close(data_fd)
+            os.close(map_fd)
+            return None
+        return key, FileBacking(data_fd, map_fd, size)
+
+    def create(self, key: AreaKey, size_bytes: int) -> Backing:
+        data_path, map_path, meta_path = self._paths(key)
+        data_path.parent.mkdir(mode=0o700, exist_ok=True)
+        made: list[Path] = []
+        fds: list[int] = []
+        try:
+            fds.append(_reserve(data_path, size_bytes))
+            made.append(data_path)
+            fds.append(_reserve(map_path, size_bytes // PAGE_SIZE))
+            made.append(map_path)
+            self._write_meta(key, size_bytes, meta_path)
+            return FileBacking(fds[0], fds[1], size_bytes)
+        except BaseException as e:
+            for fd in fds:
+                os.close(fd)
+            for path in [*made, meta_path.with_suffix(".meta-tmp")]:
+                path.unlink(missing_ok=True)
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise Exhausted(f"not enough space in the file store for {size_bytes} bytes") from e
+            raise
+
+    def _write_meta(self, key: AreaKey, size_bytes: int, meta_path: Path) -> None:
+        meta = {
+            "format": META_FORMAT,
+            "owner": key.owner,
+            "name": key.name,
+            "size_bytes": size_bytes,
+            "page_size": PAGE_SIZE,
+        }
+        tmp = meta_path.with_suffix(".meta-tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, json.dumps(meta).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, meta_path)
+        dir_fd = os.open(meta_path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def destroy(self, key: AreaKey, backing: Backing) -> None:
+        backing.close()
+        data_path, map_path, meta_path = self._paths(key)
+        # The .meta goes first: from then on the area no longer exists, even
+        # if we die before the data file is gone.
+        meta_path.unlink(missing_ok=True)
+        data_path.unlink(missing_ok=True)
+        map_path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            data_path.parent.rmdir()  # only succeeds once the principal has no areas
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,199 @@
+"""SwapOut / SwapIn / Discard / SwapOff through the raw gRPC API, with exact status codes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+import pytest
+
+from netswap.v1 import swap_pb2, swap_pb2_grpc
+from tests.helpers import PS, Running, auth, pattern, stub_for
+
+
+@dataclass
+class Attached:
+    stub: swap_pb2_grpc.SwapServiceAsyncStub
+    handle: bytes
+    slots: int
+
+    async def out(self, slots: Sequence[int], pages: bytes, who: str = "alice") -> None:
+        await self.stub.SwapOut(
+            swap_pb2.SwapOutRequest(handle=self.handle, slots=slots, pages=pages),
+            metadata=auth(who),
+        )
+
+    async def get(self, slots: Sequence[int], who: str = "alice") -> bytes:
+        reply = await self.stub.SwapIn(
+            swap_pb2.SwapInRequest(handle=self.handle, slots=slots), metadata=auth(who)
+        )
+        return reply.pages
+
+    async def discard(self, slots: Sequence[int], who: str = "alice") -> None:
+        await self.stub.Discard(
+            swap_pb2.DiscardRequest(handle=self.handle, slots=slots), metadata=auth(who)
+        )
+
+
+@pytest.fixture
+async def area(srv: Running) -> AsyncIterator[Attached]:
+    async with stub_for(srv.address) as stub:
+        reply = await stub.SwapOn(
+            swap_pb2.SwapOnRequest(name="vm1", size_bytes=1 << 20), metadata=auth("alice")
+        )
+        yield Attached(stub, reply.handle, reply.slot_count)
+
+
+async def code_of(coro: object) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await coro  # type: ignore[misc]
+    return err.value.code(), err.value.details() or ""
+
+
+async def test_pages_come_back_in_request_order(area: Attached) -> None:
+    slots = [7, 3, 4, 5, 255, 0, 100, 101]  # runs, reversals and gaps
+    data = pattern(1, len(slots))
+    await area.out(slots, data)
+    assert await area.get(slots) == data
+    # any other order and subset
+    back = [101, 0, 5, 3]
+    expected = b"".join(data[slots.index(s) * PS : (slots.index(s) + 1) * PS] for s in back)
+    assert await area.get(back) == expected
+
+
+async def test_unwritten_slots_read_as_zeros(area: Attached) -> None:
+    await area.out([1], pattern(2, 1))
+    got = await area.get([0, 1, 2])
+    assert got[:PS] == bytes(PS) and got[2 * PS :] == bytes(PS)
+
+
+async def test_discard_reads_zeros_and_keeps_reservation(srv: Running, area: Attached) -> None:
+    data = pattern(3, 4)
+    await area.out([10, 11, 12, 13], data)
+    await area.discard([11, 12])
+    got = await area.get([10, 11, 12, 13])
+    assert got == data[:PS] + bytes(2 * PS) + data[3 * PS :]
+    reserved = srv.server.manager.reserved_bytes
+    assert reserved == 1 << 20
+    stats = srv.server.manager.list_areas("alice")
+    assert stats[0].pages_stored == 2
+    # rewriting a discarded slot works and shows again
+    await area.out([11], pattern(4, 1))
+    assert await area.get([11]) == pattern(4, 1)
+    assert srv.server.manager.list_areas("alice")[0].pages_stored == 3
+
+
+async def test_overwrite_counts_once(srv: Running, area: Attached) -> None:
+    await area.out([0, 1], pattern(5, 2))
+    await area.out([1, 0], pattern(6, 2))
+    assert srv.server.manager.list_areas("alice")[0].pages_stored == 2
+    assert await area.get([1, 0]) == pattern(6, 2)
+
+
+async def test_full_batch_at_the_limit(srv: Running, area: Attached) -> None:
+    n = srv.config.max_batch_pages
+    slots = list(range(n - 1, -1, -1))
+    data = pattern(7, n)
+    await area.out(slots, data)
+    assert await area.get(slots) == data
+
+
+BAD_WRITES = [
+    # (slots, pages, code, words in the message)
+    ([256], pattern(0, 1), grpc.StatusCode.INVALID_ARGUMENT, "slot 256 out of range"),
+    ([2**64 - 1], pattern(0, 1), grpc.StatusCode.INVALID_ARGUMENT, "out of range"),
+    ([1, 2, 1], pattern(0, 3), grpc.StatusCode.INVALID_ARGUMENT, "slot 1 appears more than once"),
+    ([1, 2], pattern(0, 2)[:-1], grpc.StatusCode.INVALID_ARGUMENT, "8191 bytes"),
+    ([1, 2], pattern(0, 2) + b"x", grpc.StatusCode.INVALID_ARGUMENT, "8193 bytes"),
+    ([1], b"", grpc.StatusCode.INVALID_ARGUMENT, "0 bytes"),
+    ([], b"", grpc.StatusCode.INVALID_ARGUMENT, "slots is empty"),
+    ([], pattern(0, 1), grpc.StatusCode.INVALID_ARGUMENT, "slots is empty"),
+]
+
+
+@pytest.mark.parametrize(("slots", "pages", "code", "words"), BAD_WRITES)
+async def test_bad_swap_out_is_refused_and_writes_nothing(
+    srv: Running, area: Attached, slots: list[int], pages: bytes, code: grpc.StatusCode, words: str
+) -> None:
+    before = pattern(8, 3)
+    await area.out([0, 1, 2], before)
+    got_code, details = await code_of(area.out(slots, pages))
+    assert got_code == code
+    assert words in details
+    assert await area.get([0, 1, 2]) == before
+    assert srv.server.manager.list_areas("alice")[0].pages_stored == 3
+
+
+async def test_batch_over_the_limit_is_refused(srv: Running, area: Attached) -> None:
+    n = srv.config.max_batch_pages + 1
+    # a slot list over the limit, with a blob that fits the message size limit
+    code, details = await code_of(area.discard(list(range(n))))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"exceed max_batch_pages {n - 1}" in details
+    code, details = await code_of(area.get(list(range(n))))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("op", ["get", "discard"])
+@pytest.mark.parametrize(
+    ("slots", "words"),
+    [([256], "out of range"), ([3, 3], "more than once"), ([], "slots is empty")],
+)
+async def test_bad_slots_on_read_and_discard(
+    area: Attached, op: str, slots: list[int], words: str
+) -> None:
+    code, details = await code_of(getattr(area, op)(slots))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert words in details
+
+
+@pytest.mark.parametrize(
+    ("handle", "code"),
+    [(b"", grpc.StatusCode.INVALID_ARGUMENT), (b"x" * 16, grpc.StatusCode.NOT_FOUND),
+     (b"\xff" * 1000, grpc.StatusCode.NOT_FOUND)],
+)  # fmt: skip
+async def test_bad_handles(area: Attached, handle: bytes, code: grpc.StatusCode) -> None:
+    bogus = Attached(area.stub, handle, area.slots)
+    for call in (bogus.out([0], pattern(0, 1)), bogus.get([0]), bogus.discard([0])):
+        got, _ = await code_of(call)
+        assert got == code
+    got, _ = await code_of(
+        area.stub.SwapOff(swap_pb2.SwapOffRequest(handle=handle), metadata=auth("alice"))
+    )
+    assert got == code
+
+
+async def test_swapoff_frees_everything_and_kills_the_handle(srv: Running, area: Attached) -> None:
+    await area.out([0], pattern(9, 1))
+    await area.stub.SwapOff(swap_pb2.SwapOffRequest(handle=area.handle), metadata=auth("alice"))
+    assert srv.server.manager.reserved_bytes == 0
+    assert srv.server.manager.list_areas("alice") == []
+    if srv.store_root is not None:
+        assert not [p for p in srv.store_root.rglob("*") if p.is_file()]
+    for call in (area.get([0]), area.out([0], pattern(0, 1)), area.discard([0])):
+        code, _ = await code_of(call)
+        assert code == grpc.StatusCode.NOT_FOUND
+    code, _ = await code_of(
+        area.stub.SwapOff(swap_pb2.SwapOffRequest(handle=area.handle), metadata=auth("alice"))
+    )
+    assert code == grpc.StatusCode.NOT_FOUND
+    # the name is free again, and the new area does not see the old data
+    reply = await area.stub.SwapOn(
+        swap_pb2.SwapOnRequest(name="vm1", size_bytes=1 << 20), metadata=auth("alice")
+    )
+    assert reply.created
+    fresh = Attached(area.stub, reply.handle, reply.slot_count)
+    assert await fresh.get([0]) == bytes(PS)
+
+
+async def test_list_areas(srv: Running, area: Attached) -> None:
+    await area.out([0, 1, 2], pattern(10, 3))
+    await area.stub.SwapOn(
+        swap_pb2.SwapOnRequest(name="aaa", size_bytes=PS), metadata=auth("alice")
+    )
+    reply = await area.stub.ListAreas(swap_pb2.ListAreasRequest(), metadata=auth("alice"))
+    assert [(a.name, a.size_bytes, a.pages_stored) for a in reply.areas] == [
+        ("aaa", PS, 0),
+        ("vm1", 1 << 20, 3),
+    ]
