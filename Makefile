@@ -49,8 +49,8 @@ typecheck: $(VENV)/.dev-stamp
 	ln -s ../../../common build/typecheck/netswap/common
 	ln -s ../../../server build/typecheck/netswap/server
 	ln -s ../../../client build/typecheck/netswap/client
-	cd build/typecheck && ../../$(BIN)/mypy --config-file ../../pyproject.toml -p netswap
-	$(BIN)/mypy tests bench
+	$(BIN)/mypy -p netswap
+	$(BIN)/mypy tests $(wildcard bench/*.py)
 
 check-genproto: $(VENV)/.dev-stamp
 	PYTHON=$(BIN)/python scripts/genproto.sh --check

@@ -36,7 +36,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "--token-file",
         type=Path,
         default=environ.get("NETSWAP_TOKEN_FILE"),
-        help="file holding the bearer token [env NETSWAP_TOKEN_FILE, or the token in NETSWAP_TOKEN]",
+        help="file holding the bearer token [env NETSWAP_TOKEN_FILE; or set NETSWAP_TOKEN]",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     on = sub.add_parser("swapon", help="create or re-attach an area (reserves its space)")
@@ -143,9 +143,7 @@ async def run_demo(client: SwapClient, args: argparse.Namespace) -> int:
     else:
         await area.swapoff()
     if bad:
-        print(
-            f"FAILED: {len(bad)} of {total} pages did not read back as written (first: slot {bad[0]})"
-        )
+        print(f"FAILED: {len(bad)} of {total} pages read back wrong (first: slot {min(bad)})")
         return 1
     print(f"verified: all {total} pages read back byte-identical")
     return 0

@@ -28,15 +28,17 @@ async def serve(config: Config) -> None:
     store = open_store(config.store)
     server = build_server(config, store, REGISTRY)
     metrics_http = None
+    metrics_at = "off"
     if config.metrics_listen:
         host, _, port = config.metrics_listen.rpartition(":")
         metrics_http, _ = start_http_server(int(port), addr=host or "127.0.0.1", registry=REGISTRY)
+        metrics_at = f"http://{host or '127.0.0.1'}:{metrics_http.server_port}/metrics"
     await server.start()
     m = server.manager
     log.info(
         "serving on %s: store=%s capacity=%s reserved=%s areas=%d max_batch_pages=%d metrics=%s",
         server.address, config.store, format_size(m.capacity), format_size(m.reserved_bytes),
-        m.area_count(), m.max_batch_pages, config.metrics_listen or "off",
+        m.area_count(), m.max_batch_pages, metrics_at,
     )  # fmt: skip
     stop = asyncio.Event()
     running = asyncio.get_running_loop()
@@ -47,6 +49,7 @@ async def serve(config: Config) -> None:
     await server.stop(config.grace_seconds)
     if metrics_http is not None:
         metrics_http.shutdown()
+        metrics_http.server_close()
     log.info("stopped")
 
 

@@ -65,7 +65,10 @@ async def running_server(
     quotas: dict[str, int | None] | None = None,
     **overrides: Any,
 ) -> AsyncIterator[Running]:
+    """store: "memory", "file" (under tmp_path) or "file:PATH"."""
     root = tmp_path / "store" if store == "file" else None
+    if store.startswith("file:"):
+        root = Path(store[5:])
     fields: dict[str, Any] = {
         "listen": "127.0.0.1:0",
         "store": f"file:{root}" if root else "memory",
@@ -88,7 +91,7 @@ async def running_server(
 @contextlib.asynccontextmanager
 async def stub_for(address: str) -> AsyncIterator[swap_pb2_grpc.SwapServiceAsyncStub]:
     async with grpc.aio.insecure_channel(address) as channel:
-        yield swap_pb2_grpc.SwapServiceStub(channel)  # type: ignore[misc]
+        yield swap_pb2_grpc.SwapServiceStub(channel)
 
 
 class ServerProcess:
@@ -112,9 +115,8 @@ class ServerProcess:
 
     def start(self) -> None:
         self.starts += 1
-        self.proc = subprocess.Popen(
-            self.argv, stdout=self.log.open("ab"), stderr=subprocess.STDOUT
-        )
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while self.log.read_text().count("serving on") < self.starts:
             if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -116,6 +116,11 @@ def _pread_all(fd: int, buf: memoryview, offset: int) -> None:
         buf, offset = buf[n:], offset + n
 
 
+def _rmdir_if_empty(owner_dir: Path) -> None:
+    with contextlib.suppress(OSError):  # fails, as it should, while the principal has areas
+        owner_dir.rmdir()
+
+
 class FileStore:
     kind = "file"
 
@@ -200,6 +205,7 @@ class FileStore:
                 os.close(fd)
             for path in [*made, meta_path.with_suffix(".meta-tmp")]:
                 path.unlink(missing_ok=True)
+            _rmdir_if_empty(data_path.parent)
             if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise Exhausted(f"not enough space in the file store for {size_bytes} bytes") from e
             raise
@@ -234,8 +240,7 @@ class FileStore:
         meta_path.unlink(missing_ok=True)
         data_path.unlink(missing_ok=True)
         map_path.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            data_path.parent.rmdir()  # only succeeds once the principal has no areas
+        _rmdir_if_empty(data_path.parent)
 
     def close(self) -> None:
         pass

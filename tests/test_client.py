@@ -1,0 +1,131 @@
+"""netswap.client against a real server: batching, buffers, pool backpressure, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+import pytest
+
+from netswap.client import (
+    AreaNotFound,
+    AuthenticationFailed,
+    ConnectionLost,
+    InvalidRequest,
+    NoSpace,
+    RequestRejected,
+    SizeMismatch,
+    SwapClient,
+)
+from tests.helpers import PS, TOKENS, Running, pattern, running_server
+
+
+async def test_round_trip_across_many_batches(srv: Running) -> None:
+    async with await SwapClient.connect(srv.address, TOKENS["alice"]) as client:
+        area = await client.swapon("vm1", 4 << 20)
+        assert area.created and area.slot_count == 1024 and area.page_size == PS
+        slots = list(range(area.slot_count))
+        random.Random(1).shuffle(slots)
+        data = pattern(1, len(slots))  # 4 batches of 256, in parallel
+        await area.swap_out(slots, data)
+        out = bytearray(len(data))
+        lease = await area.swap_in(slots, into=out)
+        lease.release()  # a no-op for caller buffers
+        assert out == data
+        assert srv.metric("netswap_swap_out_pages_total") == 1024
+        assert srv.metric("netswap_batch_pages_count", {"method": "swap_out"}) == 4
+        # from the pool, a part of it
+        with await area.swap_in(slots[10:20]) as pages:
+            assert pages.view == data[10 * PS : 20 * PS]
+        assert area.pool.free_pages == area.pool.capacity
+        await area.discard(slots[:5])
+        with await area.swap_in(slots[:6]) as pages:
+            assert pages.view == bytes(5 * PS) + data[5 * PS : 6 * PS]
+        assert [(a.name, a.pages_stored) for a in await client.list_areas()] == [("vm1", 1019)]
+        await area.swapoff()
+        assert await client.list_areas() == []
+
+
+async def test_more_concurrent_reads_than_pool_pages(srv: Running) -> None:
+    async with await SwapClient.connect(srv.address, TOKENS["alice"]) as client:
+        area = await client.swapon("vm1", 1 << 20, pool_pages=8)
+        data = pattern(2, 256)
+        await area.swap_out(range(256), data)
+        capacity, nbytes = area.pool.capacity, area.pool.nbytes
+        in_use = peak = 0
+
+        async def reader(i: int) -> None:
+            nonlocal in_use, peak
+            n = 1 + i % 4
+            first = (i * 7) % (256 - n)
+            with await area.swap_in(range(first, first + n)) as pages:
+                in_use += n
+                peak = max(peak, in_use)
+                assert pages.view == data[first * PS : (first + n) * PS]
+                await asyncio.sleep(0.001)  # hold the pages across a scheduling point
+                in_use -= n
+
+        await asyncio.wait_for(asyncio.gather(*(reader(i) for i in range(100))), 30)
+        assert peak <= capacity  # 100 readers x up to 4 pages, through 8 pages
+        assert peak > 1  # and they really were concurrent
+        assert (area.pool.capacity, area.pool.nbytes) == (capacity, nbytes)
+        assert area.pool.free_pages == capacity
+        with pytest.raises(InvalidRequest, match="exceed the page pool"):
+            await area.swap_in(range(9))
+        await area.swapoff()
+
+
+async def test_errors_map_to_exceptions(srv: Running) -> None:
+    async with await SwapClient.connect(srv.address, TOKENS["alice"]) as client:
+        area = await client.swapon("vm1", 1 << 20)
+        with pytest.raises(InvalidRequest, match="out of range"):
+            await area.swap_out([256], bytes(PS))
+        with pytest.raises(InvalidRequest, match="need 8192"):
+            await area.swap_out([1, 2], bytes(PS))
+        with pytest.raises(InvalidRequest, match="more than once"):
+            await area.discard([1, 1])
+        with pytest.raises(SizeMismatch):
+            await client.swapon("vm1", 2 << 20)
+        (await client.swapon("huge", 32 << 20)).detach()  # 33 of 64 MiB reserved
+        with pytest.raises(NoSpace, match="capacity"):
+            await client.swapon("huge2", 32 << 20)
+        with pytest.raises(InvalidRequest, match="name"):
+            await client.swapon("a/b", PS)
+        # a re-attach elsewhere takes the area over
+        again = await client.swapon("vm1", 1 << 20)
+        with pytest.raises(AreaNotFound) as err:
+            await area.swap_in([0])
+        assert isinstance(err.value, RequestRejected)
+        await again.swapoff()
+        with pytest.raises(AreaNotFound):
+            await client.swapoff("vm1")
+    async with await SwapClient.connect(srv.address, "not-a-token") as client:
+        with pytest.raises(AuthenticationFailed):
+            await client.list_areas()
+
+
+async def test_swapoff_by_name(srv: Running) -> None:
+    async with await SwapClient.connect(srv.address, TOKENS["bob"]) as client:
+        area = await client.swapon("gone", PS)
+        area.detach()
+        await client.swapoff("gone")
+        assert await client.list_areas() == []
+
+
+async def test_unreachable_server_is_connection_lost(tmp_path: Path) -> None:
+    async with await SwapClient.connect(
+        f"unix:{tmp_path / 'nobody.sock'}", "t", timeout=5
+    ) as client:
+        with pytest.raises(ConnectionLost):
+            await client.list_areas()
+
+
+async def test_server_gone_mid_session_is_connection_lost(tmp_path: Path) -> None:
+    async with running_server(tmp_path) as srv:
+        client = await SwapClient.connect(srv.address, TOKENS["alice"], timeout=5)
+        area = await client.swapon("vm1", PS)
+    # the server is stopped now
+    with pytest.raises(ConnectionLost):
+        await area.swap_in([0])
+    await client.close()

@@ -1,0 +1,62 @@
+"""Metrics reflect what happened, on an injected registry and over HTTP."""
+
+from __future__ import annotations
+
+import re
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from netswap.client import InvalidRequest, SwapClient
+from tests.helpers import PS, TOKENS, Running, pattern, running_server, server_process
+
+
+async def test_counters_histograms_and_scrape_time_gauges(srv: Running) -> None:
+    async with await SwapClient.connect(srv.address, TOKENS["alice"]) as client:
+        area = await client.swapon("vm1", 1 << 20)
+        await area.swap_out(range(10), pattern(1, 10))
+        (await area.swap_in(range(4))).release()
+        await area.discard([0, 1])
+        with pytest.raises(InvalidRequest):
+            await area.swap_out([999], bytes(PS))
+    assert srv.metric("netswap_swap_out_pages_total") == 10
+    assert srv.metric("netswap_swap_out_bytes_total") == 10 * PS
+    assert srv.metric("netswap_swap_in_pages_total") == 4
+    assert srv.metric("netswap_swap_in_bytes_total") == 4 * PS
+    assert srv.metric("netswap_discard_pages_total") == 2
+    assert srv.metric("netswap_batch_pages_sum", {"method": "swap_out"}) == 10
+    assert (
+        srv.metric("netswap_rpc_duration_seconds_count", {"method": "SwapOut", "code": "OK"}) == 1
+    )
+    assert (
+        srv.metric(
+            "netswap_rpc_duration_seconds_count", {"method": "SwapOut", "code": "INVALID_ARGUMENT"}
+        )
+        == 1
+    )
+    assert srv.metric("netswap_rpc_duration_seconds_count", {"method": "SwapOn", "code": "OK"}) == 1
+    assert srv.metric("netswap_areas") == 1
+    assert srv.metric("netswap_reserved_bytes") == 1 << 20
+    assert srv.metric("netswap_capacity_bytes") == srv.config.capacity
+    assert srv.metric("netswap_free_bytes") == srv.config.capacity - (1 << 20)
+    assert srv.metric("netswap_stored_pages") == 8
+
+
+async def test_two_servers_in_one_process_do_not_collide(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    async with running_server(tmp_path / "a") as one, running_server(tmp_path / "b") as two:
+        assert one.registry is not two.registry
+
+
+def test_server_process_serves_metrics_over_http(tmp_path: Path) -> None:
+    with server_process(tmp_path, tmp_path / "store", "--metrics-listen", "127.0.0.1:0") as server:
+        url = re.search(r"metrics=(http://\S+)", server.log.read_text())
+        assert url, server.log.read_text()
+        with urllib.request.urlopen(url.group(1), timeout=10) as r:
+            text = r.read().decode()
+        assert server.terminate() == 0
+    assert "netswap_reserved_bytes 0.0" in text
+    assert "# TYPE netswap_rpc_duration_seconds histogram" in text
+    assert "process_resident_memory_bytes" in text

@@ -1,0 +1,113 @@
+"""Store level: one test body over both stores, plus the file store's on-disk rules."""
+
+from __future__ import annotations
+
+import json
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from netswap.server.errors import Exhausted
+from netswap.server.store import AreaKey, FileStore, MemoryStore, Store
+from netswap.server.store.base import runs
+from tests.helpers import PS, pattern
+
+KEY = AreaKey("alice", "vm1")
+
+
+@pytest.fixture(params=["memory", "file"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    s: Store = MemoryStore() if request.param == "memory" else FileStore(tmp_path / "root")
+    yield s
+    s.close()
+
+
+def test_runs_split_on_gaps_and_reversals() -> None:
+    assert list(runs([4, 5, 6, 1, 2, 9, 8])) == [(0, 4, 3), (3, 1, 2), (5, 9, 1), (6, 8, 1)]
+    assert list(runs([])) == []
+
+
+def test_write_read_discard(store: Store) -> None:
+    b = store.create(KEY, 64 * PS)
+    data = pattern(1, 5)
+    slots = [3, 4, 5, 0, 63]
+    b.write(slots, memoryview(data))
+    out = bytearray(5 * PS)
+    b.read(slots, memoryview(out))
+    assert out == data
+    assert b.stored_pages() == 5
+    b.discard([4, 0, 1])  # 1 was never written: no change to the count
+    assert b.stored_pages() == 3
+    b.read(slots, memoryview(out))
+    assert out == data[:PS] + bytes(PS) + data[2 * PS : 3 * PS] + bytes(PS) + data[4 * PS :]
+    store.destroy(KEY, b)
+
+
+def test_file_store_layout_modes_and_reopen(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    store = FileStore(root)
+    b = store.create(KEY, 16 * PS)
+    b.write([1, 2], memoryview(pattern(2, 2)))
+    b.discard([2])
+    owner_dir = root / b"alice".hex()
+    assert stat.S_IMODE(owner_dir.stat().st_mode) == 0o700
+    files = sorted(p.name for p in owner_dir.iterdir())
+    stem = b"vm1".hex()
+    assert files == [f"{stem}.data", f"{stem}.map", f"{stem}.meta"]
+    for f in owner_dir.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600
+    assert (owner_dir / f"{stem}.data").stat().st_blocks * 512 >= 16 * PS  # really allocated
+    meta = json.loads((owner_dir / f"{stem}.meta").read_text())
+    assert meta == {
+        "format": 1,
+        "owner": "alice",
+        "name": "vm1",
+        "size_bytes": 16 * PS,
+        "page_size": PS,
+    }
+    b.close()
+
+    again = FileStore(root).existing()
+    assert [k for k, _ in again] == [KEY]
+    reopened = again[0][1]
+    assert reopened.stored_pages() == 1
+    out = bytearray(2 * PS)
+    reopened.read([1, 2], memoryview(out))
+    assert out == pattern(2, 2)[:PS] + bytes(PS)
+    FileStore(root).destroy(KEY, reopened)
+    assert list(root.iterdir()) == []
+
+
+def test_file_store_cleans_interrupted_creation_and_keeps_what_it_cannot_read(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "root"
+    store = FileStore(root)
+    store.create(KEY, 4 * PS).close()
+    owner_dir = root / b"alice".hex()
+    # an interrupted swapon: data and map, no meta
+    (owner_dir / "aa.data").write_bytes(b"")
+    (owner_dir / "aa.map").write_bytes(b"")
+    (owner_dir / "bb.meta-tmp").write_text("{}")
+    # metadata that does not match its place: logged and left alone
+    bad = owner_dir / f"{b'other'.hex()}.meta"
+    bad.write_text(
+        json.dumps(
+            {"format": 1, "owner": "alice", "name": "vm1", "size_bytes": PS, "page_size": PS}
+        )
+    )
+    (root / "not-hex").mkdir()
+    found = FileStore(root).existing()
+    assert [k for k, _ in found] == [KEY]
+    for _, b in found:
+        b.close()
+    assert not (owner_dir / "aa.data").exists() and not (owner_dir / "aa.map").exists()
+    assert not (owner_dir / "bb.meta-tmp").exists()
+    assert bad.exists() and (root / "not-hex").exists()
+
+
+def test_memory_store_refuses_what_it_cannot_map() -> None:
+    with pytest.raises(Exhausted, match="cannot allocate"):
+        MemoryStore().create(KEY, 1 << 60)

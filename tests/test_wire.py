@@ -1,0 +1,42 @@
+"""The hand-built page messages are byte-identical to protobuf's own encoding."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from netswap.client.wire import decode_swap_in_pages, encode_swap_out, varint
+from netswap.v1 import swap_pb2
+
+slots_st = st.lists(st.integers(min_value=0, max_value=2**64 - 1), max_size=40)
+
+
+@given(handle=st.binary(max_size=40), slots=slots_st, pages=st.binary(max_size=9000))
+def test_swap_out_encoding_matches_protobuf(handle: bytes, slots: list[int], pages: bytes) -> None:
+    ours = encode_swap_out(handle, slots, memoryview(pages))
+    theirs = swap_pb2.SwapOutRequest(handle=handle, slots=slots, pages=pages).SerializeToString()
+    assert ours == theirs
+    parsed = swap_pb2.SwapOutRequest.FromString(ours)
+    assert (parsed.handle, list(parsed.slots), parsed.pages) == (handle, slots, pages)
+
+
+@given(pages=st.binary(max_size=20000), junk=st.binary(max_size=30))
+def test_swap_in_decoding_reads_protobuf_and_skips_unknown_fields(
+    pages: bytes, junk: bytes
+) -> None:
+    raw = swap_pb2.SwapInResponse(pages=pages).SerializeToString()
+    assert decode_swap_in_pages(raw) == pages
+    # an unknown field (number 9, length-delimited) before and a varint field (10) after
+    extra = b"\x4a" + varint(len(junk)) + junk
+    assert decode_swap_in_pages(extra + raw + b"\x50\x96\x01") == pages
+
+
+def test_empty_reply_is_no_pages() -> None:
+    assert len(decode_swap_in_pages(b"")) == 0
+
+
+def test_truncated_reply_is_an_error() -> None:
+    raw = swap_pb2.SwapInResponse(pages=b"x" * 100).SerializeToString()
+    with pytest.raises(ValueError, match="truncated"):
+        decode_swap_in_pages(raw[:-1])
