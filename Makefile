@@ -21,8 +21,10 @@ $(VENV)/.dev-stamp: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@ $(VENV)/.run-stamp
 
+# var/ is make run's own development state: a new dev token replaces the tokens file.
 $(VAR)/dev-token: | $(VENV)/.run-stamp
 	mkdir -p -m 0700 $(VAR)
+	rm -f $(VAR)/tokens.toml
 	$(BIN)/netswap-server gen-token dev --quota 4GiB --tokens $(VAR)/tokens.toml --token-out $@
 	@echo "dev token (keep it; it is not shown again): $$(cat $@)"
 
@@ -60,6 +62,9 @@ genproto: $(VENV)/.dev-stamp
 
 pytest: $(VENV)/.dev-stamp
 	$(BIN)/pytest -q
+
+bench: $(VENV)/.dev-stamp
+	$(BIN)/python bench/library.py
 
 clean:
 	rm -rf build $(VENV) .mypy_cache .pytest_cache .ruff_cache

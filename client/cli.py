@@ -45,9 +45,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     sub.add_parser("ls", help="list your areas")
     off = sub.add_parser("swapoff", help="destroy an area and release its space")
     off.add_argument("name")
-    demo = sub.add_parser(
-        "demo", help="swap random pages out and in, verify every byte, show speed"
-    )
+    demo = sub.add_parser("demo", help="swap random pages out and in, verify every byte, show speed")
     demo.add_argument("--size", type=_size, default=64 << 20, help="data to move (default 64MiB)")
     demo.add_argument("--name", default="demo", help="area name (default demo)")
     demo.add_argument("--keep", action="store_true", help="keep the area afterwards")

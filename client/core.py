@@ -87,9 +87,7 @@ class SwapClient:
 
         pool_pages defaults to two batches' worth (max_batch_pages * 2).
         """
-        reply = await self.call(
-            self._stub.SwapOn, swap_pb2.SwapOnRequest(name=name, size_bytes=size_bytes)
-        )
+        reply = await self.call(self._stub.SwapOn, swap_pb2.SwapOnRequest(name=name, size_bytes=size_bytes))
         pool = PagePool(pool_pages or reply.max_batch_pages * 2, reply.page_size)
         return Area(self, name, reply, pool)
 
@@ -121,9 +119,7 @@ class SwapClient:
 class Area:
     """One attached area. Slots are 0..slot_count-1; each holds one page of page_size bytes."""
 
-    def __init__(
-        self, client: SwapClient, name: str, reply: swap_pb2.SwapOnResponse, pool: PagePool
-    ):
+    def __init__(self, client: SwapClient, name: str, reply: swap_pb2.SwapOnResponse, pool: PagePool):
         self._client = client
         self._handle = reply.handle
         self.name = name
@@ -220,9 +216,7 @@ class Area:
 
     async def swapoff(self) -> None:
         """Destroy the area on the server and free the page pool."""
-        await self._client.call(
-            self._client._stub.SwapOff, swap_pb2.SwapOffRequest(handle=self._handle)
-        )
+        await self._client.call(self._client._stub.SwapOff, swap_pb2.SwapOffRequest(handle=self._handle))
         self.pool.close()
 
     def detach(self) -> None:

@@ -21,9 +21,7 @@ T = TypeVar("T")
 class _LoopThread:
     def __init__(self) -> None:
         self.loop = new_event_loop()
-        self._thread = threading.Thread(
-            target=self.loop.run_forever, name="netswap-client", daemon=True
-        )
+        self._thread = threading.Thread(target=self.loop.run_forever, name="netswap-client", daemon=True)
         self._thread.start()
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -68,9 +66,7 @@ class SwapClient:
         self._client = self._loop.run(connect())
 
     def swapon(self, name: str, size_bytes: int, *, pool_pages: int | None = None) -> Area:
-        return Area(
-            self._loop.run(self._client.swapon(name, size_bytes, pool_pages=pool_pages)), self._loop
-        )
+        return Area(self._loop.run(self._client.swapon(name, size_bytes, pool_pages=pool_pages)), self._loop)
 
     def list_areas(self) -> list[core.AreaInfo]:
         return self._loop.run(self._client.list_areas())

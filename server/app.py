@@ -70,9 +70,7 @@ def build_server(config: Config, store: Store, registry: CollectorRegistry) -> N
     server = grpc.aio.server(
         interceptors=[
             StatusInterceptor(metrics),
-            AuthInterceptor(
-                tokens, on_failure=lambda reason: metrics.auth_failures.labels(reason).inc()
-            ),
+            AuthInterceptor(tokens, on_failure=lambda reason: metrics.auth_failures.labels(reason).inc()),
         ],
         options=[
             ("grpc.max_receive_message_length", limit),

@@ -94,13 +94,9 @@ class AreaManager:
 
     async def swapon(self, principal: str, name: str, size_bytes: int) -> Attachment:
         if not NAME_PATTERN.fullmatch(name):
-            raise InvalidArgument(
-                f"area name {name!r} must be 1-64 characters of A-Z a-z 0-9 . _ -"
-            )
+            raise InvalidArgument(f"area name {name!r} must be 1-64 characters of A-Z a-z 0-9 . _ -")
         if size_bytes <= 0 or size_bytes % PAGE_SIZE:
-            raise InvalidArgument(
-                f"size_bytes {size_bytes} must be a positive multiple of {PAGE_SIZE}"
-            )
+            raise InvalidArgument(f"size_bytes {size_bytes} must be a positive multiple of {PAGE_SIZE}")
         if size_bytes > self.max_area_size:
             raise InvalidArgument(
                 f"size_bytes {size_bytes} exceeds the server's max area size {self.max_area_size}"
@@ -127,9 +123,7 @@ class AreaManager:
         quota = self._quota_of(key.owner)
         used = self.reserved_by(key.owner)
         if quota is not None and used + size_bytes > quota:
-            raise Exhausted(
-                f"quota exceeded: {used} bytes reserved + {size_bytes} requested > quota {quota}"
-            )
+            raise Exhausted(f"quota exceeded: {used} bytes reserved + {size_bytes} requested > quota {quota}")
         total = self.reserved_bytes
         if total + size_bytes > self.capacity:
             raise Exhausted(
@@ -159,15 +153,12 @@ class AreaManager:
 
     # -- data plane -------------------------------------------------------------
 
-    def swap_out(
-        self, principal: str, handle: bytes, slots: Sequence[int], pages: memoryview
-    ) -> None:
+    def swap_out(self, principal: str, handle: bytes, slots: Sequence[int], pages: memoryview) -> None:
         area = self._attached(principal, handle)
         self._check_slots(area, slots)
         if len(pages) != len(slots) * PAGE_SIZE:
             raise InvalidArgument(
-                f"pages is {len(pages)} bytes; {len(slots)} slots need exactly"
-                f" {len(slots) * PAGE_SIZE}"
+                f"pages is {len(pages)} bytes; {len(slots)} slots need exactly {len(slots) * PAGE_SIZE}"
             )
         area.backing.write(slots, pages)
 

@@ -88,6 +88,9 @@ class TokenTable:
         # anyway, not about any stored token.
         return self._by_digest.get(hashlib.sha256(token.encode()).digest())
 
+    def has(self, name: str) -> bool:
+        return name in self._by_name
+
     def quota_of(self, name: str) -> int | None:
         p = self._by_name.get(name)
         return p.quota_bytes if p else None
@@ -128,9 +131,7 @@ class AuthInterceptor(ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
-        ],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(handler_call_details)
@@ -143,9 +144,7 @@ class AuthInterceptor(ServerInterceptor):
         async def authenticated(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             if principal is None:
                 self._on_failure("missing_token" if token is None else "unknown_token")
-                raise Unauthenticated(
-                    "missing bearer token" if token is None else "unknown bearer token"
-                )
+                raise Unauthenticated("missing bearer token" if token is None else "unknown bearer token")
             reset = _principal.set(principal.name)
             try:
                 return await inner(request, context)

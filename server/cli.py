@@ -14,9 +14,10 @@ from pathlib import Path
 from prometheus_client import REGISTRY, start_http_server
 
 from netswap.common import loop
+from netswap.common.limits import NAME_PATTERN
 from netswap.common.sizes import format_size, parse_size
 from netswap.server.app import build_server
-from netswap.server.auth import TokensError, new_token
+from netswap.server.auth import TokensError, TokenTable, new_token
 from netswap.server.config import Config, config_from_args
 from netswap.server.errors import ServiceError
 from netswap.server.store import open_store
@@ -60,13 +61,18 @@ def gen_token(argv: Sequence[str]) -> int:
     )
     parser.add_argument("name", help="principal name")
     parser.add_argument("--tokens", type=Path, required=True, help="tokens file to append to")
-    parser.add_argument(
-        "--quota", type=parse_size, help="bytes the principal may reserve, e.g. 4GiB"
-    )
-    parser.add_argument(
-        "--token-out", type=Path, help="write the token here (0600) instead of stdout"
-    )
+    parser.add_argument("--quota", type=parse_size, help="bytes the principal may reserve, e.g. 4GiB")
+    parser.add_argument("--token-out", type=Path, help="write the token here (0600) instead of stdout")
     args = parser.parse_args(argv)
+    if not NAME_PATTERN.fullmatch(args.name):
+        parser.error(f"principal name {args.name!r} must be 1-64 characters of A-Z a-z 0-9 . _ -")
+    if args.tokens.exists():
+        try:
+            known = TokenTable.load(args.tokens)
+        except TokensError as e:
+            parser.error(str(e))
+        if known.has(args.name):
+            parser.error(f"principal {args.name!r} is already in {args.tokens}")
     token, digest = new_token()
     entry = f'\n[principals.{args.name}]\ntoken_sha256 = "{digest}"\n'
     if args.quota is not None:

@@ -25,9 +25,7 @@ class SwapServicer(swap_pb2_grpc.SwapServiceServicer):
         self._manager = manager
         self._metrics = metrics
 
-    async def SwapOn(
-        self, request: swap_pb2.SwapOnRequest, context: Context
-    ) -> swap_pb2.SwapOnResponse:
+    async def SwapOn(self, request: swap_pb2.SwapOnRequest, context: Context) -> swap_pb2.SwapOnResponse:
         att = await self._manager.swapon(current_principal(), request.name, request.size_bytes)
         return swap_pb2.SwapOnResponse(
             handle=att.handle,
@@ -37,35 +35,25 @@ class SwapServicer(swap_pb2_grpc.SwapServiceServicer):
             max_batch_pages=self._manager.max_batch_pages,
         )
 
-    async def SwapOut(
-        self, request: swap_pb2.SwapOutRequest, context: Context
-    ) -> swap_pb2.SwapOutResponse:
+    async def SwapOut(self, request: swap_pb2.SwapOutRequest, context: Context) -> swap_pb2.SwapOutResponse:
         slots = request.slots
-        self._manager.swap_out(
-            current_principal(), request.handle, slots, memoryview(request.pages)
-        )
+        self._manager.swap_out(current_principal(), request.handle, slots, memoryview(request.pages))
         self._metrics.pages_moved("swap_out", len(slots))
         return swap_pb2.SwapOutResponse()
 
-    async def SwapIn(
-        self, request: swap_pb2.SwapInRequest, context: Context
-    ) -> swap_pb2.SwapInResponse:
+    async def SwapIn(self, request: swap_pb2.SwapInRequest, context: Context) -> swap_pb2.SwapInResponse:
         slots = request.slots
         pages = self._manager.swap_in(current_principal(), request.handle, slots)
         self._metrics.pages_moved("swap_in", len(slots))
         return swap_pb2.SwapInResponse(pages=bytes(pages))
 
-    async def Discard(
-        self, request: swap_pb2.DiscardRequest, context: Context
-    ) -> swap_pb2.DiscardResponse:
+    async def Discard(self, request: swap_pb2.DiscardRequest, context: Context) -> swap_pb2.DiscardResponse:
         slots = request.slots
         self._manager.discard(current_principal(), request.handle, slots)
         self._metrics.pages_moved("discard", len(slots))
         return swap_pb2.DiscardResponse()
 
-    async def SwapOff(
-        self, request: swap_pb2.SwapOffRequest, context: Context
-    ) -> swap_pb2.SwapOffResponse:
+    async def SwapOff(self, request: swap_pb2.SwapOffRequest, context: Context) -> swap_pb2.SwapOffResponse:
         await self._manager.swapoff(current_principal(), request.handle)
         return swap_pb2.SwapOffResponse()
 

@@ -87,18 +87,10 @@ class _AreaCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         m = self._manager
-        yield GaugeMetricFamily(
-            "netswap_areas", "Areas that exist (attached or not).", m.area_count()
-        )
-        yield GaugeMetricFamily(
-            "netswap_reserved_bytes", "Bytes reserved by all areas.", m.reserved_bytes
-        )
-        yield GaugeMetricFamily(
-            "netswap_capacity_bytes", "Bytes all areas may reserve together.", m.capacity
-        )
+        yield GaugeMetricFamily("netswap_areas", "Areas that exist (attached or not).", m.area_count())
+        yield GaugeMetricFamily("netswap_reserved_bytes", "Bytes reserved by all areas.", m.reserved_bytes)
+        yield GaugeMetricFamily("netswap_capacity_bytes", "Bytes all areas may reserve together.", m.capacity)
         yield GaugeMetricFamily(
             "netswap_free_bytes", "Capacity not yet reserved.", m.capacity - m.reserved_bytes
         )
-        yield GaugeMetricFamily(
-            "netswap_stored_pages", "Pages holding data in all areas.", m.stored_pages()
-        )
+        yield GaugeMetricFamily("netswap_stored_pages", "Pages holding data in all areas.", m.stored_pages())

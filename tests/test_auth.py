@@ -45,10 +45,7 @@ async def test_unauthenticated_calls_never_reach_a_handler(
     assert srv.server.manager.area_count() == 0
     assert srv.metric("netswap_auth_failures_total", {"reason": reason}) == 1
     assert (
-        srv.metric(
-            "netswap_rpc_duration_seconds_count", {"method": method, "code": "UNAUTHENTICATED"}
-        )
-        == 1
+        srv.metric("netswap_rpc_duration_seconds_count", {"method": method, "code": "UNAUTHENTICATED"}) == 1
     )
 
 
@@ -74,9 +71,7 @@ async def test_other_principal_cannot_touch_an_area_even_with_its_handle(srv: Ru
         bob = auth("bob")
         attempts: list[Awaitable[object]] = [
             stub.SwapIn(swap_pb2.SwapInRequest(handle=a.handle, slots=[0]), metadata=bob),
-            stub.SwapOut(
-                swap_pb2.SwapOutRequest(handle=a.handle, slots=[0], pages=bytes(PS)), metadata=bob
-            ),
+            stub.SwapOut(swap_pb2.SwapOutRequest(handle=a.handle, slots=[0], pages=bytes(PS)), metadata=bob),
             stub.Discard(swap_pb2.DiscardRequest(handle=a.handle, slots=[0, 1]), metadata=bob),
             stub.SwapOff(swap_pb2.SwapOffRequest(handle=a.handle), metadata=bob),
         ]
@@ -86,32 +81,23 @@ async def test_other_principal_cannot_touch_an_area_even_with_its_handle(srv: Ru
             # exactly what a handle that never existed gets: no existence oracle
             assert err.value.code() == grpc.StatusCode.NOT_FOUND
             assert (
-                err.value.details()
-                == "unknown handle (expired by SwapOff, re-attach, or a server restart)"
+                err.value.details() == "unknown handle (expired by SwapOff, re-attach, or a server restart)"
             )
 
         # bob's SwapOn of the same name makes bob's own area; alice's is untouched
-        b = await stub.SwapOn(
-            swap_pb2.SwapOnRequest(name="secret", size_bytes=2 << 20), metadata=bob
-        )
+        b = await stub.SwapOn(swap_pb2.SwapOnRequest(name="secret", size_bytes=2 << 20), metadata=bob)
         assert b.created
         assert (
             await stub.SwapIn(swap_pb2.SwapInRequest(handle=b.handle, slots=[0]), metadata=bob)
         ).pages == bytes(PS)
         listed = await stub.ListAreas(swap_pb2.ListAreasRequest(), metadata=bob)
-        assert [(x.name, x.size_bytes, x.pages_stored) for x in listed.areas] == [
-            ("secret", 2 << 20, 0)
-        ]
+        assert [(x.name, x.size_bytes, x.pages_stored) for x in listed.areas] == [("secret", 2 << 20, 0)]
 
         # alice's area, handle and data are all intact
-        got = await stub.SwapIn(
-            swap_pb2.SwapInRequest(handle=a.handle, slots=[0, 1]), metadata=auth("alice")
-        )
+        got = await stub.SwapIn(swap_pb2.SwapInRequest(handle=a.handle, slots=[0, 1]), metadata=auth("alice"))
         assert got.pages == data
         listed = await stub.ListAreas(swap_pb2.ListAreasRequest(), metadata=auth("alice"))
-        assert [(x.name, x.size_bytes, x.pages_stored) for x in listed.areas] == [
-            ("secret", 1 << 20, 2)
-        ]
+        assert [(x.name, x.size_bytes, x.pages_stored) for x in listed.areas] == [("secret", 1 << 20, 2)]
 
 
 def test_bearer_token_parsing() -> None:

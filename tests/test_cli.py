@@ -14,9 +14,7 @@ NETSWAP = [sys.executable, "-m", "netswap.client"]
 SERVER = [sys.executable, "-m", "netswap.server"]
 
 
-def netswap(
-    address: str, *args: str, token: str = TOKENS["alice"]
-) -> subprocess.CompletedProcess[str]:
+def netswap(address: str, *args: str, token: str = TOKENS["alice"]) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "NETSWAP_TOKEN": token, "NETSWAP_SERVER": address}
     return subprocess.run([*NETSWAP, *args], env=env, capture_output=True, text=True, timeout=120)
 
@@ -43,10 +41,7 @@ def test_demo_swapon_ls_swapoff(tmp_path: Path) -> None:
 
         wrong = netswap(server.address, "swapon", "vm1", "--size", "8MiB")
         assert wrong.returncode == 1
-        assert (
-            "exists with size_bytes 4194304" in wrong.stderr
-            and "FAILED_PRECONDITION" in wrong.stderr
-        )
+        assert "exists with size_bytes 4194304" in wrong.stderr and "FAILED_PRECONDITION" in wrong.stderr
 
         assert netswap(server.address, "swapoff", "vm1").returncode == 0
         missing = netswap(server.address, "swapoff", "vm1")
@@ -96,3 +91,11 @@ def test_gen_token_appends_a_working_principal(tmp_path: Path) -> None:
     assert dev is not None and dev.name == "dev" and dev.quota_bytes == 1 << 30
     ops = table.authenticate((tmp_path / "ops").read_text().strip())
     assert ops is not None and ops.name == "ops"
+    again = subprocess.run(
+        [*SERVER, "gen-token", "ops", "--tokens", str(tokens)], capture_output=True, text=True
+    )
+    assert again.returncode == 2 and "principal 'ops' is already in" in again.stderr
+    bad = subprocess.run(
+        [*SERVER, "gen-token", "a/b", "--tokens", str(tokens)], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "principal name 'a/b' must be" in bad.stderr

@@ -114,9 +114,7 @@ async def test_swapoff_by_name(srv: Running) -> None:
 
 
 async def test_unreachable_server_is_connection_lost(tmp_path: Path) -> None:
-    async with await SwapClient.connect(
-        f"unix:{tmp_path / 'nobody.sock'}", "t", timeout=5
-    ) as client:
+    async with await SwapClient.connect(f"unix:{tmp_path / 'nobody.sock'}", "t", timeout=5) as client:
         with pytest.raises(ConnectionLost):
             await client.list_areas()
 

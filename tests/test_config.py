@@ -36,9 +36,7 @@ def test_flags_and_environment() -> None:
         (["--store", "file:"], "--store file: needs a directory"),
     ],
 )
-def test_bad_flags_say_what_is_wrong(
-    argv: list[str], words: str, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_bad_flags_say_what_is_wrong(argv: list[str], words: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
         config_from_args([*argv, "--tokens", "t.toml"], {})
     assert exit_.value.code == 2

@@ -31,9 +31,7 @@ class Attached:
         return reply.pages
 
     async def discard(self, slots: Sequence[int], who: str = "alice") -> None:
-        await self.stub.Discard(
-            swap_pb2.DiscardRequest(handle=self.handle, slots=slots), metadata=auth(who)
-        )
+        await self.stub.Discard(swap_pb2.DiscardRequest(handle=self.handle, slots=slots), metadata=auth(who))
 
 
 @pytest.fixture
@@ -140,9 +138,7 @@ async def test_batch_over_the_limit_is_refused(srv: Running, area: Attached) -> 
     ("slots", "words"),
     [([256], "out of range"), ([3, 3], "more than once"), ([], "slots is empty")],
 )
-async def test_bad_slots_on_read_and_discard(
-    area: Attached, op: str, slots: list[int], words: str
-) -> None:
+async def test_bad_slots_on_read_and_discard(area: Attached, op: str, slots: list[int], words: str) -> None:
     code, details = await code_of(getattr(area, op)(slots))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert words in details
@@ -158,9 +154,7 @@ async def test_bad_handles(area: Attached, handle: bytes, code: grpc.StatusCode)
     for call in (bogus.out([0], pattern(0, 1)), bogus.get([0]), bogus.discard([0])):
         got, _ = await code_of(call)
         assert got == code
-    got, _ = await code_of(
-        area.stub.SwapOff(swap_pb2.SwapOffRequest(handle=handle), metadata=auth("alice"))
-    )
+    got, _ = await code_of(area.stub.SwapOff(swap_pb2.SwapOffRequest(handle=handle), metadata=auth("alice")))
     assert got == code
 
 
@@ -189,9 +183,7 @@ async def test_swapoff_frees_everything_and_kills_the_handle(srv: Running, area:
 
 async def test_list_areas(srv: Running, area: Attached) -> None:
     await area.out([0, 1, 2], pattern(10, 3))
-    await area.stub.SwapOn(
-        swap_pb2.SwapOnRequest(name="aaa", size_bytes=PS), metadata=auth("alice")
-    )
+    await area.stub.SwapOn(swap_pb2.SwapOnRequest(name="aaa", size_bytes=PS), metadata=auth("alice"))
     reply = await area.stub.ListAreas(swap_pb2.ListAreasRequest(), metadata=auth("alice"))
     assert [(a.name, a.size_bytes, a.pages_stored) for a in reply.areas] == [
         ("aaa", PS, 0),

@@ -24,12 +24,8 @@ async def test_pages_survive_kill_9_and_reattach(tmp_path: Path) -> None:
                 swap_pb2.SwapOutRequest(handle=a.handle, slots=slots, pages=data),
                 metadata=auth("alice"),
             )
-            await stub.Discard(
-                swap_pb2.DiscardRequest(handle=a.handle, slots=[17]), metadata=auth("alice")
-            )
-            b = await stub.SwapOn(
-                swap_pb2.SwapOnRequest(name="other", size_bytes=PS), metadata=auth("bob")
-            )
+            await stub.Discard(swap_pb2.DiscardRequest(handle=a.handle, slots=[17]), metadata=auth("alice"))
+            b = await stub.SwapOn(swap_pb2.SwapOnRequest(name="other", size_bytes=PS), metadata=auth("bob"))
             await stub.SwapOut(
                 swap_pb2.SwapOutRequest(handle=b.handle, slots=[0], pages=data[:PS]),
                 metadata=auth("bob"),
@@ -39,15 +35,11 @@ async def test_pages_survive_kill_9_and_reattach(tmp_path: Path) -> None:
         server.start()
         async with stub_for(server.address) as stub:
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await stub.SwapIn(
-                    swap_pb2.SwapInRequest(handle=a.handle, slots=[0]), metadata=auth("alice")
-                )
+                await stub.SwapIn(swap_pb2.SwapInRequest(handle=a.handle, slots=[0]), metadata=auth("alice"))
             assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
             listed = await stub.ListAreas(swap_pb2.ListAreasRequest(), metadata=auth("alice"))
-            assert [(x.name, x.size_bytes, x.pages_stored) for x in listed.areas] == [
-                ("vm1", 1 << 20, 5)
-            ]
+            assert [(x.name, x.size_bytes, x.pages_stored) for x in listed.areas] == [("vm1", 1 << 20, 5)]
 
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await stub.SwapOn(

@@ -26,13 +26,9 @@ async def test_counters_histograms_and_scrape_time_gauges(srv: Running) -> None:
     assert srv.metric("netswap_swap_in_bytes_total") == 4 * PS
     assert srv.metric("netswap_discard_pages_total") == 2
     assert srv.metric("netswap_batch_pages_sum", {"method": "swap_out"}) == 10
+    assert srv.metric("netswap_rpc_duration_seconds_count", {"method": "SwapOut", "code": "OK"}) == 1
     assert (
-        srv.metric("netswap_rpc_duration_seconds_count", {"method": "SwapOut", "code": "OK"}) == 1
-    )
-    assert (
-        srv.metric(
-            "netswap_rpc_duration_seconds_count", {"method": "SwapOut", "code": "INVALID_ARGUMENT"}
-        )
+        srv.metric("netswap_rpc_duration_seconds_count", {"method": "SwapOut", "code": "INVALID_ARGUMENT"})
         == 1
     )
     assert srv.metric("netswap_rpc_duration_seconds_count", {"method": "SwapOn", "code": "OK"}) == 1

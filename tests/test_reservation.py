@@ -21,9 +21,7 @@ def small_tmpfs(where: Path, size: str) -> Iterator[Path]:
     if os.geteuid() != 0:
         pytest.fail("this test mounts a tmpfs and needs root (CI runs as root)")
     where.mkdir()
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)], check=True
-    )
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)], check=True)
     try:
         yield where
     finally:
@@ -52,9 +50,7 @@ async def test_swap_out_into_every_slot_of_a_full_disk(tmp_path: Path) -> None:
         store = mnt / "store"
         async with running_server(tmp_path, f"file:{store}") as srv, stub_for(srv.address) as stub:
             size = 8 << 20
-            a = await stub.SwapOn(
-                swap_pb2.SwapOnRequest(name="vm1", size_bytes=size), metadata=auth("alice")
-            )
+            a = await stub.SwapOn(swap_pb2.SwapOnRequest(name="vm1", size_bytes=size), metadata=auth("alice"))
             # the rest of the filesystem goes to someone else
             assert fill(mnt / "filler") > 0
             assert os.statvfs(mnt).f_bavail == 0
@@ -62,9 +58,7 @@ async def test_swap_out_into_every_slot_of_a_full_disk(tmp_path: Path) -> None:
             # a second area cannot reserve, and leaves nothing behind
             before = sorted(p.name for p in store.rglob("*"))
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await stub.SwapOn(
-                    swap_pb2.SwapOnRequest(name="vm2", size_bytes=size), metadata=auth("bob")
-                )
+                await stub.SwapOn(swap_pb2.SwapOnRequest(name="vm2", size_bytes=size), metadata=auth("bob"))
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "not enough space" in (err.value.details() or "")
             assert sorted(p.name for p in store.rglob("*")) == before
@@ -87,9 +81,7 @@ async def test_swap_out_into_every_slot_of_a_full_disk(tmp_path: Path) -> None:
             )
             assert fill(mnt / "filler2") == 0
             await stub.SwapOut(
-                swap_pb2.SwapOutRequest(
-                    handle=a.handle, slots=range(batch), pages=pattern(0, batch)
-                ),
+                swap_pb2.SwapOutRequest(handle=a.handle, slots=range(batch), pages=pattern(0, batch)),
                 metadata=auth("alice"),
             )
             for start in range(0, slots, batch):

@@ -94,9 +94,7 @@ def test_file_store_cleans_interrupted_creation_and_keeps_what_it_cannot_read(
     # metadata that does not match its place: logged and left alone
     bad = owner_dir / f"{b'other'.hex()}.meta"
     bad.write_text(
-        json.dumps(
-            {"format": 1, "owner": "alice", "name": "vm1", "size_bytes": PS, "page_size": PS}
-        )
+        json.dumps({"format": 1, "owner": "alice", "name": "vm1", "size_bytes": PS, "page_size": PS})
     )
     (root / "not-hex").mkdir()
     found = FileStore(root).existing()

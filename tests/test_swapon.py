@@ -13,14 +13,10 @@ from tests.helpers import PS, Running, auth, running_server, stub_for
 
 async def swapon(srv: Running, name: str, size: int, who: str = "alice") -> swap_pb2.SwapOnResponse:
     async with stub_for(srv.address) as stub:
-        return await stub.SwapOn(
-            swap_pb2.SwapOnRequest(name=name, size_bytes=size), metadata=auth(who)
-        )
+        return await stub.SwapOn(swap_pb2.SwapOnRequest(name=name, size_bytes=size), metadata=auth(who))
 
 
-async def swapon_error(
-    srv: Running, name: str, size: int, who: str = "alice"
-) -> grpc.aio.AioRpcError:
+async def swapon_error(srv: Running, name: str, size: int, who: str = "alice") -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await swapon(srv, name, size, who)
     return err.value
@@ -42,9 +38,7 @@ async def test_reattach_same_size_issues_new_handle_and_kills_old(srv: Running) 
     assert again.handle != first.handle
     async with stub_for(srv.address) as stub:
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await stub.SwapIn(
-                swap_pb2.SwapInRequest(handle=first.handle, slots=[0]), metadata=auth("alice")
-            )
+            await stub.SwapIn(swap_pb2.SwapInRequest(handle=first.handle, slots=[0]), metadata=auth("alice"))
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
         reply = await stub.SwapIn(
             swap_pb2.SwapInRequest(handle=again.handle, slots=[0]), metadata=auth("alice")

@@ -27,10 +27,7 @@ def test_sync_client_round_trip_from_threads(tmp_path: Path) -> None:
             try:
                 for i in range(first, 256, 8):
                     with area.swap_in([i, (i + 1) % 256]) as pages:
-                        assert (
-                            pages.view
-                            == data[i * PS : (i + 1) * PS] + data[(i + 1) % 256 * PS :][:PS]
-                        )
+                        assert pages.view == data[i * PS : (i + 1) * PS] + data[(i + 1) % 256 * PS :][:PS]
             except BaseException as e:  # surfaced below
                 errors.append(e)
 

@@ -22,9 +22,7 @@ def test_swap_out_encoding_matches_protobuf(handle: bytes, slots: list[int], pag
 
 
 @given(pages=st.binary(max_size=20000), junk=st.binary(max_size=30))
-def test_swap_in_decoding_reads_protobuf_and_skips_unknown_fields(
-    pages: bytes, junk: bytes
-) -> None:
+def test_swap_in_decoding_reads_protobuf_and_skips_unknown_fields(pages: bytes, junk: bytes) -> None:
     raw = swap_pb2.SwapInResponse(pages=pages).SerializeToString()
     assert decode_swap_in_pages(raw) == pages
     # an unknown field (number 9, length-delimited) before and a varint field (10) after

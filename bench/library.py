@@ -1,0 +1,211 @@
+"""Library throughput and latency against the gRPC transport's own ceiling, in one run.
+
+    .venv/bin/python bench/library.py            # or: make bench
+
+For each batch size it measures, with servers in separate processes:
+  echo     a minimal gRPC service with netswap's message shapes (one page blob
+           + packed slots) that parses them and stores nothing: the ceiling
+           that gRPC + protobuf in Python put on any service of this shape
+  memory   netswap.client -> netswap-server --store memory
+  file     netswap.client -> netswap-server --store file:<tmpdir>
+and prints pages/s and p50/p99 latency per call (one call in flight, so
+latency is the round trip), plus each store's ratio to echo. Medians of
+--runs repetitions; the machine is shared, so compare ratios, not absolutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from netswap.client import SwapClient
+from netswap.client.wire import encode_swap_out  # the same encoder the library uses
+from netswap.common import loop
+from netswap.common.limits import PAGE_SIZE, max_message_bytes
+from netswap.v1 import swap_pb2
+
+TOKEN = "bench-token"
+BATCHES = (1, 8, 64, 256)
+
+
+# -- the echo ceiling: same shapes, no storage --------------------------------
+
+
+async def serve_echo(address: str) -> None:
+    """Parses requests like netswap does, stores nothing: the gRPC + protobuf ceiling."""
+    blob = bytes(256 * PAGE_SIZE)
+
+    async def swap_out(request: bytes, context: Any) -> bytes:
+        swap_pb2.SwapOutRequest.FromString(request)
+        return b""
+
+    async def swap_in(request: bytes, context: Any) -> bytes:
+        n = len(swap_pb2.SwapInRequest.FromString(request).slots)
+        return swap_pb2.SwapInResponse(pages=blob[: n * PAGE_SIZE]).SerializeToString()
+
+    handlers = {
+        "SwapOut": grpc.unary_unary_rpc_method_handler(swap_out),
+        "SwapIn": grpc.unary_unary_rpc_method_handler(swap_in),
+    }
+    limit = max_message_bytes(256)
+    server = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+    )
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("netswap.v1.SwapService", handlers)]
+    )
+    server.add_insecure_port(address)
+    await server.start()
+    await server.wait_for_termination()
+
+
+# -- measurement ----------------------------------------------------------------
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+async def timed(calls: int, one: Callable[[int], Awaitable[None]]) -> tuple[float, list[float]]:
+    lat: list[float] = []
+    t0 = time.perf_counter()
+    for i in range(calls):
+        s = time.perf_counter()
+        await one(i)
+        lat.append(time.perf_counter() - s)
+    return time.perf_counter() - t0, lat
+
+
+async def bench_echo(address: str, batch: int, calls: int) -> dict[str, tuple[float, list[float]]]:
+    limit = max_message_bytes(256)
+    opts = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+    async with grpc.aio.insecure_channel(address, options=opts) as ch:
+        out = ch.unary_unary("/netswap.v1.SwapService/SwapOut", None, None)
+        inn = ch.unary_unary("/netswap.v1.SwapService/SwapIn", None, None)
+        pages = bytes(batch * PAGE_SIZE)
+        handle = os.urandom(16)
+        md = (("authorization", f"Bearer {TOKEN}"),)
+        slots = list(range(batch))
+        body_in = swap_pb2.SwapInRequest(handle=handle, slots=slots).SerializeToString()
+
+        async def w(i: int) -> None:
+            await out(encode_swap_out(handle, slots, memoryview(pages)), metadata=md)
+
+        async def r(i: int) -> None:
+            await inn(body_in, metadata=md)
+
+        return {"out": await timed(calls, w), "in": await timed(calls, r)}
+
+
+async def bench_netswap(address: str, batch: int, calls: int) -> dict[str, tuple[float, list[float]]]:
+    async with await SwapClient.connect(address, TOKEN) as client:
+        area = await client.swapon(f"bench{batch}", 64 << 20)
+        span = area.slot_count - batch
+        pages = bytes(batch * PAGE_SIZE)
+        buf = bytearray(batch * PAGE_SIZE)
+
+        async def w(i: int) -> None:
+            first = (i * batch) % span
+            await area.swap_out(range(first, first + batch), pages)
+
+        async def r(i: int) -> None:
+            first = (i * batch) % span
+            await area.swap_in(range(first, first + batch), into=buf)
+
+        result = {"out": await timed(calls, w), "in": await timed(calls, r)}
+        await area.swapoff()
+        return result
+
+
+@contextlib.contextmanager
+def process(argv: list[str], sock: Path, log: Path) -> Iterator[None]:
+    with log.open("wb") as f:
+        proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{argv[0]} did not start: {log.read_text()}")
+            time.sleep(0.05)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=0.5, help="target time per measurement")
+    ap.add_argument("--serve-echo", metavar="ADDRESS", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve_echo:
+        loop.run(lambda: serve_echo(args.serve_echo))
+        return 0
+
+    with tempfile.TemporaryDirectory(prefix="netswap-bench-") as tmp_s:
+        tmp = Path(tmp_s)
+        tokens = tmp / "tokens.toml"
+        digest = hashlib.sha256(TOKEN.encode()).hexdigest()
+        tokens.write_text(f'[principals.bench]\ntoken_sha256 = "{digest}"\n')
+        server = [sys.executable, "-m", "netswap.server", "--tokens", str(tokens), "--metrics-listen", ""]
+        targets = {
+            "echo": ([sys.executable, __file__, "--serve-echo", f"unix:{tmp}/echo.sock"], tmp / "echo.sock"),
+            "memory": ([*server, "--listen", f"unix:{tmp}/mem.sock", "--store", "memory"], tmp / "mem.sock"),
+            "file": (
+                [*server, "--listen", f"unix:{tmp}/file.sock", "--store", f"file:{tmp}/store"],
+                tmp / "file.sock",
+            ),
+        }
+        results: dict[tuple[str, int, str], list[tuple[float, float, float]]] = {}
+        with contextlib.ExitStack() as stack:
+            for name, (argv, sock) in targets.items():
+                stack.enter_context(process(argv, sock, tmp / f"{name}.log"))
+            for run in range(args.runs):
+                for batch in BATCHES:
+                    calls = max(20, int(args.seconds * 20000 / batch))
+                    for name, (_, sock) in targets.items():
+                        fn = bench_echo if name == "echo" else bench_netswap
+                        res = asyncio.run(fn(f"unix:{sock}", batch, calls))
+                        for op, (elapsed, lat) in res.items():
+                            results.setdefault((name, batch, op), []).append(
+                                (calls * batch / elapsed, percentile(lat, 0.5), percentile(lat, 0.99))
+                            )
+                print(f"run {run + 1}/{args.runs} done", file=sys.stderr)
+
+    def med(key: tuple[str, int, str], i: int) -> float:
+        return statistics.median(r[i] for r in results[key])
+
+    print(f"\nnetswap library vs gRPC echo ceiling -- medians of {args.runs} runs, one call in flight")
+    print(
+        f"{'op':4} {'batch':>5} {'target':7} {'pages/s':>9} {'MB/s':>7} {'p50 us':>8} {'p99 us':>8} {'vs echo':>8}"
+    )
+    for op in ("out", "in"):
+        for batch in BATCHES:
+            for name in targets:
+                pps = med((name, batch, op), 0)
+                ratio = pps / med(("echo", batch, op), 0)
+                print(
+                    f"{op:4} {batch:5d} {name:7} {pps:9.0f} {pps * PAGE_SIZE / 1e6:7.1f}"
+                    f" {med((name, batch, op), 1) * 1e6:8.0f} {med((name, batch, op), 2) * 1e6:8.0f} {ratio:8.2f}"
+                )
+    print(f"\n{os.cpu_count()} CPUs; python {sys.version.split()[0]}; grpcio {grpc.__version__}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
