@@ -15,14 +15,7 @@ from netswap.client.core import Area, SwapClient
 from netswap.client.errors import NetswapError
 from netswap.common import loop
 from netswap.common.limits import PAGE_SIZE
-from netswap.common.sizes import format_size, parse_size
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+from netswap.common.sizes import format_size, size_arg
 
 
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -41,12 +34,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     on = sub.add_parser("swapon", help="create or re-attach an area (reserves its space)")
     on.add_argument("name")
-    on.add_argument("--size", type=_size, required=True, help="e.g. 1GiB")
+    on.add_argument("--size", type=size_arg, required=True, help="e.g. 1GiB")
     sub.add_parser("ls", help="list your areas")
     off = sub.add_parser("swapoff", help="destroy an area and release its space")
     off.add_argument("name")
     demo = sub.add_parser("demo", help="swap random pages out and in, verify every byte, show speed")
-    demo.add_argument("--size", type=_size, default=64 << 20, help="data to move (default 64MiB)")
+    demo.add_argument("--size", type=size_arg, default=64 << 20, help="data to move (default 64MiB)")
     demo.add_argument("--name", default="demo", help="area name (default demo)")
     demo.add_argument("--keep", action="store_true", help="keep the area afterwards")
     demo.add_argument("--seed", type=int, default=None, help="random seed (default: random)")

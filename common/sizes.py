@@ -1,5 +1,6 @@
 """Human sizes ("64MiB") for flags and output. Binary units only: swap is sized in pages."""
 
+import argparse
 import re
 
 _UNITS = {
@@ -34,3 +35,11 @@ def format_size(n: int) -> str:
         if n and n % factor == 0:
             return f"{n // factor}{suffix}"
     return f"{n}B"
+
+
+def size_arg(text: str) -> int:
+    """parse_size as an argparse `type=`: errors become usage errors."""
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

@@ -12,10 +12,10 @@ from prometheus_client import CollectorRegistry
 
 from netswap.common.limits import max_message_bytes
 from netswap.server.areas import AreaManager
-from netswap.server.auth import AuthInterceptor, TokenTable
+from netswap.server.auth import TokenTable
 from netswap.server.config import Config
 from netswap.server.handlers import SwapServicer
-from netswap.server.interceptors import StatusInterceptor
+from netswap.server.interceptors import AuthInterceptor, StatusInterceptor
 from netswap.server.metrics import ServerMetrics
 from netswap.server.store import Store
 from netswap.v1 import swap_pb2, swap_pb2_grpc

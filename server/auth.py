@@ -1,4 +1,6 @@
-"""Credential context: bearer tokens -> principals, and the interceptor that enforces them.
+"""Credential context: bearer tokens -> principals, and the principal of the call in hand.
+
+Enforcement is interceptors.AuthInterceptor.
 
 The tokens file (TOML) names each principal with the SHA-256 of its token, so
 the file itself holds no secret that would let a reader call the service:
@@ -14,26 +16,19 @@ import contextvars
 import hashlib
 import secrets
 import tomllib
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import grpc
 
 from netswap.common.limits import NAME_PATTERN
-from netswap.server.errors import Unauthenticated
 
-SERVICE_PREFIX = "/netswap.v1.SwapService/"
-
-# The authenticated principal of the call being handled. Set by the
+# The authenticated principal of the call being handled. Set by the auth
 # interceptor's wrapper around the handler, in the handler's own task.
-_principal: contextvars.ContextVar[str] = contextvars.ContextVar("netswap_principal")
+principal_var: contextvars.ContextVar[str] = contextvars.ContextVar("netswap_principal")
 
 
 def current_principal() -> str:
     """The caller of the RPC being handled (only valid inside a SwapService handler)."""
-    return _principal.get()
+    return principal_var.get()
 
 
 @dataclass(frozen=True)
@@ -109,50 +104,3 @@ def bearer_token(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str | 
             if scheme.lower() == "bearer" and token:
                 return token.strip()
     return None
-
-
-if TYPE_CHECKING:
-    ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
-else:  # not subscriptable at run time
-    ServerInterceptor = grpc.aio.ServerInterceptor
-
-Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
-
-
-class AuthInterceptor(ServerInterceptor):
-    """Authenticates every SwapService call; the handler runs only for a known token.
-
-    Health and reflection stay open so probes and grpcurl work without a token.
-    """
-
-    def __init__(self, tokens: TokenTable, on_failure: Callable[[str], None]) -> None:
-        self._tokens = tokens
-        self._on_failure = on_failure
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = await continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith(SERVICE_PREFIX):
-            return handler
-        token = bearer_token(handler_call_details.invocation_metadata)
-        principal = self._tokens.authenticate(token) if token else None
-        inner: Behavior = handler.unary_unary  # type: ignore[assignment]
-
-        async def authenticated(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            if principal is None:
-                self._on_failure("missing_token" if token is None else "unknown_token")
-                raise Unauthenticated("missing bearer token" if token is None else "unknown bearer token")
-            reset = _principal.set(principal.name)
-            try:
-                return await inner(request, context)
-            finally:
-                _principal.reset(reset)
-
-        return grpc.unary_unary_rpc_method_handler(
-            authenticated,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )

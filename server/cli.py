@@ -15,7 +15,7 @@ from prometheus_client import REGISTRY, start_http_server
 
 from netswap.common import loop
 from netswap.common.limits import NAME_PATTERN
-from netswap.common.sizes import format_size, parse_size
+from netswap.common.sizes import format_size, size_arg
 from netswap.server.app import build_server
 from netswap.server.auth import TokensError, TokenTable, new_token
 from netswap.server.config import Config, config_from_args
@@ -61,7 +61,7 @@ def gen_token(argv: Sequence[str]) -> int:
     )
     parser.add_argument("name", help="principal name")
     parser.add_argument("--tokens", type=Path, required=True, help="tokens file to append to")
-    parser.add_argument("--quota", type=parse_size, help="bytes the principal may reserve, e.g. 4GiB")
+    parser.add_argument("--quota", type=size_arg, help="bytes the principal may reserve, e.g. 4GiB")
     parser.add_argument("--token-out", type=Path, help="write the token here (0600) instead of stdout")
     args = parser.parse_args(argv)
     if not NAME_PATTERN.fullmatch(args.name):

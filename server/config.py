@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from netswap.common.limits import PAGE_SIZE
-from netswap.common.sizes import parse_size
+from netswap.common.sizes import size_arg
 
 GiB = 1 << 30
 
@@ -48,13 +48,6 @@ class Config:
         return Path(self.store[5:]) if self.store.startswith("file:") else None
 
 
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     """Flags of `netswap-server`; each defaults to NETSWAP_<FLAG> from `environ`, then Config."""
     defaults = Config()
@@ -72,8 +65,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
 
     add("--listen", "gRPC address: HOST:PORT or unix:PATH (default %(default)s)")
     add("--store", "memory, or file:DIR for areas that survive restarts (default %(default)s)")
-    add("--capacity", "bytes all areas may reserve together, e.g. 8GiB", type=_size)
-    add("--max-area-size", "largest single area, e.g. 16GiB", type=_size)
+    add("--capacity", "bytes all areas may reserve together, e.g. 8GiB", type=size_arg)
+    add("--max-area-size", "largest single area, e.g. 16GiB", type=size_arg)
     add("--max-batch-pages", "most pages one SwapOut/SwapIn/Discard may carry", type=int)
     add("--tokens", "TOML file of principals and token hashes (required)", type=Path)
     add("--metrics-listen", "Prometheus HOST:PORT, empty to disable (default %(default)s)")

@@ -7,17 +7,12 @@ validation happens in the manager.
 
 from __future__ import annotations
 
-from typing import Any
-
-import grpc
-
 from netswap.common.limits import PAGE_SIZE
 from netswap.server.areas import AreaManager
 from netswap.server.auth import current_principal
+from netswap.server.interceptors import Context
 from netswap.server.metrics import ServerMetrics
 from netswap.v1 import swap_pb2, swap_pb2_grpc
-
-Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class SwapServicer(swap_pb2_grpc.SwapServiceServicer):
