@@ -143,9 +143,14 @@ async def run_demo(client: SwapClient, args: argparse.Namespace) -> int:
 async def run(args: argparse.Namespace, token: str) -> int:
     async with await SwapClient.connect(args.server, token) as client:
         if args.command == "swapon":
-            area = await client.swapon(args.name, args.size)
-            state = "created" if area.created else "re-attached"
-            print(f"{state} {area.name}: {format_size(area.size_bytes)} ({area.slot_count} pages)")
+            existing = {a.name: a for a in await client.list_areas()}.get(args.name)
+            if existing is not None and existing.size_bytes == args.size:
+                # Re-attaching would take the area over from whoever uses it
+                # (their handle would stop working); reserving is all we want.
+                print(f"exists {args.name}: {format_size(args.size)} ({args.size // PAGE_SIZE} pages)")
+                return 0
+            area = await client.swapon(args.name, args.size, pool_pages=1)
+            print(f"created {area.name}: {format_size(area.size_bytes)} ({area.slot_count} pages)")
             area.detach()
         elif args.command == "ls":
             areas = await client.list_areas()

@@ -75,7 +75,7 @@ class SwapClient:
         )
         return cls(channel, token, timeout=timeout)
 
-    async def call(self, method: Callable[..., Awaitable[T]], request: Any) -> T:
+    async def _call(self, method: Callable[..., Awaitable[T]], request: Any) -> T:
         """Invoke one RPC with credentials and deadline; gRPC errors become NetswapErrors."""
         try:
             return await method(request, metadata=self._metadata, timeout=self.timeout)
@@ -87,22 +87,31 @@ class SwapClient:
 
         pool_pages defaults to two batches' worth (max_batch_pages * 2).
         """
-        reply = await self.call(self._stub.SwapOn, swap_pb2.SwapOnRequest(name=name, size_bytes=size_bytes))
+        reply = await self._call(self._stub.SwapOn, swap_pb2.SwapOnRequest(name=name, size_bytes=size_bytes))
         pool = PagePool(pool_pages or reply.max_batch_pages * 2, reply.page_size)
-        return Area(self, name, reply, pool)
+        return Area(
+            self,
+            name,
+            handle=reply.handle,
+            slot_count=reply.slot_count,
+            page_size=reply.page_size,
+            max_batch_pages=reply.max_batch_pages,
+            created=reply.created,
+            pool=pool,
+        )
 
     async def list_areas(self) -> list[AreaInfo]:
-        reply = await self.call(self._stub.ListAreas, swap_pb2.ListAreasRequest())
+        reply = await self._call(self._stub.ListAreas, swap_pb2.ListAreasRequest())
         return [AreaInfo(a.name, a.size_bytes, a.pages_stored) for a in reply.areas]
 
     async def swapoff(self, name: str) -> None:
         """Destroy the area `name` without holding its handle (re-attaches to get one)."""
         for info in await self.list_areas():
             if info.name == name:
-                reply = await self.call(
+                reply = await self._call(
                     self._stub.SwapOn, swap_pb2.SwapOnRequest(name=name, size_bytes=info.size_bytes)
                 )
-                await self.call(self._stub.SwapOff, swap_pb2.SwapOffRequest(handle=reply.handle))
+                await self._call(self._stub.SwapOff, swap_pb2.SwapOffRequest(handle=reply.handle))
                 return
         raise AreaNotFound(f"no area named {name!r} (NOT_FOUND)")
 
@@ -119,14 +128,25 @@ class SwapClient:
 class Area:
     """One attached area. Slots are 0..slot_count-1; each holds one page of page_size bytes."""
 
-    def __init__(self, client: SwapClient, name: str, reply: swap_pb2.SwapOnResponse, pool: PagePool):
+    def __init__(
+        self,
+        client: SwapClient,
+        name: str,
+        *,
+        handle: bytes,
+        slot_count: int,
+        page_size: int,
+        max_batch_pages: int,
+        created: bool,
+        pool: PagePool,
+    ) -> None:
         self._client = client
-        self._handle = reply.handle
+        self._handle = handle
         self.name = name
-        self.slot_count = reply.slot_count
-        self.page_size = reply.page_size
-        self.max_batch_pages = reply.max_batch_pages
-        self.created = reply.created
+        self.slot_count = slot_count
+        self.page_size = page_size
+        self.max_batch_pages = max_batch_pages
+        self.created = created
         self.pool = pool
         # Batches of one call in flight at once: enough to keep the pipe full,
         # few enough that one caller cannot monopolise the connection.
@@ -154,7 +174,18 @@ class Area:
             async with gate:
                 await one(start, min(start + step, n))
 
-        await asyncio.gather(*(gated(s) for s in range(0, n, step)))
+        tasks = [asyncio.ensure_future(gated(s)) for s in range(0, n, step)]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            # Stop the other batches before the caller gets its buffer back:
+            # none may keep reading from or writing into it after we raise.
+            # (Batches already sent may have been applied: a failed call is
+            # not atomic.)
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
 
     async def swap_out(self, slots: Sequence[int], pages: Any) -> None:
         """Write pages (a buffer of len(slots) * page_size bytes) to slots."""
@@ -164,7 +195,7 @@ class Area:
 
         async def one(start: int, end: int) -> None:
             body = encode_swap_out(self._handle, slots[start:end], view[start * ps : end * ps])
-            await self._client.call(self._client._swap_out, body)
+            await self._client._call(self._client._swap_out, body)
 
         await self._batches(len(slots), one)
 
@@ -189,7 +220,7 @@ class Area:
             ps = self.page_size
 
             async def one(start: int, end: int) -> None:
-                got = await self._client.call(
+                got = await self._client._call(
                     self._client._swap_in,
                     swap_pb2.SwapInRequest(handle=self._handle, slots=slots[start:end]),
                 )
@@ -207,7 +238,7 @@ class Area:
         """Forget slots: they read as zeros, and stay reserved."""
 
         async def one(start: int, end: int) -> None:
-            await self._client.call(
+            await self._client._call(
                 self._client._stub.Discard,
                 swap_pb2.DiscardRequest(handle=self._handle, slots=slots[start:end]),
             )
@@ -216,7 +247,7 @@ class Area:
 
     async def swapoff(self) -> None:
         """Destroy the area on the server and free the page pool."""
-        await self._client.call(self._client._stub.SwapOff, swap_pb2.SwapOffRequest(handle=self._handle))
+        await self._client._call(self._client._stub.SwapOff, swap_pb2.SwapOffRequest(handle=self._handle))
         self.pool.close()
 
     def detach(self) -> None:

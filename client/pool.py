@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import mmap
 from collections import deque
 
@@ -58,6 +59,7 @@ class PagePool:
         self._free: list[tuple[int, int]] = [(0, pages)]
         self._free_pages = pages
         self._waiters: deque[tuple[int, asyncio.Future[Lease]]] = deque()
+        self._closing = False
 
     @property
     def free_pages(self) -> int:
@@ -89,11 +91,15 @@ class PagePool:
             if fut.done() and not fut.cancelled():
                 fut.result().release()  # granted just as we were cancelled
             else:
-                self._waiters.remove((pages, fut))
+                # _wake may already have dropped our cancelled future.
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove((pages, fut))
                 self._wake()
             raise
 
     def _check(self, pages: int) -> None:
+        if self._closing:
+            raise ValueError("the page pool is closed")
         if not 0 < pages <= self.capacity:
             raise ValueError(f"cannot lease {pages} pages from a pool of {self.capacity}")
 
@@ -122,7 +128,10 @@ class PagePool:
             self._free[i - 1] = (start, end - start)
         else:
             self._free.insert(i, (start, end - start))
-        self._wake()
+        if self._closing:
+            self._unmap_if_idle()
+        else:
+            self._wake()
 
     def _wake(self) -> None:
         while self._waiters:
@@ -137,5 +146,15 @@ class PagePool:
             fut.set_result(lease)
 
     def close(self) -> None:
-        self._view.release()
-        self._mm.close()
+        """Refuse new leases; unmap once every outstanding lease is back (now, if none is out)."""
+        self._closing = True
+        for _, fut in self._waiters:
+            if not fut.done():
+                fut.set_exception(ValueError("the page pool is closed"))
+        self._waiters.clear()
+        self._unmap_if_idle()
+
+    def _unmap_if_idle(self) -> None:
+        if self._free_pages == self.capacity and not self._mm.closed:
+            self._view.release()
+            self._mm.close()

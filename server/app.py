@@ -52,7 +52,7 @@ class NetswapServer:
         """Stop accepting calls, let in-flight ones finish for `grace` seconds, close the store."""
         await self._health.enter_graceful_shutdown()
         await self.grpc.stop(grace)
-        self.manager.close()
+        await self.manager.close()
 
 
 def build_server(config: Config, store: Store, registry: CollectorRegistry) -> NetswapServer:
@@ -66,6 +66,10 @@ def build_server(config: Config, store: Store, registry: CollectorRegistry) -> N
         quota_of=tokens.quota_of,
     )
     metrics.watch(manager)
+    # Twice the largest valid message may arrive, so a batch that is merely
+    # too big reaches the manager and gets INVALID_ARGUMENT naming the
+    # problem; beyond that gRPC cuts it off (RESOURCE_EXHAUSTED) before
+    # buffering more.
     limit = max_message_bytes(config.max_batch_pages)
     server = grpc.aio.server(
         interceptors=[
@@ -73,7 +77,7 @@ def build_server(config: Config, store: Store, registry: CollectorRegistry) -> N
             AuthInterceptor(tokens, on_failure=lambda reason: metrics.auth_failures.labels(reason).inc()),
         ],
         options=[
-            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_receive_message_length", 2 * limit),
             ("grpc.max_send_message_length", limit),
         ],
     )

@@ -101,7 +101,14 @@ class AreaManager:
             raise InvalidArgument(
                 f"size_bytes {size_bytes} exceeds the server's max area size {self.max_area_size}"
             )
-        key = AreaKey(principal, name)
+        # Shielded: a caller that gives up (deadline, disconnect) must not cut
+        # a reservation in half. The attach finishes either way; an area made
+        # for a caller who left is found by the next SwapOn of that name.
+        attach = asyncio.ensure_future(self._attach(AreaKey(principal, name), size_bytes))
+        attach.add_done_callback(_retrieve)
+        return await asyncio.shield(attach)
+
+    async def _attach(self, key: AreaKey, size_bytes: int) -> Attachment:
         async with self._control:
             area = self._areas.get(key)
             created = area is None
@@ -109,7 +116,7 @@ class AreaManager:
                 area = await self._create(key, size_bytes)
             elif area.size_bytes != size_bytes:
                 raise SizeMismatch(
-                    f"area {name!r} exists with size_bytes {area.size_bytes}, not {size_bytes}"
+                    f"area {key.name!r} exists with size_bytes {area.size_bytes}, not {size_bytes}"
                 )
             # One live handle per area: re-attaching (e.g. a client that lost
             # its handle) takes the area over and the old handle stops working.
@@ -124,12 +131,10 @@ class AreaManager:
         used = self.reserved_by(key.owner)
         if quota is not None and used + size_bytes > quota:
             raise Exhausted(f"quota exceeded: {used} bytes reserved + {size_bytes} requested > quota {quota}")
-        total = self.reserved_bytes
-        if total + size_bytes > self.capacity:
-            raise Exhausted(
-                f"server capacity exceeded: {total} bytes reserved + {size_bytes} requested"
-                f" > capacity {self.capacity}"
-            )
+        if self.reserved_bytes + size_bytes > self.capacity:
+            # No figures: the server-wide total would tell one principal about
+            # the others' areas.
+            raise Exhausted(f"server capacity exceeded: cannot reserve {size_bytes} more bytes")
         # Reserving gigabytes (fallocate, or faulting in memory) takes a while;
         # keep the event loop serving data-plane calls meanwhile.
         backing = await asyncio.to_thread(self.store.create, key, size_bytes)
@@ -140,9 +145,10 @@ class AreaManager:
     async def swapoff(self, principal: str, handle: bytes) -> None:
         async with self._control:
             area = self._attached(principal, handle)
+            # Destroy first: if the store cannot, the area stays as it was.
+            self.store.destroy(area.key, area.backing)
             del self._handles[handle]
             del self._areas[area.key]
-            self.store.destroy(area.key, area.backing)
 
     def list_areas(self, principal: str) -> list[AreaStats]:
         return [
@@ -202,9 +208,19 @@ class AreaManager:
                     raise InvalidArgument(f"slot {slot} appears more than once")
                 seen.add(slot)
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        async with self._control:  # let a creation in progress finish first
+            self._close()
+
+    def _close(self) -> None:
         for area in self._areas.values():
             area.backing.close()
         self._areas.clear()
         self._handles.clear()
         self.store.close()
+
+
+def _retrieve(task: asyncio.Future[Attachment]) -> None:
+    """Mark the outcome of an attach whose caller left as seen (no 'never retrieved' noise)."""
+    if not task.cancelled():
+        task.exception()

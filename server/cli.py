@@ -74,7 +74,8 @@ def gen_token(argv: Sequence[str]) -> int:
         if known.has(args.name):
             parser.error(f"principal {args.name!r} is already in {args.tokens}")
     token, digest = new_token()
-    entry = f'\n[principals.{args.name}]\ntoken_sha256 = "{digest}"\n'
+    # Quoted: a name may contain "." which would otherwise nest TOML tables.
+    entry = f'\n[principals."{args.name}"]\ntoken_sha256 = "{digest}"\n'
     if args.quota is not None:
         entry += f"quota_bytes = {args.quota}\n"
     fd = os.open(args.tokens, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)

@@ -40,6 +40,12 @@ class Config:
             raise ValueError(f"--max-area-size must be a positive multiple of {PAGE_SIZE}")
         if not 1 <= self.max_batch_pages <= 4096:
             raise ValueError("--max-batch-pages must be between 1 and 4096")
+        if self.metrics_listen:
+            _, sep, port = self.metrics_listen.rpartition(":")
+            if not sep or not port.isdigit() or int(port) > 65535:
+                raise ValueError(
+                    f"--metrics-listen must be HOST:PORT (or empty), not {self.metrics_listen!r}"
+                )
         if self.grace_seconds < 0:
             raise ValueError("--grace-seconds must not be negative")
 

@@ -13,7 +13,11 @@ class NotFound(ServiceError):
     """No such area or handle *for this caller*; another principal's look the same."""
 
 
-class SizeMismatch(ServiceError):
+class FailedPrecondition(ServiceError):
+    """The request is fine but the area is not in a state that allows it."""
+
+
+class SizeMismatch(FailedPrecondition):
     """The area exists with another size; re-attach needs the size it was made with."""
 
 

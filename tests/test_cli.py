@@ -29,7 +29,7 @@ def test_demo_swapon_ls_swapoff(tmp_path: Path) -> None:
         made = netswap(server.address, "swapon", "vm1", "--size", "4MiB")
         assert made.returncode == 0 and "created vm1: 4MiB (1024 pages)" in made.stdout
         again = netswap(server.address, "swapon", "vm1", "--size", "4MiB")
-        assert "re-attached vm1" in again.stdout
+        assert "exists vm1: 4MiB (1024 pages)" in again.stdout
 
         kept = netswap(server.address, "demo", "--size", "1MiB", "--name", "kept", "--keep")
         assert kept.returncode == 0, kept.stderr
@@ -79,7 +79,7 @@ def test_server_requires_tokens_and_valid_flags(tmp_path: Path) -> None:
 
 def test_gen_token_appends_a_working_principal(tmp_path: Path) -> None:
     tokens = tmp_path / "tokens.toml"
-    for name in ("dev", "ops"):
+    for name in ("dev", "ops", "team.a"):
         argv = [*SERVER, "gen-token", name, "--tokens", str(tokens), "--quota", "1GiB"]
         argv += ["--token-out", str(tmp_path / name)]
         out = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True)
@@ -91,6 +91,8 @@ def test_gen_token_appends_a_working_principal(tmp_path: Path) -> None:
     assert dev is not None and dev.name == "dev" and dev.quota_bytes == 1 << 30
     ops = table.authenticate((tmp_path / "ops").read_text().strip())
     assert ops is not None and ops.name == "ops"
+    dotted = table.authenticate((tmp_path / "team.a").read_text().strip())
+    assert dotted is not None and dotted.name == "team.a"
     again = subprocess.run(
         [*SERVER, "gen-token", "ops", "--tokens", str(tokens)], capture_output=True, text=True
     )

@@ -127,3 +127,20 @@ async def test_server_gone_mid_session_is_connection_lost(tmp_path: Path) -> Non
     with pytest.raises(ConnectionLost):
         await area.swap_in([0])
     await client.close()
+
+
+async def test_a_failed_batch_stops_the_others_before_the_call_returns(srv: Running) -> None:
+    async with await SwapClient.connect(srv.address, TOKENS["alice"]) as client:
+        area = await client.swapon("vm1", 8 << 20)  # 2048 slots, 8 batches
+        await area.swap_out(range(2048), pattern(5, 2048))
+        slots = [4096, *range(1, 2048)]  # the first batch is invalid
+        buf = bytearray(len(slots) * PS)
+        with pytest.raises(InvalidRequest):
+            await area.swap_in(slots, into=buf)
+        snapshot = bytes(buf)
+        await asyncio.sleep(0.2)
+        assert bytes(buf) == snapshot, "batches kept writing into the buffer after the call failed"
+        # the pool stays usable, and swapoff works even with a lease out
+        lease = await area.swap_in([1])
+        await area.swapoff()
+        lease.release()

@@ -34,6 +34,8 @@ def test_flags_and_environment() -> None:
         (["--capacity", "lots"], "invalid size 'lots'"),
         (["--max-batch-pages", "0"], "--max-batch-pages must be between 1 and 4096"),
         (["--store", "file:"], "--store file: needs a directory"),
+        (["--metrics-listen", "localhost"], "--metrics-listen must be HOST:PORT"),
+        (["--metrics-listen", "[::1]:http"], "--metrics-listen must be HOST:PORT"),
     ],
 )
 def test_bad_flags_say_what_is_wrong(argv: list[str], words: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -125,7 +125,17 @@ async def test_bad_swap_out_is_refused_and_writes_nothing(
 
 async def test_batch_over_the_limit_is_refused(srv: Running, area: Attached) -> None:
     n = srv.config.max_batch_pages + 1
-    # a slot list over the limit, with a blob that fits the message size limit
+    code, details = await code_of(area.out(list(range(n)), pattern(1, n)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"exceed max_batch_pages {n - 1}" in details
+    # one slot with a blob of many pages: the blob length is named
+    code, details = await code_of(area.out([0], pattern(1, n)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"{n * PS} bytes" in details
+    # past twice the largest valid message gRPC itself refuses to buffer it
+    big = 3 * srv.config.max_batch_pages
+    code, details = await code_of(area.out([0], pattern(1, big)))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
     code, details = await code_of(area.discard(list(range(n))))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert f"exceed max_batch_pages {n - 1}" in details

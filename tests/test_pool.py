@@ -99,3 +99,31 @@ def test_impossible_leases_are_refused(pages: int) -> None:
     with pytest.raises(ValueError, match="cannot lease"):
         pool.try_acquire(pages)
     pool.close()
+
+
+async def test_cancelled_waiter_already_dropped_by_a_release() -> None:
+    pool = PagePool(2)
+    held = await pool.acquire(2)
+    waiter = asyncio.create_task(pool.acquire(2))
+    await asyncio.sleep(0)
+    waiter.cancel()
+    held.release()  # runs before the waiter resumes, and drops its cancelled future
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert pool.free_pages == 2
+    pool.close()
+
+
+async def test_close_waits_for_outstanding_leases() -> None:
+    pool = PagePool(4)
+    lease = await pool.acquire(1)
+    waiter = asyncio.create_task(pool.acquire(4))
+    await asyncio.sleep(0)
+    pool.close()  # must not fail while a lease is out
+    with pytest.raises(ValueError, match="closed"):
+        await waiter
+    with pytest.raises(ValueError, match="closed"):
+        pool.try_acquire(1)
+    lease.view[0] = 1  # still usable until released
+    lease.release()
+    assert pool.free_pages == 4

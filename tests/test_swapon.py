@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry
 
+from netswap.server.app import build_server
+from netswap.server.config import Config
+from netswap.server.store import AreaKey, Backing, FileStore
 from netswap.v1 import swap_pb2
-from tests.helpers import PS, Running, auth, running_server, stub_for
+from tests.helpers import PS, Running, auth, running_server, stub_for, write_tokens
 
 
 async def swapon(srv: Running, name: str, size: int, who: str = "alice") -> swap_pb2.SwapOnResponse:
@@ -113,3 +118,55 @@ async def test_quota_exhaustion_leaves_nothing_behind(tmp_path: Path, store: str
         assert (await swapon(srv, "b", 16 << 20, who="bob")).created
         # and alice can still use what is left of hers
         assert (await swapon(srv, "b", 1 << 20)).created
+
+
+class SlowFileStore(FileStore):
+    """A real file store whose reservations take a while, like fallocate of a big area on a slow disk."""
+
+    def create(self, key: AreaKey, size_bytes: int) -> Backing:
+        time.sleep(0.5)
+        return super().create(key, size_bytes)
+
+
+async def test_a_caller_that_gives_up_does_not_cut_a_reservation_in_half(tmp_path: Path) -> None:
+    config = Config(listen="127.0.0.1:0", tokens=write_tokens(tmp_path / "tokens.toml"), metrics_listen="")
+    server = build_server(config, SlowFileStore(tmp_path / "store"), CollectorRegistry())
+    await server.start()
+    try:
+        async with stub_for(server.address) as stub:
+            request = swap_pb2.SwapOnRequest(name="vm1", size_bytes=1 << 20)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.SwapOn(request, metadata=auth("alice"), timeout=0.1)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            # the attach finished anyway: the area exists, is counted, and re-attaches
+            again = await stub.SwapOn(request, metadata=auth("alice"))
+            assert not again.created
+            assert server.manager.reserved_bytes == 1 << 20
+            await stub.SwapOut(
+                swap_pb2.SwapOutRequest(handle=again.handle, slots=[0], pages=bytes(PS)),
+                metadata=auth("alice"),
+            )
+    finally:
+        await server.stop(None)
+
+
+async def test_files_the_server_could_not_load_block_the_name_clearly(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    owner = root / b"alice".hex()
+    owner.mkdir(parents=True)
+    stem = b"vm1".hex()
+    (owner / f"{stem}.meta").write_text("not json")
+    (owner / f"{stem}.data").write_bytes(b"precious")
+    async with running_server(tmp_path, f"file:{root}") as srv:
+        err = await swapon_error(srv, "vm1", 1 << 20)
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "could not be loaded" in (err.details() or "")
+    assert (owner / f"{stem}.data").read_bytes() == b"precious"
+
+
+async def test_capacity_error_tells_nothing_about_other_principals(srv: Running) -> None:
+    await swapon(srv, "a", 32 << 20)
+    await swapon(srv, "b", 30 << 20, who="bob")
+    err = await swapon_error(srv, "c", 4 << 20)
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert str(62 << 20) not in (err.details() or "") and str(32 << 20) not in (err.details() or "")

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from netswap.common.limits import NAME_PATTERN, PAGE_SIZE
-from netswap.server.errors import Exhausted
+from netswap.server.errors import Exhausted, FailedPrecondition
 from netswap.server.store.base import AreaKey, Backing, SlotMap, runs, zero_fill
 
 log = logging.getLogger(__name__)
@@ -208,6 +208,12 @@ class FileStore:
             _rmdir_if_empty(data_path.parent)
             if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise Exhausted(f"not enough space in the file store for {size_bytes} bytes") from e
+            if isinstance(e, FileExistsError):
+                # Files the server ignored at startup (see its log) hold the name.
+                raise FailedPrecondition(
+                    f"area {key.name!r} has files on the server that could not be loaded;"
+                    " the operator must repair or remove them"
+                ) from e
             raise
 
     def _write_meta(self, key: AreaKey, size_bytes: int, meta_path: Path) -> None:
@@ -233,13 +239,17 @@ class FileStore:
             os.close(dir_fd)
 
     def destroy(self, key: AreaKey, backing: Backing) -> None:
-        backing.close()
         data_path, map_path, meta_path = self._paths(key)
         # The .meta goes first: from then on the area no longer exists, even
-        # if we die before the data file is gone.
+        # if we die before the data file is gone. If it cannot go, nothing
+        # has changed and the error propagates.
         meta_path.unlink(missing_ok=True)
-        data_path.unlink(missing_ok=True)
-        map_path.unlink(missing_ok=True)
+        backing.close()
+        for path in (data_path, map_path):
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as e:  # harmless: removed as a leftover at the next start
+                log.warning("could not remove %s: %s", path, e)
         _rmdir_if_empty(data_path.parent)
 
     def close(self) -> None:
