@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -170,3 +171,22 @@ async def test_capacity_error_tells_nothing_about_other_principals(srv: Running)
     err = await swapon_error(srv, "c", 4 << 20)
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert str(62 << 20) not in (err.details() or "") and str(32 << 20) not in (err.details() or "")
+
+
+async def test_graceful_stop_lets_an_in_flight_swapon_finish(tmp_path: Path) -> None:
+    config = Config(listen="127.0.0.1:0", tokens=write_tokens(tmp_path / "tokens.toml"), metrics_listen="")
+    server = build_server(config, SlowFileStore(tmp_path / "store"), CollectorRegistry())
+    await server.start()
+    async with stub_for(server.address) as stub:
+        call = asyncio.ensure_future(
+            stub.SwapOn(swap_pb2.SwapOnRequest(name="vm1", size_bytes=1 << 20), metadata=auth("alice"))
+        )
+        await asyncio.sleep(0.1)  # the reservation is under way
+        await server.stop(5)
+        reply = await call
+    assert reply.created
+    # what it reserved is complete on disk, and a new server picks it up
+    found = FileStore(tmp_path / "store").existing()
+    assert [key.name for key, _ in found] == ["vm1"]
+    for _, backing in found:
+        backing.close()
