@@ -70,6 +70,12 @@ def runs(slots: Sequence[int]) -> Iterator[tuple[int, int, int]]:
         i = j
 
 
+def blob_runs(slots: Sequence[int], blob: memoryview) -> Iterator[tuple[int, int, memoryview]]:
+    """runs(), each with its piece of the page blob: (first slot, page count, pages)."""
+    for index, first, count in runs(slots):
+        yield first, count, blob[index * PAGE_SIZE : (index + count) * PAGE_SIZE]
+
+
 class SlotMap:
     """One byte per slot: 1 = holds data. Backed by a bytearray or a shared mmap.
 

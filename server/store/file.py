@@ -27,7 +27,7 @@ from pathlib import Path
 
 from netswap.common.limits import NAME_PATTERN, PAGE_SIZE
 from netswap.server.errors import Exhausted, FailedPrecondition
-from netswap.server.store.base import AreaKey, Backing, SlotMap, runs, zero_fill
+from netswap.server.store.base import AreaKey, Backing, SlotMap, blob_runs, runs, zero_fill
 
 log = logging.getLogger(__name__)
 
@@ -73,16 +73,14 @@ class FileBacking:
         return self._size
 
     def write(self, slots: Sequence[int], pages: memoryview) -> None:
-        for index, first, count in runs(slots):
-            src = pages[index * PAGE_SIZE : (index + count) * PAGE_SIZE]
+        for first, count, src in blob_runs(slots, pages):
             _pwrite_all(self._fd, src, first * PAGE_SIZE)
             # Data first, then the map: a crash in between leaves the slot
             # reading as its old contents, never as garbage.
             self._map.mark(first, count)
 
     def read(self, slots: Sequence[int], out: memoryview) -> None:
-        for index, first, count in runs(slots):
-            dst = out[index * PAGE_SIZE : (index + count) * PAGE_SIZE]
+        for first, count, dst in blob_runs(slots, out):
             _pread_all(self._fd, dst, first * PAGE_SIZE)
             # Discarded slots keep their old bytes on disk (discard writes
             # nothing); the map says to show zeros instead.

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from netswap.common.limits import PAGE_SIZE
 from netswap.server.errors import Exhausted
-from netswap.server.store.base import AreaKey, Backing, SlotMap, runs, zero_fill
+from netswap.server.store.base import AreaKey, Backing, SlotMap, blob_runs, runs, zero_fill
 
 
 class MemoryBacking:
@@ -30,16 +30,14 @@ class MemoryBacking:
         return self._size
 
     def write(self, slots: Sequence[int], pages: memoryview) -> None:
-        for index, first, count in runs(slots):
-            src = pages[index * PAGE_SIZE : (index + count) * PAGE_SIZE]
+        for first, count, src in blob_runs(slots, pages):
             self._data[first * PAGE_SIZE : (first + count) * PAGE_SIZE] = src
             self._map.mark(first, count)
 
     def read(self, slots: Sequence[int], out: memoryview) -> None:
         # Discard zeroes the memory itself, so reads need not consult the map.
-        for index, first, count in runs(slots):
-            src = self._data[first * PAGE_SIZE : (first + count) * PAGE_SIZE]
-            out[index * PAGE_SIZE : (index + count) * PAGE_SIZE] = src
+        for first, count, dst in blob_runs(slots, out):
+            dst[:] = self._data[first * PAGE_SIZE : (first + count) * PAGE_SIZE]
 
     def discard(self, slots: Sequence[int]) -> None:
         for _, first, count in runs(slots):
