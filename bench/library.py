@@ -103,7 +103,7 @@ async def bench_echo(address: str, batch: int, calls: int) -> dict[str, tuple[fl
         body_in = swap_pb2.SwapInRequest(handle=handle, slots=slots).SerializeToString()
 
         async def w(i: int) -> None:
-            await out(encode_swap_out(handle, slots, memoryview(pages)), metadata=md)
+            await out(encode_swap_out(handle, slots, [memoryview(pages)]), metadata=md)
 
         async def r(i: int) -> None:
             await inn(body_in, metadata=md)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import random
 import sys
@@ -11,8 +12,9 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from netswap.client.core import Area, SwapClient
+from netswap.client.core import DEFAULT_TIMEOUT, Area, SwapClient
 from netswap.client.errors import NetswapError
+from netswap.client.nbd.serve import NbdOptions, run_nbd
 from netswap.common import loop
 from netswap.common.limits import PAGE_SIZE
 from netswap.common.sizes import format_size, size_arg
@@ -43,6 +45,22 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     demo.add_argument("--name", default="demo", help="area name (default demo)")
     demo.add_argument("--keep", action="store_true", help="keep the area afterwards")
     demo.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+    nbd = sub.add_parser("nbd", help="export an area over NBD (for nbd-client or QEMU)")
+    nbd.add_argument("name")
+    nbd.add_argument("--size", type=size_arg, required=True, help="area size, e.g. 1GiB")
+    where = nbd.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket", type=Path, help="unix socket to listen on (mode 0600)")
+    where.add_argument("--listen", help="HOST:PORT to listen on (loopback only, unless you mean it)")
+    nbd.add_argument(
+        "--pool-pages", type=int, default=2048, help="page buffers made at swapon (default 2048)"
+    )
+    nbd.add_argument(
+        "--retry-deadline",
+        type=float,
+        default=60.0,
+        help="seconds a request waits for an unreachable server before failing with EIO (default 60)",
+    )
+    nbd.add_argument("--rpc-timeout", type=float, default=10.0, help="deadline of one RPC (default 10)")
     return parser
 
 
@@ -141,7 +159,21 @@ async def run_demo(client: SwapClient, args: argparse.Namespace) -> int:
 
 
 async def run(args: argparse.Namespace, token: str) -> int:
-    async with await SwapClient.connect(args.server, token) as client:
+    timeout = args.rpc_timeout if args.command == "nbd" else DEFAULT_TIMEOUT
+    async with await SwapClient.connect(args.server, token, timeout=timeout) as client:
+        if args.command == "nbd":
+            if args.pool_pages < 8:
+                raise SystemExit("netswap nbd: --pool-pages must be at least 8")
+            opts = NbdOptions(
+                name=args.name,
+                size=args.size,
+                socket=args.socket,
+                listen=args.listen,
+                pool_pages=args.pool_pages,
+                retry_deadline=args.retry_deadline,
+                rpc_timeout=args.rpc_timeout,
+            )
+            return await run_nbd(client, opts)
         if args.command == "swapon":
             existing = {a.name: a for a in await client.list_areas()}.get(args.name)
             if existing is not None and existing.size_bytes == args.size:
@@ -169,6 +201,7 @@ async def run(args: argparse.Namespace, token: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(os.environ).parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = read_token(args, os.environ)
     try:
         return loop.run(lambda: run(args, token))

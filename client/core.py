@@ -194,8 +194,7 @@ class Area:
         ps = self.page_size
 
         async def one(start: int, end: int) -> None:
-            body = encode_swap_out(self._handle, slots[start:end], view[start * ps : end * ps])
-            await self._client._call(self._client._swap_out, body)
+            await self.write_batch(slots[start:end], [view[start * ps : end * ps]])
 
         await self._batches(len(slots), one)
 
@@ -220,13 +219,7 @@ class Area:
             ps = self.page_size
 
             async def one(start: int, end: int) -> None:
-                got = await self._client._call(
-                    self._client._swap_in,
-                    swap_pb2.SwapInRequest(handle=self._handle, slots=slots[start:end]),
-                )
-                if len(got) != (end - start) * ps:
-                    raise ServerError(f"server returned {len(got)} bytes for {end - start} pages")
-                view[start * ps : end * ps] = got
+                await self.read_batch(slots[start:end], [view[start * ps : end * ps]])
 
             await self._batches(len(slots), one)
         except BaseException:
@@ -238,12 +231,45 @@ class Area:
         """Forget slots: they read as zeros, and stay reserved."""
 
         async def one(start: int, end: int) -> None:
-            await self._client._call(
-                self._client._stub.Discard,
-                swap_pb2.DiscardRequest(handle=self._handle, slots=slots[start:end]),
-            )
+            await self.discard_batch(slots[start:end])
 
         await self._batches(len(slots), one)
+
+    # -- one RPC each: at most max_batch_pages slots, pages scattered/gathered --
+
+    async def write_batch(self, slots: Sequence[int], pages: Sequence[memoryview]) -> None:
+        """One SwapOut: the pages of `slots` are the concatenation of `pages` (no copy to join them)."""
+        await self._client._call(self._client._swap_out, encode_swap_out(self._handle, slots, pages))
+
+    async def read_batch(self, slots: Sequence[int], into: Sequence[memoryview]) -> None:
+        """One SwapIn: the pages of `slots`, in order, fill the buffers of `into` one after another."""
+        got = await self._client._call(
+            self._client._swap_in, swap_pb2.SwapInRequest(handle=self._handle, slots=slots)
+        )
+        if len(got) != len(slots) * self.page_size or len(got) != sum(len(v) for v in into):
+            raise ServerError(f"server returned {len(got)} bytes for {len(slots)} pages")
+        pos = 0
+        for view in into:
+            view[:] = got[pos : pos + len(view)]
+            pos += len(view)
+
+    async def discard_batch(self, slots: Sequence[int]) -> None:
+        """One Discard."""
+        await self._client._call(
+            self._client._stub.Discard, swap_pb2.DiscardRequest(handle=self._handle, slots=slots)
+        )
+
+    async def reattach(self) -> bool:
+        """SwapOn again with the same name and size for a fresh handle (e.g. after a server restart).
+
+        Returns `created`: True means the area did not exist any more and an
+        empty one was made in its place -- everything stored before is gone.
+        """
+        reply = await self._client._call(
+            self._client._stub.SwapOn, swap_pb2.SwapOnRequest(name=self.name, size_bytes=self.size_bytes)
+        )
+        self._handle = reply.handle
+        return reply.created
 
     async def swapoff(self) -> None:
         """Destroy the area on the server and free the page pool."""

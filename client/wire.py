@@ -27,11 +27,13 @@ def varint(n: int) -> bytes:
     return bytes(out)
 
 
-def encode_swap_out(handle: bytes, slots: Sequence[int], pages: memoryview) -> bytes:
+def encode_swap_out(handle: bytes, slots: Sequence[int], pages: Sequence[memoryview]) -> bytes:
+    """A serialized SwapOutRequest whose page blob is the concatenation of `pages`."""
     head = swap_pb2.SwapOutRequest(handle=handle, slots=slots).SerializeToString()
-    if not len(pages):
+    total = sum(len(p) for p in pages)
+    if not total:
         return head
-    return b"".join((head, _PAGES_TAG, varint(len(pages)), pages))
+    return b"".join((head, _PAGES_TAG, varint(total), *pages))
 
 
 def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:

@@ -14,11 +14,15 @@ slots_st = st.lists(st.integers(min_value=0, max_value=2**64 - 1), max_size=40)
 
 @given(handle=st.binary(max_size=40), slots=slots_st, pages=st.binary(max_size=9000))
 def test_swap_out_encoding_matches_protobuf(handle: bytes, slots: list[int], pages: bytes) -> None:
-    ours = encode_swap_out(handle, slots, memoryview(pages))
+    ours = encode_swap_out(handle, slots, [memoryview(pages)])
     theirs = swap_pb2.SwapOutRequest(handle=handle, slots=slots, pages=pages).SerializeToString()
     assert ours == theirs
     parsed = swap_pb2.SwapOutRequest.FromString(ours)
     assert (parsed.handle, list(parsed.slots), parsed.pages) == (handle, slots, pages)
+    # gathered from pieces: the same bytes
+    cut = len(pages) // 3
+    pieces = [memoryview(pages)[:cut], memoryview(pages)[cut:]]
+    assert encode_swap_out(handle, slots, pieces) == theirs
 
 
 @given(pages=st.binary(max_size=20000), junk=st.binary(max_size=30))

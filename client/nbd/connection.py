@@ -1,0 +1,400 @@
+"""One NBD client connection: the handshake, then requests, over an asyncio BufferedProtocol.
+
+Reading: every connection owns one preallocated receive buffer. Each socket
+read is parsed completely -- all requests in it are dispatched before the
+loop turns -- so requests that arrive together reach the device together and
+share RPCs. A write's payload goes into pages leased from the area's pool:
+what is already in the receive buffer is copied, the rest is received
+straight into the lease (get_buffer hands the socket the lease's memory).
+
+Bounds: a request is only taken off the socket once its pages are leased;
+when the pool is empty, reading pauses until pages come back (the client
+feels TCP backpressure, the frontend does not queue). Replies are written
+with a zero high-water mark, so the moment a reply cannot be sent at once
+reading pauses too, and a read's pages stay leased until the socket has
+taken them. A client that never reads its replies therefore stalls only
+itself.
+
+Errors: a request that is wrong gets its NBD error; a protocol violation
+(bad magic, an absurd length) closes this connection only. Requests already
+accepted still complete on the device, so nothing acknowledged is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+from netswap.client.nbd import protocol as p
+from netswap.client.nbd.device import AreaDevice, DeviceError
+from netswap.client.pool import Lease
+
+log = logging.getLogger(__name__)
+
+RECV_BUFFER = 256 * 1024
+
+
+class NbdConnection(asyncio.BufferedProtocol):
+    def __init__(
+        self, device: AreaDevice, export: p.Export, on_close: Callable[[NbdConnection], None]
+    ) -> None:
+        self.device = device
+        self.export = export
+        self._on_close = on_close
+        self._buf = bytearray(RECV_BUFFER)
+        self._view = memoryview(self._buf)
+        self._start = 0  # unparsed data is _buf[_start:_end]
+        self._end = 0
+        self._phase = "flags"
+        self._no_zeroes = False
+        self._transport: asyncio.Transport | None = None
+        self._paused: set[str] = set()  # reasons reading is paused: "pool", "write"
+        # A write payload arriving straight into leased pages.
+        self._sink: memoryview | None = None
+        self._sink_done: Callable[[], None] | None = None
+        self._skip = 0  # payload bytes of a refused write still to throw away
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._unsent: list[Lease] = []  # leases whose data the transport may still hold
+        self._disconnecting = False
+        self.peer = "?"
+
+    # -- asyncio callbacks --------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        transport = cast(asyncio.Transport, transport)
+        self._transport = transport
+        self.peer = str(transport.get_extra_info("peername") or "unix")
+        # Any unsent byte pauses reading (see the module docstring).
+        transport.set_write_buffer_limits(high=0, low=0)
+        transport.write(p.greeting())
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._sink is not None:
+            return self._sink
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif self._end == len(self._buf):  # move the partial message to the front
+            n = self._end - self._start
+            self._view[:n] = self._view[self._start : self._end]
+            self._start, self._end = 0, n
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._sink is not None:
+            self._sink = self._sink[nbytes:]
+            if not len(self._sink):
+                self._sink = None
+                done, self._sink_done = self._sink_done, None
+                assert done is not None
+                done()
+            else:
+                return
+        else:
+            self._end += nbytes
+        self._parse()
+
+    def pause_writing(self) -> None:
+        self._pause("write")
+
+    def resume_writing(self) -> None:
+        unsent, self._unsent = self._unsent, []
+        for lease in unsent:
+            lease.release()
+        self._resume("write")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._phase = "closed"
+        for lease in self._unsent:
+            lease.release()
+        self._unsent.clear()
+        self._on_close(self)
+
+    # -- flow control ---------------------------------------------------------------
+
+    def _pause(self, reason: str) -> None:
+        if not self._paused and self._transport is not None:
+            self._transport.pause_reading()
+        self._paused.add(reason)
+
+    def _resume(self, reason: str) -> None:
+        self._paused.discard(reason)
+        if not self._paused and self._transport is not None and self._phase != "closed":
+            self._transport.resume_reading()
+            self._parse()  # requests may be waiting in the receive buffer
+
+    def _close(self, why: str) -> None:
+        if self._phase != "closed":
+            log.warning("closing NBD connection from %s: %s", self.peer, why)
+            self._phase = "closed"
+            if self._transport is not None:
+                self._transport.close()
+
+    # -- parsing ----------------------------------------------------------------------
+
+    def _available(self) -> int:
+        return self._end - self._start
+
+    def _take(self, n: int) -> memoryview:
+        out = self._view[self._start : self._start + n]
+        self._start += n
+        return out
+
+    def _parse(self) -> None:
+        while self._phase != "closed" and not self._paused and self._sink is None and not self._disconnecting:
+            if self._skip:
+                n = min(self._skip, self._available())
+                self._start += n
+                self._skip -= n
+                if self._skip:
+                    return
+            if self._phase == "flags":
+                if self._available() < p.CLIENT_FLAGS.size:
+                    return
+                (flags,) = p.CLIENT_FLAGS.unpack(self._take(p.CLIENT_FLAGS.size))
+                if flags & ~(p.FLAG_C_FIXED_NEWSTYLE | p.FLAG_C_NO_ZEROES):
+                    self._close(f"unknown client flags {flags:#x}")
+                    return
+                self._no_zeroes = bool(flags & p.FLAG_C_NO_ZEROES)
+                self._phase = "options"
+            elif self._phase == "options":
+                if not self._option():
+                    return
+            elif not self._request():
+                return
+
+    def _option(self) -> bool:
+        """Handle one option if it is complete in the buffer; False if more bytes are needed."""
+        if self._available() < p.OPTION_HEADER.size:
+            return False
+        magic, option, length = p.OPTION_HEADER.unpack_from(self._buf, self._start)
+        if magic != p.IHAVEOPT:
+            self._close(f"bad option magic {magic:#x}")
+            return False
+        if length > p.MAX_OPTION_LENGTH:
+            self._close(f"option {option} claims {length} bytes of data")
+            return False
+        if self._available() < p.OPTION_HEADER.size + length:
+            return False
+        self._start += p.OPTION_HEADER.size
+        data = bytes(self._take(length))
+        handler = {
+            p.OPT_EXPORT_NAME: self._opt_export_name,
+            p.OPT_ABORT: self._opt_abort,
+            p.OPT_LIST: self._opt_list,
+            p.OPT_INFO: self._opt_info_go,
+            p.OPT_GO: self._opt_info_go,
+        }.get(option)
+        if handler is not None:
+            handler(option, data)
+        elif option == p.OPT_STARTTLS:
+            self._write(p.error_reply(option, p.REP_ERR_POLICY, "TLS is not offered; use a unix socket"))
+        else:
+            self._write(p.error_reply(option, p.REP_ERR_UNSUP, f"option {option} is not supported"))
+        return self._phase != "closed"
+
+    def _known(self, name: str) -> bool:
+        return name in (self.export.name, "")  # "" is the default export
+
+    def _opt_export_name(self, option: int, data: bytes) -> None:
+        if not self._known(data.decode("utf-8", "replace")):
+            # This option has no way to report an error: the spec says hang up.
+            self._close("NBD_OPT_EXPORT_NAME for an unknown export")
+            return
+        self._write(p.export_name_reply(self.export, self._no_zeroes))
+        self._phase = "transmission"
+
+    def _opt_abort(self, option: int, data: bytes) -> None:
+        self._write(p.option_reply(option, p.REP_ACK))
+        self._close("client aborted the handshake")
+
+    def _opt_list(self, option: int, data: bytes) -> None:
+        if data:
+            self._write(p.error_reply(option, p.REP_ERR_INVALID, "NBD_OPT_LIST takes no data"))
+            return
+        self._write(p.option_reply(option, p.REP_SERVER, p.server_list_entry(self.export.name)))
+        self._write(p.option_reply(option, p.REP_ACK))
+
+    def _opt_info_go(self, option: int, data: bytes) -> None:
+        try:
+            name, requested = p.parse_info_request(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            self._write(p.error_reply(option, p.REP_ERR_INVALID, str(e)))
+            return
+        if not self._known(name):
+            self._write(p.error_reply(option, p.REP_ERR_UNKNOWN, f"no export named {name!r}"))
+            return
+        for reply in p.info_replies(option, self.export, requested):
+            self._write(reply)
+        if option == p.OPT_GO:
+            self._phase = "transmission"
+
+    def _request(self) -> bool:
+        """Dispatch one request if its header is in the buffer; False to stop parsing for now."""
+        if self._available() < p.REQUEST.size:
+            return False
+        magic, flags, cmd, cookie, offset, length = p.REQUEST.unpack_from(self._buf, self._start)
+        if magic != p.REQUEST_MAGIC:
+            self._close(f"bad request magic {magic:#x}")
+            return False
+        if cmd == p.CMD_WRITE and length > self.export.max_payload and length >= p.DOS_LENGTH:
+            self._close(f"write of {length} bytes")  # too big even to read and throw away
+            return False
+        self._start += p.REQUEST.size
+        errno = p.validate_request(cmd, flags, offset, length, self.export)
+        if errno or (length == 0 and cmd not in (p.CMD_DISC, p.CMD_FLUSH)):
+            self._write(p.simple_reply(errno, cookie))
+            if cmd == p.CMD_WRITE:
+                self._skip = length  # keep the stream in step: the payload still comes
+            return True
+        return self._dispatch(cmd, cookie, offset, length)
+
+    def _dispatch(self, cmd: int, cookie: int, offset: int, length: int) -> bool:
+        """Start a valid request; False when parsing must stop (waiting for pages, or DISC)."""
+        dev = self.device
+        if cmd == p.CMD_READ:
+            return self._with_lease(dev.span(offset, length)[1], cookie, offset, length, self._start_read)
+        if cmd == p.CMD_WRITE:
+            pages = dev.span(offset, length)[1] + dev.partial_edges(offset, length)
+            return self._with_lease(pages, cookie, offset, length, self._write_payload)
+        if cmd == p.CMD_WRITE_ZEROES:
+            return self._with_lease(
+                dev.partial_edges(offset, length), cookie, offset, length, self._start_zeroes
+            )
+        if cmd == p.CMD_TRIM:
+            self._spawn(cookie, dev.trim(offset, length))
+        elif cmd == p.CMD_FLUSH:
+            # Writes are answered only once the server has them (see README:
+            # durability), so every acknowledged write is already as
+            # permanent as netswap makes anything.
+            self._write(p.simple_reply(0, cookie))
+        else:  # DISC: finish everything accepted, then close; DISC has no reply
+            self._disconnecting = True
+            self._maybe_finish_disconnect()
+            return False
+        return True
+
+    # -- requests that need pages -----------------------------------------------------
+
+    def _with_lease(
+        self,
+        pages: int,
+        cookie: int,
+        offset: int,
+        length: int,
+        then: Callable[[Lease, int, int, int], bool],
+    ) -> bool:
+        pool = self.device.area.pool
+        lease = pool.try_acquire(pages) if pages else Lease(None, 0, 0, memoryview(b""))
+        if lease is not None:
+            return then(lease, cookie, offset, length)
+        # The pool is dry: stop reading until pages come back.
+        self._pause("pool")
+
+        async def wait() -> None:
+            try:
+                got = await pool.acquire(pages)
+            except (asyncio.CancelledError, ValueError):  # connection or pool closing
+                return
+            if self._phase == "closed":
+                got.release()
+                return
+            then(got, cookie, offset, length)
+            self._resume("pool")
+
+        task = asyncio.ensure_future(wait())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return False
+
+    def _write_payload(self, lease: Lease, cookie: int, offset: int, length: int) -> bool:
+        _, _, skip = self.device.span(offset, length)
+        target = lease.view[skip : skip + length]
+        have = min(length, self._available())
+        target[:have] = self._take(have)
+
+        def received() -> None:
+            self._spawn(cookie, self.device.write(offset, length, lease.view), lease)
+
+        if have == length:
+            received()
+            return True
+        self._sink = target[have:]
+        self._sink_done = received
+        return False
+
+    def _start_read(self, lease: Lease, cookie: int, offset: int, length: int) -> bool:
+        _, _, skip = self.device.span(offset, length)
+
+        async def read() -> None:
+            await self.device.read(offset, length, lease.view)
+
+        self._spawn(cookie, read(), lease, reply_data=lease.view[skip : skip + length])
+        return True
+
+    def _start_zeroes(self, lease: Lease, cookie: int, offset: int, length: int) -> bool:
+        self._spawn(cookie, self.device.write_zeroes(offset, length, lease.view), lease)
+        return True
+
+    # -- completion ---------------------------------------------------------------------
+
+    def _spawn(
+        self,
+        cookie: int,
+        work: Awaitable[Any],
+        lease: Lease | None = None,
+        reply_data: memoryview | None = None,
+    ) -> None:
+        async def run() -> None:
+            try:
+                await work
+                errno = 0
+            except DeviceError as e:
+                errno = e.errno
+                log.warning("request %#x failed: %s", cookie, e)
+            except Exception:
+                log.exception("request %#x failed", cookie)
+                errno = p.EIO
+            self._reply(cookie, errno, lease, reply_data)
+
+        task = asyncio.ensure_future(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._maybe_finish_disconnect()
+
+    def _reply(self, cookie: int, errno: int, lease: Lease | None, data: memoryview | None) -> None:
+        transport = self._transport
+        if self._phase == "closed" or transport is None or transport.is_closing():
+            if lease is not None:
+                lease.release()
+            return
+        if data is not None and errno == 0:
+            transport.writelines([p.simple_reply(0, cookie), data])
+        else:
+            transport.write(p.simple_reply(errno, cookie))
+        if lease is None:
+            return
+        if data is not None and transport.get_write_buffer_size():
+            self._unsent.append(lease)  # released once the socket has taken it
+        else:
+            lease.release()
+
+    def _write(self, data: bytes) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(data)
+
+    def _maybe_finish_disconnect(self) -> None:
+        if self._disconnecting and not self._tasks and self._phase != "closed":
+            self._phase = "closed"
+            if self._transport is not None:
+                self._transport.close()
+
+    def abort(self) -> None:
+        """Stop serving (shutdown): cancel lease waits; requests in progress still finish."""
+        if self._transport is not None:
+            self._transport.close()

@@ -1,0 +1,347 @@
+"""An area as a byte-addressed block device: what the NBD connection calls.
+
+- Byte ranges become slot ranges; writes that do not cover whole pages are
+  read-modify-write, serialized against overlapping writes by range locks.
+- Requests are not sent one RPC each: they queue as *parts* (slot ranges with
+  their buffers), and whenever fewer than `max_rpcs` RPCs are in flight the
+  queue is cut into batches of up to max_batch_pages pages -- one SwapOut /
+  SwapIn / Discard each. Requests that arrive together (or while RPCs are
+  busy) share an RPC; nothing waits on a timer.
+- Every RPC retries with bounded backoff while the server is unreachable, up
+  to `retry_deadline`; a handle the server no longer knows (it restarted) is
+  replaced by re-attaching the area. If re-attaching finds the area gone, the
+  device fails every request from then on: serving zeros for swapped-out
+  pages would corrupt the client's memory.
+- Buffers are the caller's (leased from the area's page pool by the NBD
+  connection); this module never allocates page memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from netswap.client.core import Area
+from netswap.client.errors import AreaNotFound, ConnectionLost, InvalidRequest, NetswapError
+from netswap.client.nbd.protocol import EINVAL, EIO
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class DeviceError(Exception):
+    """A request failed; `errno` is the NBD error to answer with."""
+
+    def __init__(self, errno: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+@dataclass
+class _Request:
+    """One caller's operation, possibly split into several parts (and so RPCs)."""
+
+    parts: int
+    future: asyncio.Future[None]
+
+    def part_done(self) -> None:
+        self.parts -= 1
+        if self.parts == 0 and not self.future.done():
+            self.future.set_result(None)
+
+    def fail(self, error: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+
+@dataclass
+class _Part:
+    first: int  # first slot
+    count: int  # pages
+    view: memoryview | None  # count pages of data (None for discard)
+    request: _Request
+
+
+@dataclass
+class _Held:
+    first: int
+    end: int
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class RangeLocks:
+    """Exclusive locks on page ranges: overlapping holders run one after another."""
+
+    def __init__(self) -> None:
+        self._held: list[_Held] = []
+
+    async def acquire(self, first: int, count: int) -> _Held:
+        end = first + count
+        while True:
+            busy = next((h for h in self._held if h.first < end and first < h.end), None)
+            if busy is None:
+                held = _Held(first, end)
+                self._held.append(held)
+                return held
+            await busy.released.wait()
+
+    def release(self, held: _Held) -> None:
+        self._held.remove(held)
+        held.released.set()
+
+
+class AreaDevice:
+    def __init__(self, area: Area, *, retry_deadline: float = 60.0, max_rpcs: int = 4) -> None:
+        self.area = area
+        self.page_size = area.page_size
+        self.size = area.size_bytes
+        self.retry_deadline = retry_deadline
+        self.max_rpcs = max_rpcs
+        self._queues: dict[str, deque[_Part]] = {"in": deque(), "out": deque(), "discard": deque()}
+        self._next_kind = 0
+        self._in_flight = 0
+        self._locks = RangeLocks()
+        self._reattach_lock = asyncio.Lock()
+        self._generation = 0  # bumped by every re-attach
+        self.failed: str | None = None
+        self.rpcs: dict[str, int] = {"in": 0, "out": 0, "discard": 0}  # RPCs sent, for stats/tests
+        self.retries = 0
+
+    # -- geometry -----------------------------------------------------------------
+
+    def span(self, offset: int, length: int) -> tuple[int, int, int]:
+        """(first page, pages covering [offset, offset+length), offset within the first page)."""
+        ps = self.page_size
+        first = offset // ps
+        last = (offset + length - 1) // ps
+        return first, last - first + 1, offset - first * ps
+
+    def partial_edges(self, offset: int, length: int) -> int:
+        """How many scratch pages a write of this range needs for read-modify-write (0-2)."""
+        _, count, skip = self.span(offset, length)
+        head = skip != 0
+        tail = (offset + length) % self.page_size != 0
+        if count == 1:
+            return 1 if (head or tail) else 0
+        return int(head) + int(tail)
+
+    # -- operations ---------------------------------------------------------------
+
+    async def read(self, offset: int, length: int, pages: memoryview) -> None:
+        """Fill `pages` (the span's whole pages) from the area."""
+        first, count, _ = self.span(offset, length)
+        await self._submit("in", first, count, pages)
+
+    async def write(self, offset: int, length: int, buf: memoryview) -> None:
+        """Write bytes [offset, offset+length).
+
+        `buf` holds span pages followed by partial_edges() scratch pages; the
+        payload already sits at buf[skip : skip+length]. Edge bytes outside
+        the payload are filled from the area first (read-modify-write).
+        """
+        ps = self.page_size
+        first, count, skip = self.span(offset, length)
+        data = buf[: count * ps]
+        held = await self._locks.acquire(first, count)
+        try:
+            scratch = count * ps
+            end = skip + length
+            if skip:
+                await self._merge_edge(first, data[:ps], 0, skip, buf[scratch : scratch + ps])
+                scratch += ps
+            if end % ps and (count > 1 or not skip):
+                lo = (count - 1) * ps
+                await self._merge_edge(
+                    first + count - 1, data[lo:], end - lo, ps, buf[scratch : scratch + ps]
+                )
+            elif end % ps:  # head and tail in the same page: already read with the head
+                pass
+            await self._submit("out", first, count, data)
+        finally:
+            self._locks.release(held)
+
+    async def _merge_edge(self, slot: int, page: memoryview, lo: int, hi: int, scratch: memoryview) -> None:
+        """Copy bytes [lo, hi) of the stored page `slot` into `page` (the rest is new data)."""
+        await self._submit("in", slot, 1, scratch)
+        page[lo:hi] = scratch[lo:hi]
+
+    async def write_zeroes(self, offset: int, length: int, scratch: memoryview) -> None:
+        """Zero bytes [offset, offset+length): whole pages are discarded (they read as zeros and
+        stay reserved); partial edge pages are read, zeroed in part and written back using
+        `scratch` (partial_edges() pages)."""
+        ps = self.page_size
+        first, count, skip = self.span(offset, length)
+        end = skip + length
+        held = await self._locks.acquire(first, count)
+        try:
+            full_lo = first + (1 if skip else 0)
+            full_hi = first + count - (1 if end % ps else 0)
+            used = 0
+            edges = []
+            if skip:
+                edges.append((first, skip, min(end, ps)))
+            if end % ps and (count > 1 or not skip):
+                edges.append((first + count - 1, 0 if count > 1 else skip, end - (count - 1) * ps))
+            for slot, lo, hi in edges:
+                page = scratch[used : used + ps]
+                used += ps
+                await self._submit("in", slot, 1, page)
+                page[lo:hi] = bytes(hi - lo)
+                await self._submit("out", slot, 1, page)
+            if full_hi > full_lo:
+                await self._submit("discard", full_lo, full_hi - full_lo, None)
+        finally:
+            self._locks.release(held)
+
+    async def trim(self, offset: int, length: int) -> None:
+        """Discard the whole pages inside the range; partial pages are left as they are
+        (TRIM only says the client no longer cares about the contents)."""
+        ps = self.page_size
+        lo = -(-offset // ps)
+        hi = (offset + length) // ps
+        if hi > lo:
+            held = await self._locks.acquire(lo, hi - lo)
+            try:
+                await self._submit("discard", lo, hi - lo, None)
+            finally:
+                self._locks.release(held)
+
+    # -- coalescing -----------------------------------------------------------------
+
+    async def _submit(self, kind: str, first: int, count: int, view: memoryview | None) -> None:
+        if self.failed:
+            raise DeviceError(EIO, self.failed)
+        step = self.area.max_batch_pages
+        loop = asyncio.get_running_loop()
+        request = _Request(parts=-(-count // step), future=loop.create_future())
+        ps = self.page_size
+        queue = self._queues[kind]
+        for start in range(0, count, step):
+            n = min(step, count - start)
+            part_view = view[start * ps : (start + n) * ps] if view is not None else None
+            queue.append(_Part(first + start, n, part_view, request))
+        self._kick()
+        await request.future
+
+    def _kick(self) -> None:
+        """Start RPCs for queued parts while fewer than max_rpcs are in flight."""
+        kinds = ("in", "out", "discard")
+        while self._in_flight < self.max_rpcs:
+            for i in range(len(kinds)):  # round robin, so no kind starves another
+                kind = kinds[(self._next_kind + i) % len(kinds)]
+                if self._queues[kind]:
+                    self._next_kind = (self._next_kind + i + 1) % len(kinds)
+                    break
+            else:
+                return
+            batch = self._cut_batch(self._queues[kind])
+            self._in_flight += 1
+            task = asyncio.ensure_future(self._run(kind, batch))
+            task.add_done_callback(_consume)
+
+    def _cut_batch(self, queue: deque[_Part]) -> list[_Part]:
+        """Parts from the head of the queue: up to max_batch_pages pages, no slot twice."""
+        room = self.area.max_batch_pages
+        batch: list[_Part] = []
+        while queue and queue[0].count <= room:
+            part = queue[0]
+            if any(p.first < part.first + part.count and part.first < p.first + p.count for p in batch):
+                break  # the server refuses a slot twice in one call: next batch
+            batch.append(queue.popleft())
+            room -= part.count
+        return batch
+
+    async def _run(self, kind: str, batch: list[_Part]) -> None:
+        try:
+            slots: list[int] = []
+            for part in batch:
+                slots.extend(range(part.first, part.first + part.count))
+            views = [p.view for p in batch if p.view is not None]
+            if kind == "out":
+                await self._with_retry(lambda: self.area.write_batch(slots, views))
+            elif kind == "in":
+                await self._with_retry(lambda: self.area.read_batch(slots, views))
+            else:
+                await self._with_retry(lambda: self.area.discard_batch(slots))
+            self.rpcs[kind] += 1
+            for part in batch:
+                part.request.part_done()
+        except BaseException as e:
+            for part in batch:
+                part.request.fail(e if isinstance(e, DeviceError) else DeviceError(EIO, str(e)))
+            if not isinstance(e, Exception):
+                raise
+        finally:
+            self._in_flight -= 1
+            self._kick()
+
+    # -- resilience -------------------------------------------------------------------
+
+    async def _with_retry(self, call: Callable[[], Awaitable[T]]) -> T:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.retry_deadline
+        delay = 0.05
+        while True:
+            if self.failed:
+                raise DeviceError(EIO, self.failed)
+            generation = self._generation
+            try:
+                return await call()
+            except ConnectionLost as e:
+                if loop.time() + delay > deadline:
+                    raise DeviceError(
+                        EIO, f"server unreachable for {self.retry_deadline:.0f}s, giving up: {e}"
+                    ) from e
+                if self.retries % 20 == 0:
+                    log.warning(
+                        "server unreachable (%s); retrying for up to %.0fs", e, deadline - loop.time()
+                    )
+                self.retries += 1
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+            except AreaNotFound:
+                await self._reattach(generation, deadline)
+            except InvalidRequest as e:
+                raise DeviceError(EINVAL, str(e)) from e
+            except NetswapError as e:
+                raise DeviceError(EIO, str(e)) from e
+
+    async def _reattach(self, generation: int, deadline: float) -> None:
+        """Get a fresh handle (the server restarted or the handle expired); once for all callers."""
+        async with self._reattach_lock:
+            if self._generation != generation or self.failed:
+                return  # someone else already did (or found the area gone)
+            loop = asyncio.get_running_loop()
+            delay = 0.05
+            while True:
+                try:
+                    created = await self.area.reattach()
+                    break
+                except ConnectionLost as e:
+                    if loop.time() + delay > deadline:
+                        raise DeviceError(EIO, f"cannot re-attach {self.area.name!r}: {e}") from e
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                except NetswapError as e:
+                    self.failed = f"cannot re-attach area {self.area.name!r}: {e}"
+                    log.error("%s", self.failed)
+                    raise DeviceError(EIO, self.failed) from e
+            if created:
+                self.failed = (
+                    f"area {self.area.name!r} was gone when re-attaching (server lost its data?);"
+                    " failing every request rather than serving zeros"
+                )
+                log.error("%s", self.failed)
+                raise DeviceError(EIO, self.failed)
+            self._generation += 1
+            log.warning("re-attached area %r with a fresh handle", self.area.name)
+
+
+def _consume(task: asyncio.Future[None]) -> None:
+    if not task.cancelled():
+        task.exception()

@@ -1,0 +1,141 @@
+"""`netswap nbd`: attach an area and export it over NBD until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from netswap.client.core import Area, SwapClient
+from netswap.client.errors import ConnectionLost
+from netswap.client.nbd import protocol as p
+from netswap.client.nbd.connection import NbdConnection
+from netswap.client.nbd.device import AreaDevice
+from netswap.common.sizes import format_size
+
+log = logging.getLogger("netswap.nbd")
+
+MAX_PAYLOAD_CAP = 32 << 20
+
+
+@dataclass(frozen=True)
+class NbdOptions:
+    name: str
+    size: int
+    socket: Path | None = None
+    listen: str | None = None  # HOST:PORT
+    pool_pages: int = 2048  # 8 MiB of page buffers, allocated at swapon
+    retry_deadline: float = 60.0
+    rpc_timeout: float = 10.0
+    max_rpcs: int = 4
+    max_connections: int = 16
+
+
+async def attach(client: SwapClient, opts: NbdOptions) -> Area:
+    """SwapOn, waiting for the server for up to retry_deadline (it may start after us)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + opts.retry_deadline
+    delay = 0.1
+    while True:
+        try:
+            return await client.swapon(opts.name, opts.size, pool_pages=opts.pool_pages)
+        except ConnectionLost as e:
+            if loop.time() + delay > deadline:
+                raise
+            log.warning("server not reachable yet (%s); retrying", e)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+class NbdServer:
+    """The listening side: one AreaDevice shared by every connection."""
+
+    def __init__(self, area: Area, opts: NbdOptions) -> None:
+        self.area = area
+        self.opts = opts
+        self.device = AreaDevice(area, retry_deadline=opts.retry_deadline, max_rpcs=opts.max_rpcs)
+        ps = area.page_size
+        # Largest request: the pool must hold its span plus two RMW scratch pages.
+        max_payload = min(MAX_PAYLOAD_CAP, (area.pool.capacity - 3) * ps)
+        self.export = p.Export(
+            name=area.name,
+            description=f"netswap area {area.name} ({format_size(area.size_bytes)})",
+            size=area.size_bytes,
+            # Every connection shares one device and one page-lock table, and
+            # writes are answered only after the server has them: what one
+            # connection wrote, another reads. So CAN_MULTI_CONN is true.
+            flags=p.TFLAG_HAS_FLAGS
+            | p.TFLAG_SEND_FLUSH
+            | p.TFLAG_SEND_TRIM
+            | p.TFLAG_SEND_WRITE_ZEROES
+            | p.TFLAG_CAN_MULTI_CONN,
+            min_block=1,
+            preferred_block=ps,
+            max_payload=max_payload - max_payload % ps,
+        )
+        self.connections: set[NbdConnection] = set()
+        self._server: asyncio.base_events.Server | None = None
+
+    def _connection(self) -> asyncio.BaseProtocol:
+        conn = NbdConnection(self.device, self.export, self.connections.discard)
+        if len(self.connections) >= self.opts.max_connections:
+            log.warning("refusing an NBD connection: %d already open", len(self.connections))
+            return _Refuse()
+        self.connections.add(conn)
+        return conn
+
+    async def start(self) -> str:
+        loop = asyncio.get_running_loop()
+        if self.opts.socket is not None:
+            path = self.opts.socket
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()  # a stale socket from a previous run
+            old = os.umask(0o077)  # only our user (root, for nbd-client) may connect
+            try:
+                self._server = await loop.create_unix_server(self._connection, str(path))
+            finally:
+                os.umask(old)
+            return f"unix:{path}"
+        assert self.opts.listen is not None
+        host, _, port = self.opts.listen.rpartition(":")
+        self._server = await loop.create_server(self._connection, host or "127.0.0.1", int(port))
+        sock = self._server.sockets[0].getsockname()
+        return f"{sock[0]}:{sock[1]}"
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for conn in list(self.connections):
+                conn.abort()
+            await self._server.wait_closed()
+
+
+class _Refuse(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
+async def run_nbd(client: SwapClient, opts: NbdOptions) -> int:
+    area = await attach(client, opts)
+    server = NbdServer(area, opts)
+    where = await server.start()
+    state = "created" if area.created else "re-attached"
+    log.info(
+        "exporting area %s (%s, %s) over NBD at %s; max request %s, pool %s",
+        area.name, format_size(area.size_bytes), state, where,
+        format_size(server.export.max_payload), format_size(area.pool.nbytes),
+    )  # fmt: skip
+    print(f"netswap nbd: serving {area.name} at {where}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping: closing NBD connections; the area stays on the server")
+    await server.stop()
+    area.detach()
+    return 0
