@@ -150,25 +150,29 @@ class AreaDevice:
         held = await self._locks.acquire(first, count)
         try:
             scratch = count * ps
-            end = skip + length
+            end = skip + length  # end of the payload within `data`
+            tail = end % ps
             if skip:
-                await self._merge_edge(first, data[:ps], 0, skip, buf[scratch : scratch + ps])
+                # The head page keeps its stored bytes before the payload, and
+                # after it too when the payload ends inside the same page.
+                keep = [(0, skip)] + ([(end, ps)] if count == 1 and tail else [])
+                await self._merge_edge(first, data[:ps], keep, buf[scratch : scratch + ps])
                 scratch += ps
-            if end % ps and (count > 1 or not skip):
-                lo = (count - 1) * ps
-                await self._merge_edge(
-                    first + count - 1, data[lo:], end - lo, ps, buf[scratch : scratch + ps]
-                )
-            elif end % ps:  # head and tail in the same page: already read with the head
-                pass
+            if tail and (count > 1 or not skip):
+                last = (count - 1) * ps
+                keep = [(end - last, ps)]
+                await self._merge_edge(first + count - 1, data[last:], keep, buf[scratch : scratch + ps])
             await self._submit("out", first, count, data)
         finally:
             self._locks.release(held)
 
-    async def _merge_edge(self, slot: int, page: memoryview, lo: int, hi: int, scratch: memoryview) -> None:
-        """Copy bytes [lo, hi) of the stored page `slot` into `page` (the rest is new data)."""
+    async def _merge_edge(
+        self, slot: int, page: memoryview, keep: list[tuple[int, int]], scratch: memoryview
+    ) -> None:
+        """Copy the `keep` byte ranges of the stored page `slot` into `page` (the rest is new data)."""
         await self._submit("in", slot, 1, scratch)
-        page[lo:hi] = scratch[lo:hi]
+        for lo, hi in keep:
+            page[lo:hi] = scratch[lo:hi]
 
     async def write_zeroes(self, offset: int, length: int, scratch: memoryview) -> None:
         """Zero bytes [offset, offset+length): whole pages are discarded (they read as zeros and
