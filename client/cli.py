@@ -162,8 +162,8 @@ async def run(args: argparse.Namespace, token: str) -> int:
     timeout = args.rpc_timeout if args.command == "nbd" else DEFAULT_TIMEOUT
     async with await SwapClient.connect(args.server, token, timeout=timeout) as client:
         if args.command == "nbd":
-            if args.pool_pages < 8:
-                raise SystemExit("netswap nbd: --pool-pages must be at least 8")
+            if args.pool_pages < 32:
+                raise SystemExit("netswap nbd: --pool-pages must be at least 32")
             opts = NbdOptions(
                 name=args.name,
                 size=args.size,

@@ -66,10 +66,10 @@ async def server_and_export(
         yield srv, export
 
 
-async def run(*argv: str, timeout: float = 300) -> str:
+async def run(*argv: str, timeout: float = 300, cwd: Path | None = None) -> str:
     """Run a tool without blocking the event loop (the servers live on it); fail loudly."""
     proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=cwd
     )
     out, _ = await asyncio.wait_for(proc.communicate(), timeout)
     text = out.decode(errors="replace")
@@ -130,10 +130,13 @@ class RawClient:
         return int(error), int(cookie), data
 
     async def closed_by_server(self) -> bool:
+        """True once the server has hung up (and the socket is closed here too)."""
         try:
-            return await asyncio.wait_for(self.reader.read(1), 10) == b""
+            closed = await asyncio.wait_for(self.reader.read(1), 10) == b""
         except (ConnectionResetError, BrokenPipeError):
-            return True
+            closed = True
+        await self.close()
+        return closed
 
     async def close(self) -> None:
         self.writer.close()

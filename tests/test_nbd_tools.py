@@ -75,6 +75,7 @@ async def test_fio_random_write_read_verify_iodepth_32(tmp_path: Path) -> None:
             "fio", "--name=verify", "--ioengine=nbd", f"--uri={export.uri}",
             "--rw=randwrite", "--bs=4k", "--iodepth=32", "--size=48M",
             "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--output-format=normal",
+            cwd=tmp_path,  # fio leaves a verify state file in its working directory
         )  # fmt: skip
         requests = srv.metric("netswap_swap_out_pages_total")
         rpcs = srv.metric("netswap_batch_pages_count", {"method": "swap_out"})

@@ -38,10 +38,21 @@ RECV_BUFFER = 256 * 1024
 
 class NbdConnection(asyncio.BufferedProtocol):
     def __init__(
-        self, device: AreaDevice, export: p.Export, on_close: Callable[[NbdConnection], None]
+        self,
+        device: AreaDevice,
+        export: p.Export,
+        on_close: Callable[[NbdConnection], None],
+        budget_pages: int,
     ) -> None:
         self.device = device
         self.export = export
+        # Pool pages this connection may hold at once, so that one client
+        # (say, one that never reads its replies) cannot starve the others.
+        self.budget_pages = budget_pages
+        self._pool = device.area.pool
+        self._leased = 0
+        self._pending: tuple[int, int, int, int, Callable[[Lease, int, int, int], bool]] | None = None
+        self._waiting = False
         self._on_close = on_close
         self._buf = bytearray(RECV_BUFFER)
         self._view = memoryview(self._buf)
@@ -102,14 +113,14 @@ class NbdConnection(asyncio.BufferedProtocol):
     def resume_writing(self) -> None:
         unsent, self._unsent = self._unsent, []
         for lease in unsent:
-            lease.release()
+            self._release(lease)
         self._resume("write")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._phase = "closed"
-        for lease in self._unsent:
-            lease.release()
-        self._unsent.clear()
+        unsent, self._unsent = self._unsent, []
+        for lease in unsent:
+            self._release(lease)
         self._on_close(self)
 
     # -- flow control ---------------------------------------------------------------
@@ -286,28 +297,49 @@ class NbdConnection(asyncio.BufferedProtocol):
         length: int,
         then: Callable[[Lease, int, int, int], bool],
     ) -> bool:
-        pool = self.device.area.pool
-        lease = pool.try_acquire(pages) if pages else Lease(None, 0, 0, memoryview(b""))
-        if lease is not None:
-            return then(lease, cookie, offset, length)
-        # The pool is dry: stop reading until pages come back.
+        """Run then(lease, ...) with `pages` pool pages; if that must wait, stop reading meanwhile."""
+        if self._leased + pages <= self.budget_pages:
+            lease = self._pool.try_acquire(pages) if pages else Lease(None, 0, 0, memoryview(b""))
+            if lease is not None:
+                self._leased += pages
+                return then(lease, cookie, offset, length)
+        # Over this connection's share, or the pool is dry: no more requests
+        # come off the socket until pages are back.
         self._pause("pool")
+        self._pending = (pages, cookie, offset, length, then)
+        self._retry_pending()
+        return False
+
+    def _retry_pending(self) -> None:
+        """Wait for the pool for the pending request once this connection's share allows it."""
+        if self._pending is None or self._waiting or self._leased + self._pending[0] > self.budget_pages:
+            return
+        pages, cookie, offset, length, then = self._pending
+        self._waiting = True
 
         async def wait() -> None:
             try:
-                got = await pool.acquire(pages)
+                got = await self._pool.acquire(pages)
             except (asyncio.CancelledError, ValueError):  # connection or pool closing
                 return
+            finally:
+                self._waiting = False
             if self._phase == "closed":
                 got.release()
                 return
+            self._leased += pages
+            self._pending = None
             then(got, cookie, offset, length)
             self._resume("pool")
 
         task = asyncio.ensure_future(wait())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return False
+
+    def _release(self, lease: Lease) -> None:
+        self._leased -= lease.pages
+        lease.release()
+        self._retry_pending()
 
     def _write_payload(self, lease: Lease, cookie: int, offset: int, length: int) -> bool:
         _, _, skip = self.device.span(offset, length)
@@ -371,7 +403,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         transport = self._transport
         if self._phase == "closed" or transport is None or transport.is_closing():
             if lease is not None:
-                lease.release()
+                self._release(lease)
             return
         if data is not None and errno == 0:
             transport.writelines([p.simple_reply(0, cookie), data])
@@ -382,7 +414,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         if data is not None and transport.get_write_buffer_size():
             self._unsent.append(lease)  # released once the socket has taken it
         else:
-            lease.release()
+            self._release(lease)
 
     def _write(self, data: bytes) -> None:
         if self._transport is not None and not self._transport.is_closing():

@@ -28,7 +28,7 @@ class NbdOptions:
     size: int
     socket: Path | None = None
     listen: str | None = None  # HOST:PORT
-    pool_pages: int = 2048  # 8 MiB of page buffers, allocated at swapon
+    pool_pages: int = 2048  # 8 MiB of page buffers, allocated at swapon; >= 32
     retry_deadline: float = 60.0
     rpc_timeout: float = 10.0
     max_rpcs: int = 4
@@ -59,8 +59,10 @@ class NbdServer:
         self.opts = opts
         self.device = AreaDevice(area, retry_deadline=opts.retry_deadline, max_rpcs=opts.max_rpcs)
         ps = area.page_size
-        # Largest request: the pool must hold its span plus two RMW scratch pages.
-        max_payload = min(MAX_PAYLOAD_CAP, (area.pool.capacity - 3) * ps)
+        # Each connection may hold a quarter of the pool; its largest request
+        # (span + a page for misalignment + two RMW scratch pages) fits in that.
+        self.budget_pages = area.pool.capacity // 4
+        max_payload = min(MAX_PAYLOAD_CAP, (self.budget_pages - 3) * ps)
         self.export = p.Export(
             name=area.name,
             description=f"netswap area {area.name} ({format_size(area.size_bytes)})",
@@ -81,7 +83,7 @@ class NbdServer:
         self._server: asyncio.base_events.Server | None = None
 
     def _connection(self) -> asyncio.BaseProtocol:
-        conn = NbdConnection(self.device, self.export, self.connections.discard)
+        conn = NbdConnection(self.device, self.export, self.connections.discard, self.budget_pages)
         if len(self.connections) >= self.opts.max_connections:
             log.warning("refusing an NBD connection: %d already open", len(self.connections))
             return _Refuse()
