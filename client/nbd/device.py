@@ -112,6 +112,11 @@ class AreaDevice:
         self.rpcs: dict[str, int] = {"in": 0, "out": 0, "discard": 0}  # RPCs sent, for stats/tests
         self.retries = 0
 
+    @property
+    def reattaches(self) -> int:
+        """Fresh handles obtained since start (one per server restart survived)."""
+        return self._generation
+
     # -- geometry -----------------------------------------------------------------
 
     def span(self, offset: int, length: int) -> tuple[int, int, int]:
