@@ -157,11 +157,9 @@ class PagePool:
     def _unmap_if_idle(self) -> None:
         if self._free_pages == self.capacity and not self._mm.closed:
             self._view.release()
-            try:
+            # If a slice of some returned lease is still referenced (a finished
+            # request's closure not yet collected) the mapping cannot close
+            # now. Every page is back and no lease is handed out any more, so
+            # nothing can use it: it goes when the last of those views does.
+            with contextlib.suppress(BufferError):
                 self._mm.close()
-            except BufferError:
-                # A slice of some returned lease is still referenced (a
-                # finished request's closure not yet collected). Every page is
-                # back and no lease is handed out any more, so nothing can use
-                # it: the mapping goes when the last of those views does.
-                pass

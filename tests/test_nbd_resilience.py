@@ -16,23 +16,10 @@ async def test_fio_verify_survives_kill_9_and_restart_of_the_server(tmp_path: Pa
     await server.astart()
     try:
         async with nbd_export(server.address, tmp_path / "nbd.sock", size=64 << 20, rpc_timeout=2) as export:
-            fio = asyncio.ensure_future(
-                run(
-                    "fio",
-                    "--name=restart",
-                    "--ioengine=nbd",
-                    f"--uri={export.uri}",
-                    "--rw=randwrite",
-                    "--bs=4k",
-                    "--iodepth=32",
-                    "--size=64M",
-                    "--io_size=96M",
-                    "--verify=crc32c",
-                    "--do_verify=1",
-                    "--verify_fatal=1",
-                    cwd=tmp_path,
-                )  # fmt: skip
-            )
+            argv = ["fio", "--name=restart", "--ioengine=nbd", f"--uri={export.uri}", "--rw=randwrite"]
+            argv += ["--bs=4k", "--iodepth=32", "--size=64M", "--io_size=96M"]
+            argv += ["--verify=crc32c", "--do_verify=1", "--verify_fatal=1"]
+            fio = asyncio.ensure_future(run(*argv, cwd=tmp_path))
             await asyncio.sleep(1.5)  # in the middle of the write phase
             assert not fio.done()
             server.kill9()
