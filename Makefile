@@ -7,7 +7,10 @@ BIN    := $(VENV)/bin
 VAR    := var
 LISTEN ?= 127.0.0.1:50051
 
-.PHONY: run test lint typecheck check-genproto genproto pytest bench clean
+# Real NBD clients and a QEMU guest for the frontend's tests (Debian packages).
+DEBIAN_TEST_PACKAGES := qemu-system-x86 qemu-utils libnbd-bin fio busybox-static nbdkit
+
+.PHONY: run test lint typecheck check-genproto genproto pytest bench clean debian-test-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +39,14 @@ run: $(VENV)/.run-stamp $(VAR)/dev-token
 	$(BIN)/netswap-server --listen $(LISTEN) --store file:$(VAR)/store --capacity 8GiB \
 		--tokens $(VAR)/tokens.toml
 
-test: $(VENV)/.dev-stamp lint typecheck check-genproto pytest
+test: $(VENV)/.dev-stamp debian-test-deps lint typecheck check-genproto pytest
+
+debian-test-deps:
+	@missing=$$(for p in $(DEBIAN_TEST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing test tools: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
 
 lint: $(VENV)/.dev-stamp
 	$(BIN)/ruff check .
