@@ -1,0 +1,246 @@
+"""Boot a real Linux guest under QEMU whose swap disk is an NBD export, and make it swap hard.
+
+`guest_assets` fetches Debian's cloud kernel and builds a busybox initramfs around
+tests/guest/init.sh and tests/guest/hog.c; `run_guest` boots it against an NBD URI
+and reports what the guest saw. Needs qemu-system-x86, busybox-static, gcc and apt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import lzma
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+GUEST_SRC = Path(__file__).resolve().parent / "guest"
+KERNEL_META = "linux-image-cloud-amd64"
+# The cloud kernel builds virtio as modules; insmod has no dependency resolution
+# (and the .deb ships no modules.dep), so this is the load order.
+MODULES = (
+    "virtio_ring",
+    "virtio",
+    "virtio_pci_legacy_dev",
+    "virtio_pci_modern_dev",
+    "virtio_pci",
+    "virtio_blk",
+)
+GUEST_OK = 16  # init.sh's success code; QEMU turns guest code N into exit status 2N+1
+
+
+@dataclasses.dataclass(frozen=True)
+class GuestAssets:
+    kernel: Path
+    initramfs: Path
+    kernel_version: str
+
+
+@dataclasses.dataclass(frozen=True)
+class GuestResult:
+    ok: bool
+    exit_status: int
+    pswpout: int | None
+    pswpin: int | None
+    seconds: float
+    console: str
+
+    @property
+    def verdict(self) -> str:
+        """The guest's GUEST-RESULT line, or why there is none: for assertion messages."""
+        lines = re.findall(r"^GUEST-RESULT .*$", self.console, re.MULTILINE)
+        if lines:
+            return str(lines[-1])
+        why = " (timeout)" if self.exit_status == 124 else ""
+        return f"no GUEST-RESULT line; exit status {self.exit_status}{why}"
+
+
+def _run(argv: list[str], *, cwd: Path | None = None, stdin: bytes | None = None) -> bytes:
+    """Run a build step; a failure names the command and carries its stderr."""
+    proc = subprocess.run(argv, cwd=cwd, input=stdin, capture_output=True)
+    if proc.returncode != 0:
+        err = proc.stderr.decode(errors="replace").strip()
+        raise RuntimeError(f"{' '.join(argv)} failed with status {proc.returncode}:\n{err}")
+    return proc.stdout
+
+
+def _kernel_package() -> str:
+    """The versioned package the metapackage currently points at."""
+    for attempt in range(2):
+        try:
+            out = _run(["apt-cache", "depends", KERNEL_META]).decode()
+        except RuntimeError:
+            out = ""
+        found = re.findall(r"Depends:\s*(linux-image-\S+-cloud-amd64)", out)
+        if found:
+            return str(found[0])
+        if attempt == 0:  # fresh containers often have empty apt lists
+            _run(["apt-get", "update"])
+    raise RuntimeError(f"apt-cache depends {KERNEL_META} names no linux-image-*-cloud-amd64 package")
+
+
+def _kernel_tree(kdir: Path) -> Path:
+    """Download and unpack the kernel once; later calls reuse the .deb and tree in kdir."""
+    tree = kdir / "root"
+    if tree.is_dir():
+        return tree
+    kdir.mkdir(parents=True, exist_ok=True)
+    debs = sorted(kdir.glob("linux-image-*-cloud-amd64_*.deb"))
+    if not debs:
+        # The sandbox option only silences apt's warning that _apt cannot write here.
+        _run(["apt-get", "download", "-o", "APT::Sandbox::User=root", _kernel_package()], cwd=kdir)
+        debs = sorted(kdir.glob("linux-image-*-cloud-amd64_*.deb"))
+        if not debs:
+            raise RuntimeError(f"apt-get download left no kernel .deb in {kdir}")
+    # Unpack beside the target and rename, so an interrupted run never looks cached.
+    with tempfile.TemporaryDirectory(dir=kdir) as tmp:
+        _run(["dpkg-deb", "-x", str(debs[-1]), tmp])
+        Path(tmp).rename(tree)
+        Path(tmp).mkdir()  # for TemporaryDirectory's cleanup
+    return tree
+
+
+def _module_bytes(moddir: Path, name: str) -> bytes | None:
+    """A module's ELF bytes, decompressed: busybox insmod cannot load .ko.xz/.ko.zst.
+
+    None means the kernel has it built in (nothing to load).
+    """
+    for path in sorted(moddir.glob(f"kernel/**/{name}.ko*")):
+        data = path.read_bytes()
+        if path.suffix == ".ko":
+            return data
+        if path.suffix == ".xz":
+            return lzma.decompress(data)
+        if path.suffix == ".gz":
+            return gzip.decompress(data)
+        if path.suffix == ".zst":
+            return _run(["zstd", "-dc", str(path)])
+    builtin = moddir / "modules.builtin"
+    if builtin.exists() and re.search(rf"/{name}\.ko$", builtin.read_text(), re.MULTILINE):
+        return None
+    raise RuntimeError(f"module {name} neither in {moddir}/kernel nor built in")
+
+
+def _build_initramfs(out: Path, moddir: Path, hog: Path) -> None:
+    busybox = shutil.which("busybox")
+    if busybox is None:
+        raise RuntimeError("busybox not found (apt-get install busybox-static)")
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        root = Path(tmp)
+        for d in ("bin", "dev", "proc", "sys", "tmp", "modules"):
+            (root / d).mkdir()
+        shutil.copy(busybox, root / "bin" / "busybox")
+        (root / "bin" / "sh").symlink_to("busybox")  # for init's #!/bin/sh
+        shutil.copy(GUEST_SRC / "init.sh", root / "init")
+        shutil.copy(hog, root / "hog")
+        (root / "init").chmod(0o755)
+        (root / "hog").chmod(0o755)
+        order = []
+        for name in MODULES:
+            data = _module_bytes(moddir, name)
+            if data is not None:
+                (root / "modules" / f"{name}.ko").write_bytes(data)
+                order.append(name)
+        (root / "modules" / "order").write_text("".join(f"{m}\n" for m in order))
+        names = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+        cpio = _run([busybox, "cpio", "-o", "-H", "newc"], cwd=root, stdin="\n".join(names).encode())
+    partial = out.with_suffix(".partial")
+    partial.write_bytes(gzip.compress(cpio, compresslevel=6))
+    partial.rename(out)
+
+
+def guest_assets(build_dir: Path) -> GuestAssets:
+    """Kernel + initramfs under build_dir, rebuilt only when their inputs change.
+
+    The kernel is fetched once. hog and the initramfs are keyed by a hash of
+    hog.c, init.sh, the kernel version and this module's module list, so an edit
+    to either guest file produces a new initramfs on the next call.
+    """
+    build_dir = build_dir.resolve()
+    tree = _kernel_tree(build_dir / "kernel")
+    kernels = sorted((tree / "boot").glob("vmlinuz-*"))
+    if not kernels:
+        raise RuntimeError(f"no boot/vmlinuz-* in {tree}")
+    kernel = kernels[-1]
+    version = kernel.name.removeprefix("vmlinuz-")
+    moddir = tree / "lib" / "modules" / version
+
+    h = hashlib.sha256()
+    for part in (
+        (GUEST_SRC / "hog.c").read_bytes(),
+        (GUEST_SRC / "init.sh").read_bytes(),
+        version.encode(),
+        " ".join(MODULES).encode(),
+    ):
+        h.update(hashlib.sha256(part).digest())
+    key = h.hexdigest()[:16]
+    initramfs = build_dir / f"initramfs-{key}.cpio.gz"
+    if not initramfs.exists():
+        hog = build_dir / f"hog-{key}"
+        _run(["gcc", "-static", "-O2", "-Wall", "-o", str(hog), str(GUEST_SRC / "hog.c")])
+        _build_initramfs(initramfs, moddir, hog)
+        for stale in [*build_dir.glob("initramfs-*.cpio.gz"), *build_dir.glob("hog-*")]:
+            if key not in stale.name:
+                stale.unlink()
+    return GuestAssets(kernel=kernel, initramfs=initramfs, kernel_version=version)
+
+
+def _last_int(pattern: str, text: str) -> int | None:
+    found = re.findall(pattern, text)
+    return int(found[-1]) if found else None
+
+
+def run_guest(
+    assets: GuestAssets,
+    nbd_uri: str,
+    *,
+    memory_mb: int = 96,
+    hog_mib: int = 280,
+    min_pswpout: int = 50000,
+    timeout: float = 900,
+) -> GuestResult:
+    """Boot the guest with nbd_uri (e.g. nbd+unix:///?socket=/x.sock) as its swap disk.
+
+    ok means the guest itself reported success: the hog verified every page and
+    pswpout exceeded min_pswpout. Any other outcome (guest failure code, panic,
+    QEMU error, timeout) is ok=False with the console for diagnosis.
+    """
+    append = f"console=ttyS0 panic=-1 hog_mib={hog_mib} min_pswpout={min_pswpout}"
+    argv = ["timeout", "--kill-after=10", str(timeout), "qemu-system-x86_64"]
+    argv += ["-machine", "q35,accel=tcg", "-m", str(memory_mb)]  # no usable KVM here
+    # -nodefaults drops the NIC and VGA the test never uses; the serial port on
+    # stdio is the console we capture.
+    argv += ["-nodefaults", "-display", "none", "-serial", "stdio"]
+    argv += ["-no-reboot"]  # panic=-1 reboots at once; this makes that reboot end QEMU
+    argv += ["-kernel", str(assets.kernel), "-initrd", str(assets.initramfs), "-append", append]
+    # QEMU option values escape a literal comma by doubling it.
+    argv += ["-drive", f"file={nbd_uri.replace(',', ',,')},format=raw,if=virtio,cache=none"]
+    argv += ["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]
+    start = time.monotonic()
+    proc = subprocess.run(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        timeout=timeout + 30,  # backstop only: `timeout` should always end it first
+    )
+    seconds = time.monotonic() - start
+    console = proc.stdout.decode(errors="replace").replace("\r\n", "\n")
+    # Both the exit status and the marker line: a stray write to the port
+    # alone, or a marker echoed by a dying guest alone, must not pass.
+    ok = (
+        proc.returncode == 2 * GUEST_OK + 1
+        and re.search(r"^GUEST-RESULT ok ", console, re.MULTILINE) is not None
+    )
+    return GuestResult(
+        ok=ok,
+        exit_status=proc.returncode,
+        pswpout=_last_int(r"\bpswpout=(\d+)", console),
+        pswpin=_last_int(r"\bpswpin=(\d+)", console),
+        seconds=seconds,
+        console=console,
+    )

@@ -1,0 +1,104 @@
+"""A real Linux guest under QEMU swaps onto a netswap area and survives a memory hog.
+
+The guest (tests/guest/: busybox initramfs, Debian's cloud kernel, a static
+hog) gets ~61 MB of RAM and a 512 MiB swap disk, then fills and verifies
+280 MiB, so ~120k pages go out to swap and come back. It reports through
+QEMU's exit status; the host also checks the server's own count of pages.
+The same guest runs on `nbdkit memory` for reference; both wall times are
+printed at the end of the session (not asserted: the machines are shared).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+from tests.guestvm import GuestAssets, GuestResult, guest_assets, run_guest
+from tests.helpers import ServerProcess
+from tests.nbdenv import nbd_export, require_tools
+
+ROOT = Path(__file__).resolve().parent.parent
+GUEST_TIMES: dict[str, float] = {}  # printed by conftest.pytest_terminal_summary
+
+
+def assets() -> GuestAssets:
+    require_tools()
+    return guest_assets(ROOT / "build" / "guest")
+
+
+def explain(result: GuestResult) -> str:
+    return f"{result.verdict}\n--- console tail ---\n{result.console[-3000:]}"
+
+
+def scrape(log: Path, name: str) -> float:
+    url = re.findall(r"metrics=(http://\S+)", log.read_text())[-1]
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode()
+    match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    assert match, f"{name} not in metrics"
+    return float(match.group(1))
+
+
+async def test_guest_swaps_onto_nbdkit_memory_for_reference(tmp_path: Path) -> None:
+    guest = assets()
+    sock = tmp_path / "nbdkit.sock"
+    nbdkit = subprocess.Popen(["nbdkit", "--foreground", "--unix", str(sock), "memory", "512M"])
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert nbdkit.poll() is None and time.monotonic() < deadline, "nbdkit did not start"
+            await asyncio.sleep(0.05)
+        result = await asyncio.to_thread(run_guest, guest, f"nbd+unix:///?socket={sock}")
+    finally:
+        nbdkit.terminate()
+        nbdkit.wait(timeout=30)
+    assert result.ok, explain(result)
+    GUEST_TIMES["nbdkit memory"] = result.seconds
+
+
+async def test_guest_swaps_onto_netswap_and_the_pages_reach_the_server(tmp_path: Path) -> None:
+    guest = assets()
+    server = ServerProcess(
+        tmp_path, tmp_path / "store", "--capacity", "1GiB", "--metrics-listen", "127.0.0.1:0"
+    )
+    await server.astart()
+    try:
+        async with nbd_export(server.address, tmp_path / "nbd.sock", size=512 << 20) as export:
+            result = await asyncio.to_thread(run_guest, guest, export.uri)
+            assert result.ok, explain(result)
+            assert result.pswpout is not None and result.pswpout > 50_000
+            # every page the guest swapped out went through netswap's server
+            assert scrape(server.log, "netswap_swap_out_pages_total") >= result.pswpout
+            assert scrape(server.log, "netswap_swap_in_pages_total") >= (result.pswpin or 0)
+            assert export.server.device.failed is None
+    finally:
+        server.stop_quietly()
+    GUEST_TIMES["netswap (file store)"] = result.seconds
+
+
+async def test_guest_survives_kill_9_and_restart_of_the_server(tmp_path: Path) -> None:
+    guest = assets()
+    server = ServerProcess(tmp_path, tmp_path / "store", "--capacity", "1GiB")
+    await server.astart()
+    try:
+        async with nbd_export(server.address, tmp_path / "nbd.sock", size=512 << 20, rpc_timeout=2) as export:
+            run = asyncio.ensure_future(asyncio.to_thread(run_guest, guest, export.uri))
+            # wait until the guest is swapping hard, then pull the server away
+            device = export.server.device
+            deadline = time.monotonic() + 300
+            while device.rpcs["out"] < 200:
+                assert not run.done() and time.monotonic() < deadline, "the guest never started swapping"
+                await asyncio.sleep(0.2)
+            server.kill9()
+            await asyncio.sleep(1.0)
+            await server.astart()
+            result = await run
+            assert result.ok, explain(result)
+            assert device.reattaches == 1 and device.retries > 0
+    finally:
+        server.stop_quietly()
+    GUEST_TIMES["netswap, server killed and restarted"] = result.seconds
