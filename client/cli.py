@@ -49,7 +49,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     nbd.add_argument("name")
     nbd.add_argument("--size", type=size_arg, required=True, help="area size, e.g. 1GiB")
     where = nbd.add_mutually_exclusive_group(required=True)
-    where.add_argument("--socket", type=Path, help="unix socket to listen on (mode 0600)")
+    where.add_argument("--socket", type=Path, help="unix socket to listen on (only its owner may connect)")
     where.add_argument("--listen", help="HOST:PORT to listen on (loopback only, unless you mean it)")
     nbd.add_argument(
         "--pool-pages", type=int, default=2048, help="page buffers made at swapon (default 2048)"

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
+import signal
+import sys
 from pathlib import Path
 
-from tests.nbdenv import run, server_and_export
+from netswap.client import SwapClient
+from tests.helpers import TOKENS, ServerProcess
+from tests.nbdenv import require_tools, run, server_and_export
 
 
 async def test_nbdinfo_sees_size_and_block_constraints(tmp_path: Path) -> None:
@@ -84,3 +89,45 @@ async def test_fio_random_write_read_verify_iodepth_32(tmp_path: Path) -> None:
     assert requests >= (48 << 20) // 4096
     # iodepth 32 of 4 KiB writes: the frontend coalesced them into fewer, larger RPCs
     assert rpcs < requests / 2, f"{rpcs} SwapOut RPCs for {requests} pages: no coalescing"
+
+
+async def test_the_netswap_nbd_command(tmp_path: Path) -> None:
+    """`netswap nbd` as a user runs it: serve, answer a real client, stop on SIGTERM, keep the area."""
+    require_tools()
+    server = ServerProcess(tmp_path, tmp_path / "store")
+    await server.astart()
+    sock = tmp_path / "nbd.sock"
+    env = {**os.environ, "NETSWAP_TOKEN": TOKENS["alice"], "NETSWAP_SERVER": server.address}
+    argv = [sys.executable, "-m", "netswap.client", "nbd", "vm9", "--size", "8MiB", "--socket", str(sock)]
+    nbd = await asyncio.create_subprocess_exec(
+        *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    try:
+        assert nbd.stdout is not None
+        first = await asyncio.wait_for(nbd.stdout.readline(), 30)
+        while b"serving vm9" not in first:
+            assert first, "netswap nbd exited before serving"
+            first = await asyncio.wait_for(nbd.stdout.readline(), 30)
+        assert sock.stat().st_mode & 0o077 == 0  # only its owner may connect
+        uri = f"nbd+unix:///?socket={sock}"
+        await run("qemu-io", "-f", "raw", uri, "-c", "write -P 0x42 1000 5000")
+        assert "export-size: 8388608" in await run("nbdinfo", uri)
+        nbd.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(nbd.wait(), 30) == 0
+        async with await SwapClient.connect(server.address, TOKENS["alice"]) as client:
+            (info,) = await client.list_areas()
+        assert (info.name, info.size_bytes, info.pages_stored) == ("vm9", 8 << 20, 2)
+        # and a second run re-attaches it with the data
+        nbd = await asyncio.create_subprocess_exec(
+            *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
+        assert nbd.stdout is not None
+        while b"serving vm9" not in await asyncio.wait_for(nbd.stdout.readline(), 30):
+            pass
+        out = await run("qemu-io", "-f", "raw", uri, "-c", "read -P 0x42 1000 5000")
+        assert "Pattern verification failed" not in out
+    finally:
+        if nbd.returncode is None:
+            nbd.kill()
+            await nbd.wait()
+        server.stop_quietly()
