@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 from netswap.client import SwapClient
-from tests.helpers import TOKENS, ServerProcess
+from netswap.client.nbd.serve import NbdOptions, NbdServer, attach
+from tests.helpers import TOKENS, ServerProcess, running_server
 from tests.nbdenv import require_tools, run, server_and_export
 
 
@@ -131,3 +132,25 @@ async def test_the_netswap_nbd_command(tmp_path: Path) -> None:
             nbd.kill()
             await nbd.wait()
         server.stop_quietly()
+
+
+async def test_tcp_listener(tmp_path: Path) -> None:
+    async with (
+        running_server(tmp_path) as srv,
+        await SwapClient.connect(srv.address, TOKENS["alice"]) as client,
+    ):
+        options = NbdOptions(name="tcp", size=8 << 20, listen="127.0.0.1:0")
+        nbd = NbdServer(await attach(client, options), options)
+        where = await nbd.start()
+        try:
+            host, port = where.rsplit(":", 1)
+            assert host == "127.0.0.1" and int(port) > 0
+            uri = f"nbd://127.0.0.1:{port}/tcp"
+            out = await run(
+                "qemu-io", "-f", "raw", uri, "-c", "write -P 0x5 0 70000", "-c", "read -P 0x5 0 70000"
+            )
+            assert "Pattern verification failed" not in out
+            assert "export-size: 8388608" in await run("nbdinfo", uri)
+        finally:
+            await nbd.stop()
+            nbd.area.detach()
