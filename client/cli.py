@@ -15,6 +15,7 @@ from pathlib import Path
 from netswap.client.core import DEFAULT_TIMEOUT, Area, SwapClient
 from netswap.client.errors import NetswapError
 from netswap.client.nbd.serve import NbdOptions, run_nbd
+from netswap.client.reserve import ReserveError, reserve_safe_process_or_reexec
 from netswap.common import loop
 from netswap.common.limits import PAGE_SIZE
 from netswap.common.sizes import format_size, size_arg
@@ -61,6 +62,13 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         help="seconds a request waits for an unreachable server before failing with EIO (default 60)",
     )
     nbd.add_argument("--rpc-timeout", type=float, default=10.0, help="deadline of one RPC (default 10)")
+    nbd.add_argument(
+        "--no-mlock",
+        dest="mlock",
+        action="store_false",
+        help="do not lock memory (not reserve-safe: tests only)",
+    )
+    nbd.add_argument("--metrics-listen", default="", help="HOST:PORT for Prometheus metrics (default: off)")
     return parser
 
 
@@ -172,6 +180,8 @@ async def run(args: argparse.Namespace, token: str) -> int:
                 pool_pages=args.pool_pages,
                 retry_deadline=args.retry_deadline,
                 rpc_timeout=args.rpc_timeout,
+                mlock=args.mlock,
+                metrics_listen=args.metrics_listen,
             )
             return await run_nbd(client, opts)
         if args.command == "swapon":
@@ -201,10 +211,12 @@ async def run(args: argparse.Namespace, token: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(os.environ).parse_args(argv)
+    if args.command == "nbd" and argv is None:
+        reserve_safe_process_or_reexec(sys.argv[1:])  # before any thread exists; see reserve.py
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = read_token(args, os.environ)
     try:
         return loop.run(lambda: run(args, token))
-    except NetswapError as e:
+    except (NetswapError, ReserveError) as e:
         print(f"netswap: {e}", file=sys.stderr)
         return 1

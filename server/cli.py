@@ -26,7 +26,7 @@ log = logging.getLogger("netswap.server")
 
 
 async def serve(config: Config) -> None:
-    store = open_store(config.store)
+    store = open_store(config.store, mlock=config.mlock)
     server = build_server(config, store, REGISTRY)
     metrics_http = None
     metrics_at = "off"

@@ -27,6 +27,8 @@ class Config:
     metrics_listen: str = "127.0.0.1:9108"
     # Seconds in-flight calls get to finish on SIGTERM.
     grace_seconds: float = 10.0
+    # Memory store: mlock each area at swapon (refused -> RESOURCE_EXHAUSTED).
+    mlock: bool = False
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -46,6 +48,8 @@ class Config:
                 raise ValueError(
                     f"--metrics-listen must be HOST:PORT (or empty), not {self.metrics_listen!r}"
                 )
+        if self.mlock and self.store != "memory":
+            raise ValueError("--mlock applies to --store memory (file stores live in the page cache)")
         if self.grace_seconds < 0:
             raise ValueError("--grace-seconds must not be negative")
 
@@ -81,6 +85,13 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "--log-level",
         "debug, info, warning or error",
         choices=["debug", "info", "warning", "error"],
+    )
+    parser.add_argument(
+        "--mlock",
+        action="store_true",
+        default=environ.get("NETSWAP_MLOCK", "") in ("1", "true", "yes"),
+        help="memory store: lock every area in RAM at swapon; refuse SwapOn if that is not allowed"
+        " [env NETSWAP_MLOCK=1]",
     )
     return parser
 

@@ -10,11 +10,15 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
+from prometheus_client import start_http_server
+
 from netswap.client.core import Area, SwapClient
 from netswap.client.errors import ConnectionLost
+from netswap.client.metrics import nbd_registry
 from netswap.client.nbd import protocol as p
 from netswap.client.nbd.connection import NbdConnection
 from netswap.client.nbd.device import AreaDevice
+from netswap.client.reserve import make_reserve_safe
 from netswap.common.sizes import format_size
 
 log = logging.getLogger("netswap.nbd")
@@ -33,6 +37,8 @@ class NbdOptions:
     rpc_timeout: float = 10.0
     max_rpcs: int = 4
     max_connections: int = 16
+    mlock: bool = True
+    metrics_listen: str = ""  # HOST:PORT for Prometheus, "" for none
 
 
 async def attach(client: SwapClient, opts: NbdOptions) -> Area:
@@ -131,7 +137,14 @@ async def run_nbd(client: SwapClient, opts: NbdOptions) -> int:
         area.name, format_size(area.size_bytes), state, where,
         format_size(server.export.max_payload), format_size(area.pool.nbytes),
     )  # fmt: skip
-    print(f"netswap nbd: serving {area.name} at {where}", flush=True)
+    if opts.metrics_listen:
+        host, _, port = opts.metrics_listen.rpartition(":")
+        http, _ = start_http_server(int(port), addr=host or "127.0.0.1", registry=nbd_registry(server))
+        log.info("metrics at http://%s:%d/metrics", host or "127.0.0.1", http.server_port)
+    # Last: everything the data path needs now exists and has been touched.
+    report = make_reserve_safe(mlock=opts.mlock)
+    log.info("reserve safety: %s", report.summary())
+    print(f"netswap nbd: serving {area.name} at {where}; {report.summary()}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

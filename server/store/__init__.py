@@ -11,8 +11,8 @@ from netswap.server.store.memory import MemoryStore
 __all__ = ["AreaKey", "Backing", "FileStore", "MemoryStore", "Store", "open_store"]
 
 
-def open_store(spec: str) -> Store:
-    """'memory' or 'file:PATH' (as validated by Config) -> a store."""
+def open_store(spec: str, *, mlock: bool = False) -> Store:
+    """'memory' or 'file:PATH' (as validated by Config) -> a store; mlock applies to memory."""
     if spec == "memory":
-        return MemoryStore()
+        return MemoryStore(lock=mlock)
     return FileStore(spec.removeprefix("file:"))

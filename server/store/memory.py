@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import mmap
+import os
 from collections.abc import Sequence
 
 from netswap.common.limits import PAGE_SIZE
@@ -11,7 +13,7 @@ from netswap.server.store.base import AreaKey, Backing, SlotMap, blob_runs, runs
 
 
 class MemoryBacking:
-    def __init__(self, size_bytes: int) -> None:
+    def __init__(self, size_bytes: int, *, lock: bool = False) -> None:
         # An anonymous mapping, populated now: the pages are really allocated at
         # swapon (not lazily at the first SwapOut), so a later write cannot be
         # the thing that runs the host out of memory. Fresh pages are zeroed by
@@ -21,9 +23,25 @@ class MemoryBacking:
             self._mm = mmap.mmap(-1, size_bytes, flags=flags)
         except OSError as e:
             raise Exhausted(f"cannot allocate {size_bytes} bytes of memory: {e.strerror}") from e
+        if lock:
+            self._lock(size_bytes)
         self._data = memoryview(self._mm)
         self._map = SlotMap(bytearray(size_bytes // PAGE_SIZE))
         self._size = size_bytes
+
+    def _lock(self, size_bytes: int) -> None:
+        """mlock the area so the server's host can never swap the swapped-out pages."""
+        anchor = ctypes.c_char.from_buffer(self._mm)
+        address = ctypes.addressof(anchor)
+        del anchor  # only the address was needed; drop the buffer export
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.mlock(ctypes.c_void_p(address), ctypes.c_size_t(size_bytes)) != 0:
+            err = ctypes.get_errno()
+            self._mm.close()
+            raise Exhausted(
+                f"cannot lock {size_bytes} bytes of memory ({os.strerror(err)}): the server's"
+                " RLIMIT_MEMLOCK or CAP_IPC_LOCK does not allow it"
+            )
 
     @property
     def size_bytes(self) -> int:
@@ -55,11 +73,14 @@ class MemoryBacking:
 class MemoryStore:
     kind = "memory"
 
+    def __init__(self, *, lock: bool = False) -> None:
+        self.lock = lock  # mlock every area (--mlock)
+
     def existing(self) -> list[tuple[AreaKey, Backing]]:
         return []
 
     def create(self, key: AreaKey, size_bytes: int) -> Backing:
-        return MemoryBacking(size_bytes)
+        return MemoryBacking(size_bytes, lock=self.lock)
 
     def destroy(self, key: AreaKey, backing: Backing) -> None:
         backing.close()
