@@ -98,11 +98,19 @@ class SwapClient:
             max_batch_pages=reply.max_batch_pages,
             created=reply.created,
             pool=pool,
+            server_id=reply.server_id,
         )
 
     async def list_areas(self) -> list[AreaInfo]:
+        return (await self._list())[1]
+
+    async def server_id(self) -> bytes:
+        """The server's per-start identity (changes when the server restarts)."""
+        return (await self._list())[0]
+
+    async def _list(self) -> tuple[bytes, list[AreaInfo]]:
         reply = await self._call(self._stub.ListAreas, swap_pb2.ListAreasRequest())
-        return [AreaInfo(a.name, a.size_bytes, a.pages_stored) for a in reply.areas]
+        return reply.server_id, [AreaInfo(a.name, a.size_bytes, a.pages_stored) for a in reply.areas]
 
     async def swapoff(self, name: str) -> None:
         """Destroy the area `name` without holding its handle (re-attaches to get one)."""
@@ -139,6 +147,7 @@ class Area:
         max_batch_pages: int,
         created: bool,
         pool: PagePool,
+        server_id: bytes = b"",
     ) -> None:
         self._client = client
         self._handle = handle
@@ -148,6 +157,7 @@ class Area:
         self.max_batch_pages = max_batch_pages
         self.created = created
         self.pool = pool
+        self.server_id = server_id  # the server start this handle belongs to
         # Batches of one call in flight at once: enough to keep the pipe full,
         # few enough that one caller cannot monopolise the connection.
         self.parallel = 4
@@ -269,7 +279,14 @@ class Area:
             self._client._stub.SwapOn, swap_pb2.SwapOnRequest(name=self.name, size_bytes=self.size_bytes)
         )
         self._handle = reply.handle
+        self.server_id = reply.server_id
+        self.max_batch_pages = reply.max_batch_pages  # the restarted server may allow another size
         return reply.created
+
+    async def superseded(self) -> bool:
+        """True if our handle died while the server kept running (another client attached
+        the area, or it was swapped off): re-attaching would just take it back."""
+        return await self._client.server_id() == self.server_id
 
     async def swapoff(self) -> None:
         """Destroy the area on the server and free the page pool."""

@@ -69,6 +69,9 @@ class AreaManager:
         self.max_area_size = max_area_size
         self.max_batch_pages = max_batch_pages
         self._quota_of = quota_of
+        # New at every start: lets a client whose handle died tell a restart
+        # from someone else having attached its area.
+        self.server_id = secrets.token_bytes(HANDLE_BYTES)
         self._areas: dict[AreaKey, Area] = {}
         self._handles: dict[bytes, Area] = {}
         self._control = asyncio.Lock()

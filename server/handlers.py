@@ -28,6 +28,7 @@ class SwapServicer(swap_pb2_grpc.SwapServiceServicer):
             page_size=PAGE_SIZE,
             created=att.created,
             max_batch_pages=self._manager.max_batch_pages,
+            server_id=self._manager.server_id,
         )
 
     async def SwapOut(self, request: swap_pb2.SwapOutRequest, context: Context) -> swap_pb2.SwapOutResponse:
@@ -60,5 +61,6 @@ class SwapServicer(swap_pb2_grpc.SwapServiceServicer):
             areas=[
                 swap_pb2.AreaInfo(name=a.name, size_bytes=a.size_bytes, pages_stored=a.pages_stored)
                 for a in areas
-            ]
+            ],
+            server_id=self._manager.server_id,
         )

@@ -164,6 +164,13 @@ async def test_truncated_request_then_hangup_loses_nothing(export: Export) -> No
     c.request(p.CMD_READ, 4, 0, PS)
     assert await c.reply(PS) == (0, 4, pattern(2, 1))
     await c.close()
+    # nothing leaked: every page went back to the pool
+    pool = export.server.area.pool
+    for _ in range(100):
+        if pool.free_pages == pool.capacity:
+            break
+        await asyncio.sleep(0.01)
+    assert pool.free_pages == pool.capacity
 
 
 async def test_pipelined_requests_complete_with_their_own_cookies(export: Export) -> None:
@@ -226,3 +233,51 @@ async def test_a_client_that_never_reads_stalls_only_itself(export: Export) -> N
     assert pool.free_pages == pool.capacity
     await flood.close()
     await other.close()
+
+
+async def test_requests_that_arrive_together_share_one_rpc(export: Export) -> None:
+    c = await connected(export)
+    device = export.server.device
+    before = device.rpcs["out"]
+    burst = b"".join(
+        p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.CMD_WRITE, i, (10 + 2 * i) * PS, PS) + pattern(i, 1)
+        for i in range(8)
+    )
+    c.send(burst)  # one write(2): eight requests in one socket read
+    for _ in range(8):
+        assert (await c.reply())[0] == 0
+    assert device.rpcs["out"] - before == 1
+    await c.close()
+
+
+async def test_unaligned_writes_to_one_page_from_two_connections_both_land(export: Export) -> None:
+    a, b = await connected(export), await connected(export)
+    for round_ in range(20):
+        base = 200 * PS + round_ * PS
+        for i in range(8):  # interleaved byte ranges of the same page, from both connections
+            (a if i % 2 else b).request(
+                p.CMD_WRITE, i, base + i * 500, 500, payload=bytes([round_ * 8 + i + 1]) * 500
+            )
+        for i in range(8):
+            assert (await (a if i % 2 else b).reply())[0] == 0
+        a.request(p.CMD_READ, 99, base, 4000)
+        _, _, data = await a.reply(4000)
+        assert data == b"".join(bytes([round_ * 8 + i + 1]) * 500 for i in range(8))
+    await a.close()
+    await b.close()
+
+
+async def test_disconnect_is_never_answered(export: Export) -> None:
+    c = await connected(export)
+    c.request(p.CMD_DISC, 1, SIZE * 2, 12345)  # nonsense fields: still no reply
+    assert await c.reader.read(100) == b""
+    await c.close()
+
+
+async def test_oversized_unknown_option_is_refused_not_fatal(export: Export) -> None:
+    c = await RawClient.connect(export.socket)
+    await c.greeting()
+    c.send(p.CLIENT_FLAGS.pack(p.FLAG_C_FIXED_NEWSTYLE | p.FLAG_C_NO_ZEROES))
+    assert (await c.option(77, b"z" * 100_000))[0][0] == p.REP_ERR_TOO_BIG
+    assert (await c.option(p.OPT_LIST))[-1][0] == p.REP_ACK  # still in step
+    await c.close()

@@ -65,6 +65,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         # A write payload arriving straight into leased pages.
         self._sink: memoryview | None = None
         self._sink_done: Callable[[], None] | None = None
+        self._sink_lease: Lease | None = None  # whose pages the sink is filling
         self._skip = 0  # payload bytes of a refused write still to throw away
         self._tasks: set[asyncio.Task[None]] = set()
         self._unsent: list[Lease] = []  # leases whose data the transport may still hold
@@ -98,6 +99,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._sink = self._sink[nbytes:]
             if not len(self._sink):
                 self._sink = None
+                self._sink_lease = None
                 done, self._sink_done = self._sink_done, None
                 assert done is not None
                 done()
@@ -118,6 +120,11 @@ class NbdConnection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._phase = "closed"
+        self._pending = None
+        if self._sink_lease is not None:  # the client left in the middle of a write payload
+            self._sink = self._sink_done = None
+            lease, self._sink_lease = self._sink_lease, None
+            self._release(lease)
         unsent, self._unsent = self._unsent, []
         for lease in unsent:
             self._release(lease)
@@ -185,8 +192,16 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._close(f"bad option magic {magic:#x}")
             return False
         if length > p.MAX_OPTION_LENGTH:
-            self._close(f"option {option} claims {length} bytes of data")
-            return False
+            if option == p.OPT_EXPORT_NAME or length > p.MAX_SKIPPED_OPTION:
+                self._close(f"option {option} claims {length} bytes of data")
+                return False
+            # Longer than anything we accept: throw the data away, say so, go on.
+            self._start += p.OPTION_HEADER.size
+            self._skip = length
+            self._write(
+                p.error_reply(option, p.REP_ERR_TOO_BIG, f"{length} bytes of option data is too much")
+            )
+            return True
         if self._available() < p.OPTION_HEADER.size + length:
             return False
         self._start += p.OPTION_HEADER.size
@@ -254,6 +269,13 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._close(f"write of {length} bytes")  # too big even to read and throw away
             return False
         self._start += p.REQUEST.size
+        if cmd == p.CMD_DISC:
+            # Never answered, whatever its fields: finish everything accepted,
+            # then close. Nothing after it is read.
+            self._disconnecting = True
+            self._pause("disc")
+            self._maybe_finish_disconnect()
+            return False
         errno = p.validate_request(cmd, flags, offset, length, self.export)
         if errno or (length == 0 and cmd not in (p.CMD_DISC, p.CMD_FLUSH)):
             self._write(p.simple_reply(errno, cookie))
@@ -276,15 +298,11 @@ class NbdConnection(asyncio.BufferedProtocol):
             )
         if cmd == p.CMD_TRIM:
             self._spawn(cookie, dev.trim(offset, length))
-        elif cmd == p.CMD_FLUSH:
+        else:  # FLUSH
             # Writes are answered only once the server has them (see README:
             # durability), so every acknowledged write is already as
             # permanent as netswap makes anything.
             self._write(p.simple_reply(0, cookie))
-        else:  # DISC: finish everything accepted, then close; DISC has no reply
-            self._disconnecting = True
-            self._maybe_finish_disconnect()
-            return False
         return True
 
     # -- requests that need pages -----------------------------------------------------
@@ -355,6 +373,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             return True
         self._sink = target[have:]
         self._sink_done = received
+        self._sink_lease = lease
         return False
 
     def _start_read(self, lease: Lease, cookie: int, offset: int, length: int) -> bool:
@@ -427,6 +446,6 @@ class NbdConnection(asyncio.BufferedProtocol):
                 self._transport.close()
 
     def abort(self) -> None:
-        """Stop serving (shutdown): cancel lease waits; requests in progress still finish."""
+        """Stop serving (shutdown): close the socket; requests in progress still finish on the device."""
         if self._transport is not None:
             self._transport.close()

@@ -21,17 +21,39 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import NoReturn, Protocol, TypeVar
 
-from netswap.client.core import Area
 from netswap.client.errors import AreaNotFound, ConnectionLost, InvalidRequest, NetswapError
 from netswap.client.nbd.protocol import EINVAL, EIO
+from netswap.client.pool import PagePool
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+class BatchArea(Protocol):
+    """What the device needs of an area (netswap.client.Area provides it)."""
+
+    name: str
+    page_size: int
+    max_batch_pages: int
+    pool: PagePool
+
+    @property
+    def size_bytes(self) -> int: ...
+
+    async def write_batch(self, slots: Sequence[int], pages: Sequence[memoryview]) -> None: ...
+
+    async def read_batch(self, slots: Sequence[int], into: Sequence[memoryview]) -> None: ...
+
+    async def discard_batch(self, slots: Sequence[int]) -> None: ...
+
+    async def reattach(self) -> bool: ...
+
+    async def superseded(self) -> bool: ...
 
 
 class DeviceError(Exception):
@@ -44,19 +66,27 @@ class DeviceError(Exception):
 
 @dataclass
 class _Request:
-    """One caller's operation, possibly split into several parts (and so RPCs)."""
+    """One caller's operation, possibly split into several parts (and so RPCs).
+
+    It completes only when every part has finished -- also when one failed --
+    so the caller never gets its buffer (or range lock) back while another
+    part still reads into or writes from it.
+    """
 
     parts: int
     future: asyncio.Future[None]
+    deadline: float  # loop time after which an unreachable server means EIO
+    error: BaseException | None = None
 
-    def part_done(self) -> None:
+    def part_finished(self, error: BaseException | None = None) -> None:
+        if error is not None and self.error is None:
+            self.error = error
         self.parts -= 1
         if self.parts == 0 and not self.future.done():
-            self.future.set_result(None)
-
-    def fail(self, error: BaseException) -> None:
-        if not self.future.done():
-            self.future.set_exception(error)
+            if self.error is None:
+                self.future.set_result(None)
+            else:
+                self.future.set_exception(self.error)
 
 
 @dataclass
@@ -96,7 +126,7 @@ class RangeLocks:
 
 
 class AreaDevice:
-    def __init__(self, area: Area, *, retry_deadline: float = 60.0, max_rpcs: int = 4) -> None:
+    def __init__(self, area: BatchArea, *, retry_deadline: float = 60.0, max_rpcs: int = 4) -> None:
         self.area = area
         self.page_size = area.page_size
         self.size = area.size_bytes
@@ -104,6 +134,7 @@ class AreaDevice:
         self.max_rpcs = max_rpcs
         self._queues: dict[str, deque[_Part]] = {"in": deque(), "out": deque(), "discard": deque()}
         self._next_kind = 0
+        self._kick_scheduled = False
         self._in_flight = 0
         self._locks = RangeLocks()
         self._reattach_lock = asyncio.Lock()
@@ -227,18 +258,24 @@ class AreaDevice:
             raise DeviceError(EIO, self.failed)
         step = self.area.max_batch_pages
         loop = asyncio.get_running_loop()
-        request = _Request(parts=-(-count // step), future=loop.create_future())
+        request = _Request(-(-count // step), loop.create_future(), loop.time() + self.retry_deadline)
         ps = self.page_size
         queue = self._queues[kind]
         for start in range(0, count, step):
             n = min(step, count - start)
             part_view = view[start * ps : (start + n) * ps] if view is not None else None
             queue.append(_Part(first + start, n, part_view, request))
-        self._kick()
+        if not self._kick_scheduled:
+            # Not now: once the current callback -- which may be parsing many
+            # requests out of one socket read -- has queued them all. call_soon
+            # is the next turn of the loop, not a timer.
+            self._kick_scheduled = True
+            loop.call_soon(self._kick)
         await request.future
 
     def _kick(self) -> None:
         """Start RPCs for queued parts while fewer than max_rpcs are in flight."""
+        self._kick_scheduled = False
         kinds = ("in", "out", "discard")
         while self._in_flight < self.max_rpcs:
             for i in range(len(kinds)):  # round robin, so no kind starves another
@@ -256,6 +293,17 @@ class AreaDevice:
     def _cut_batch(self, queue: deque[_Part]) -> list[_Part]:
         """Parts from the head of the queue: up to max_batch_pages pages, no slot twice."""
         room = self.area.max_batch_pages
+        head = queue[0]
+        if head.count > room:  # the server now allows less than when this was queued
+            ps = self.page_size
+            rest_view = head.view[room * ps :] if head.view is not None else None
+            queue[0] = _Part(head.first + room, head.count - room, rest_view, head.request)
+            head.request.parts += 1
+            return [
+                _Part(
+                    head.first, room, head.view[: room * ps] if head.view is not None else None, head.request
+                )
+            ]
         batch: list[_Part] = []
         while queue and queue[0].count <= room:
             part = queue[0]
@@ -266,34 +314,37 @@ class AreaDevice:
         return batch
 
     async def _run(self, kind: str, batch: list[_Part]) -> None:
+        error: BaseException | None = None
         try:
             slots: list[int] = []
             for part in batch:
                 slots.extend(range(part.first, part.first + part.count))
             views = [p.view for p in batch if p.view is not None]
+            deadline = min(p.request.deadline for p in batch)
             if kind == "out":
-                await self._with_retry(lambda: self.area.write_batch(slots, views))
+                await self._with_retry(lambda: self.area.write_batch(slots, views), deadline)
             elif kind == "in":
-                await self._with_retry(lambda: self.area.read_batch(slots, views))
+                await self._with_retry(lambda: self.area.read_batch(slots, views), deadline)
             else:
-                await self._with_retry(lambda: self.area.discard_batch(slots))
+                await self._with_retry(lambda: self.area.discard_batch(slots), deadline)
             self.rpcs[kind] += 1
-            for part in batch:
-                part.request.part_done()
-        except BaseException as e:
-            for part in batch:
-                part.request.fail(e if isinstance(e, DeviceError) else DeviceError(EIO, str(e)))
-            if not isinstance(e, Exception):
-                raise
+        except DeviceError as e:
+            error = e
+        except Exception as e:
+            error = DeviceError(EIO, str(e))
+        except asyncio.CancelledError:
+            error = DeviceError(EIO, "the frontend is stopping")
+            raise
         finally:
+            for part in batch:
+                part.request.part_finished(error)
             self._in_flight -= 1
             self._kick()
 
     # -- resilience -------------------------------------------------------------------
 
-    async def _with_retry(self, call: Callable[[], Awaitable[T]]) -> T:
+    async def _with_retry(self, call: Callable[[], Awaitable[T]], deadline: float) -> T:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.retry_deadline
         delay = 0.05
         while True:
             if self.failed:
@@ -303,9 +354,7 @@ class AreaDevice:
                 return await call()
             except ConnectionLost as e:
                 if loop.time() + delay > deadline:
-                    raise DeviceError(
-                        EIO, f"server unreachable for {self.retry_deadline:.0f}s, giving up: {e}"
-                    ) from e
+                    raise DeviceError(EIO, f"server unreachable until the retry deadline: {e}") from e
                 if self.retries % 20 == 0:
                     log.warning(
                         "server unreachable (%s); retrying for up to %.0fs", e, deadline - loop.time()
@@ -321,7 +370,12 @@ class AreaDevice:
                 raise DeviceError(EIO, str(e)) from e
 
     async def _reattach(self, generation: int, deadline: float) -> None:
-        """Get a fresh handle (the server restarted or the handle expired); once for all callers."""
+        """Our handle died: take the area back if the server restarted, give up otherwise.
+
+        Once for all waiting callers. If the server did *not* restart, someone
+        else attached the area (or swapped it off): taking it back would start
+        a tug of war between two writers on one swap area, so the device fails.
+        """
         async with self._reattach_lock:
             if self._generation != generation or self.failed:
                 return  # someone else already did (or found the area gone)
@@ -329,6 +383,11 @@ class AreaDevice:
             delay = 0.05
             while True:
                 try:
+                    if await self.area.superseded():
+                        self._fail(
+                            f"area {self.area.name!r} was attached by another client (or swapped off)"
+                            " while the server kept running; not taking it back"
+                        )
                     created = await self.area.reattach()
                     break
                 except ConnectionLost as e:
@@ -337,18 +396,19 @@ class AreaDevice:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 2.0)
                 except NetswapError as e:
-                    self.failed = f"cannot re-attach area {self.area.name!r}: {e}"
-                    log.error("%s", self.failed)
-                    raise DeviceError(EIO, self.failed) from e
+                    self._fail(f"cannot re-attach area {self.area.name!r}: {e}")
             if created:
-                self.failed = (
+                self._fail(
                     f"area {self.area.name!r} was gone when re-attaching (server lost its data?);"
                     " failing every request rather than serving zeros"
                 )
-                log.error("%s", self.failed)
-                raise DeviceError(EIO, self.failed)
             self._generation += 1
             log.warning("re-attached area %r with a fresh handle", self.area.name)
+
+    def _fail(self, why: str) -> NoReturn:
+        self.failed = why
+        log.error("%s", why)
+        raise DeviceError(EIO, why)
 
 
 def _consume(task: asyncio.Future[None]) -> None:

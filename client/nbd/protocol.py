@@ -36,6 +36,7 @@ REP_ERR_POLICY = (1 << 31) + 2
 REP_ERR_INVALID = (1 << 31) + 3
 REP_ERR_TLS_REQD = (1 << 31) + 5
 REP_ERR_UNKNOWN = (1 << 31) + 6
+REP_ERR_TOO_BIG = (1 << 31) + 9
 
 INFO_EXPORT = 0
 INFO_NAME = 1
@@ -89,6 +90,9 @@ SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, cookie
 # Longest option payload accepted in the handshake: names are at most 4096
 # bytes, and a GO/INFO adds a few fields. Longer is a protocol violation.
 MAX_OPTION_LENGTH = 4096 + 64
+# Option data up to this is read and thrown away with NBD_REP_ERR_TOO_BIG;
+# beyond it the client is not worth the bandwidth and the connection closes.
+MAX_SKIPPED_OPTION = 1 << 20
 
 
 # Any length below 2**25 must not be treated as an attack (the spec); a write

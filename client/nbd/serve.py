@@ -36,7 +36,7 @@ class NbdOptions:
     retry_deadline: float = 60.0
     rpc_timeout: float = 10.0
     max_rpcs: int = 4
-    max_connections: int = 16
+    max_connections: int = 4
     mlock: bool = True
     metrics_listen: str = ""  # HOST:PORT for Prometheus, "" for none
 
@@ -65,9 +65,11 @@ class NbdServer:
         self.opts = opts
         self.device = AreaDevice(area, retry_deadline=opts.retry_deadline, max_rpcs=opts.max_rpcs)
         ps = area.page_size
-        # Each connection may hold a quarter of the pool; its largest request
-        # (span + a page for misalignment + two RMW scratch pages) fits in that.
-        self.budget_pages = area.pool.capacity // 4
+        # Each connection may hold an equal share of the pool, so a client
+        # that stops reading its replies stalls only itself; its largest
+        # request (span + a page for misalignment + two RMW scratch pages)
+        # fits in that share. (The kernel and QEMU use one connection each.)
+        self.budget_pages = area.pool.capacity // opts.max_connections
         max_payload = min(MAX_PAYLOAD_CAP, (self.budget_pages - 3) * ps)
         self.export = p.Export(
             name=area.name,

@@ -57,6 +57,7 @@ class SwapOnResponse(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     CREATED_FIELD_NUMBER: _builtins.int
     MAX_BATCH_PAGES_FIELD_NUMBER: _builtins.int
+    SERVER_ID_FIELD_NUMBER: _builtins.int
     handle: _builtins.bytes
     """opaque, unguessable, bound to (principal, area)"""
     slot_count: _builtins.int
@@ -66,6 +67,11 @@ class SwapOnResponse(_message.Message):
     created: _builtins.bool
     max_batch_pages: _builtins.int
     """most slots one SwapOut/SwapIn/Discard may carry"""
+    server_id: _builtins.bytes
+    """Random per server process start. A client whose handle stops working can
+    tell "the server restarted" (a new id) from "someone else attached the
+    area" (the same id) by asking ListAreas.
+    """
     def __init__(
         self,
         *,
@@ -74,10 +80,11 @@ class SwapOnResponse(_message.Message):
         page_size: _builtins.int = ...,
         created: _builtins.bool = ...,
         max_batch_pages: _builtins.int = ...,
+        server_id: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "handle", b"handle", "max_batch_pages", b"max_batch_pages", "page_size", b"page_size", "slot_count", b"slot_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "handle", b"handle", "max_batch_pages", b"max_batch_pages", "page_size", b"page_size", "server_id", b"server_id", "slot_count", b"slot_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -286,16 +293,20 @@ class ListAreasResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     AREAS_FIELD_NUMBER: _builtins.int
+    SERVER_ID_FIELD_NUMBER: _builtins.int
+    server_id: _builtins.bytes
+    """as in SwapOnResponse"""
     @_builtins.property
     def areas(self) -> _containers.RepeatedCompositeFieldContainer[Global___AreaInfo]: ...
     def __init__(
         self,
         *,
         areas: _abc.Iterable[Global___AreaInfo] | None = ...,
+        server_id: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["areas", b"areas"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["areas", b"areas", "server_id", b"server_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
