@@ -13,13 +13,15 @@ from __future__ import annotations
 import asyncio
 import re
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
 
+from tests.frontend import HOG, Frontend, MemoryCgroup, MiB
 from tests.guestvm import GuestAssets, GuestResult, guest_assets, run_guest
 from tests.helpers import ServerProcess
-from tests.nbdenv import nbd_export, require_tools
+from tests.nbdenv import nbd_export, require_tools, run
 
 ROOT = Path(__file__).resolve().parent.parent
 GUEST_TIMES: dict[str, float] = {}  # printed by conftest.pytest_terminal_summary
@@ -102,3 +104,47 @@ async def test_guest_survives_kill_9_and_restart_of_the_server(tmp_path: Path) -
     finally:
         server.stop_quietly()
     GUEST_TIMES["netswap, server killed and restarted"] = result.seconds
+
+
+async def test_guest_swaps_through_a_locked_frontend_inside_a_memory_limit(tmp_path: Path) -> None:
+    """As above, with `netswap nbd` as its own locked process, fenced into a memory cgroup at
+    its footprint plus a margin, next to processes allocating until the limit (see
+    test_reserve.py for the arithmetic of that margin)."""
+    guest = assets()
+    server = ServerProcess(tmp_path, tmp_path / "store", "--capacity", "1GiB")
+    await server.astart()
+    cgroup = MemoryCgroup()
+    nbd = Frontend(tmp_path, server.address, "vm1", "512MiB")
+    hogs: list[subprocess.Popen[bytes]] = []
+    try:
+        await nbd.start(cgroup)
+        warm = [
+            "fio",
+            "--name=warm",
+            "--ioengine=nbd",
+            f"--uri={nbd.uri}",
+            "--rw=randrw",
+            "--bsrange=4k-256k",
+        ]
+        await run(*warm, "--iodepth=32", "--size=512M", "--io_size=64M", cwd=tmp_path)
+        cgroup.set_limit(cgroup.usage + 48 * MiB)
+        guest_run = asyncio.ensure_future(asyncio.to_thread(run_guest, guest, nbd.uri))
+        while not guest_run.done():
+            while sum(h.poll() is None for h in hogs) < 2:
+                hogs.append(subprocess.Popen(cgroup.wrap([sys.executable, "-c", HOG], oom_score_adj=1000)))
+            await asyncio.sleep(0.05)
+        result = await guest_run
+        assert result.ok, explain(result)
+        assert nbd.alive(), "the frontend was killed"
+        assert cgroup.oom_kills >= 1, "the limit was never reached"
+        assert nbd.metric("netswap_client_memory_locked_bytes") > 0
+    finally:
+        for hog in hogs:
+            if hog.poll() is None:
+                hog.kill()
+                hog.wait()
+        if nbd.proc is not None:
+            await nbd.stop()
+        cgroup.remove()
+        server.stop_quietly()
+    GUEST_TIMES["netswap, locked frontend in a memory cgroup"] = result.seconds
