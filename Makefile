@@ -73,8 +73,9 @@ genproto: $(VENV)/.dev-stamp
 pytest: $(VENV)/.dev-stamp
 	$(BIN)/pytest -q
 
-bench: $(VENV)/.dev-stamp
+bench: $(VENV)/.dev-stamp debian-test-deps
 	$(BIN)/python bench/library.py
+	$(BIN)/python bench/memory.py
 
 clean:
 	rm -rf build $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from netswap.client.core import DEFAULT_TIMEOUT, Area, SwapClient
 from netswap.client.errors import NetswapError
-from netswap.client.nbd.serve import NbdOptions, run_nbd
+from netswap.client.nbd.serve import NBD_MAX_BATCH, NbdOptions, run_nbd
 from netswap.client.reserve import ReserveError, reserve_safe_process_or_reexec
 from netswap.common import loop
 from netswap.common.limits import PAGE_SIZE
@@ -167,8 +167,19 @@ async def run_demo(client: SwapClient, args: argparse.Namespace) -> int:
 
 
 async def run(args: argparse.Namespace, token: str) -> int:
-    timeout = args.rpc_timeout if args.command == "nbd" else DEFAULT_TIMEOUT
-    async with await SwapClient.connect(args.server, token, timeout=timeout) as client:
+    if args.command == "nbd":
+        # Bounded: the frontend keeps at most NbdOptions.max_rpcs RPCs in flight,
+        # each of at most NBD_MAX_BATCH pages (servers default to 256).
+        connect = SwapClient.connect(
+            args.server,
+            token,
+            timeout=args.rpc_timeout,
+            max_batch_pages=NBD_MAX_BATCH,
+            max_rpcs=NbdOptions.max_rpcs,
+        )
+    else:
+        connect = SwapClient.connect(args.server, token, timeout=DEFAULT_TIMEOUT)
+    async with await connect as client:
         if args.command == "nbd":
             if args.pool_pages < 32:
                 raise SystemExit("netswap nbd: --pool-pages must be at least 32")

@@ -40,10 +40,20 @@ class AreaInfo:
 class SwapClient:
     """A connection to a netswap server, authenticated with a bearer token."""
 
-    def __init__(self, channel: grpc.aio.Channel, token: str, *, timeout: float = DEFAULT_TIMEOUT):
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        token: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_batch_pages: int = MAX_BATCH_LIMIT,
+    ):
         self._channel = channel
         self._metadata = (("authorization", f"Bearer {token}"),)
         self.timeout = timeout
+        # Batches are cut to what this channel's message limit carries, even
+        # if the server would take more.
+        self.max_batch_pages = max_batch_pages
         self._stub = swap_pb2_grpc.SwapServiceStub(channel)
         # The page-carrying calls skip protobuf's Python objects (see wire.py).
         self._swap_out = channel.unary_unary(
@@ -63,17 +73,30 @@ class SwapClient:
         *,
         timeout: float = DEFAULT_TIMEOUT,
         options: Sequence[tuple[str, Any]] = (),
+        max_batch_pages: int = MAX_BATCH_LIMIT,
+        max_rpcs: int | None = None,
     ) -> SwapClient:
-        limit = max_message_bytes(MAX_BATCH_LIMIT)
+        """Open a channel to `target` ("HOST:PORT" or "unix:PATH").
+
+        Messages are capped at what batches of `max_batch_pages` need. With
+        `max_rpcs` (the most RPCs the caller keeps in flight), gRPC's flow
+        control is pinned to that much too: no bandwidth-delay probing that
+        grows receive windows -- and the buffers behind them -- with traffic.
+        """
+        limit = max_message_bytes(max_batch_pages)
+        bounded: list[tuple[str, Any]] = []
+        if max_rpcs is not None:
+            bounded = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", limit * max_rpcs)]
         channel = grpc.aio.insecure_channel(
             target,
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
+                *bounded,
                 *options,
             ],
         )
-        return cls(channel, token, timeout=timeout)
+        return cls(channel, token, timeout=timeout, max_batch_pages=max_batch_pages)
 
     async def _call(self, method: Callable[..., Awaitable[T]], request: Any) -> T:
         """Invoke one RPC with credentials and deadline; gRPC errors become NetswapErrors."""
@@ -95,7 +118,7 @@ class SwapClient:
             handle=reply.handle,
             slot_count=reply.slot_count,
             page_size=reply.page_size,
-            max_batch_pages=reply.max_batch_pages,
+            max_batch_pages=min(reply.max_batch_pages, self.max_batch_pages),
             created=reply.created,
             pool=pool,
             server_id=reply.server_id,
@@ -280,7 +303,8 @@ class Area:
         )
         self._handle = reply.handle
         self.server_id = reply.server_id
-        self.max_batch_pages = reply.max_batch_pages  # the restarted server may allow another size
+        # The restarted server may allow another size.
+        self.max_batch_pages = min(reply.max_batch_pages, self._client.max_batch_pages)
         return reply.created
 
     async def superseded(self) -> bool:

@@ -24,4 +24,4 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         base = GUEST_TIMES.get("nbdkit memory")
         for name, seconds in GUEST_TIMES.items():
             ratio = f"  ({seconds / base:.2f}x nbdkit)" if base and name != "nbdkit memory" else ""
-            terminalreporter.write_line(f"{name:40} {seconds:6.1f} s{ratio}")
+            terminalreporter.write_line(f"{name:46} {seconds:6.1f} s{ratio}")

@@ -24,6 +24,9 @@ from netswap.common.sizes import format_size
 log = logging.getLogger("netswap.nbd")
 
 MAX_PAYLOAD_CAP = 32 << 20
+# Largest batch the frontend's channel is sized for; a server offering more
+# is used at this size (SwapClient caps Area.max_batch_pages to it).
+NBD_MAX_BATCH = 1024
 
 
 @dataclass(frozen=True)
