@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -11,6 +12,7 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from netswap.client.reserve import status_bytes
@@ -140,3 +142,34 @@ class Frontend:
                 self.proc.kill()
             await asyncio.sleep(0.05)
         return self.proc.returncode
+
+
+@contextlib.asynccontextmanager
+async def hogs_at_the_limit(cgroup: MemoryCgroup) -> AsyncIterator[list[subprocess.Popen[bytes]]]:
+    """Keep two HOG processes alive in `cgroup` until the block ends, then kill what is left.
+
+    Two, so that while the OOM killer's last victim is still dying the next
+    candidate is a hog, not whatever else lives in the group. (The frontend's
+    own I/O takes a few kernel pages -- socket buffers -- charged to the group,
+    so at the limit it does wake the OOM killer; in production oom_score_adj
+    -1000 makes it unkillable, which this sandbox does not permit.)
+    """
+    hogs: list[subprocess.Popen[bytes]] = []
+
+    async def keep() -> None:
+        while True:
+            while sum(h.poll() is None for h in hogs) < 2:
+                hogs.append(subprocess.Popen(cgroup.wrap([sys.executable, "-c", HOG], oom_score_adj=1000)))
+            await asyncio.sleep(0.05)
+
+    keeper = asyncio.ensure_future(keep())
+    try:
+        yield hogs
+    finally:
+        keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeper
+        for hog in hogs:
+            if hog.poll() is None:
+                hog.kill()
+            hog.wait()

@@ -114,25 +114,29 @@ class ServerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
-    def start(self) -> None:
+    def _spawn(self) -> float:
         self.starts += 1
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while self.log.read_text().count("serving on") < self.starts:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start:\n{self.log.read_text()}")
+        return time.monotonic() + 30
+
+    def _serving(self, deadline: float) -> bool:
+        assert self.proc is not None
+        if self.log.read_text().count("serving on") >= self.starts:
+            return True
+        if self.proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"server did not start:\n{self.log.read_text()}")
+        return False
+
+    def start(self) -> None:
+        deadline = self._spawn()
+        while not self._serving(deadline):
             time.sleep(0.05)
 
     async def astart(self) -> None:
         """start() without blocking the event loop (for tests whose other half runs on it)."""
-        self.starts += 1
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while self.log.read_text().count("serving on") < self.starts:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start:\n{self.log.read_text()}")
+        deadline = self._spawn()
+        while not self._serving(deadline):
             await asyncio.sleep(0.05)
 
     def kill9(self) -> None:

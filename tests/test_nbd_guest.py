@@ -13,12 +13,11 @@ from __future__ import annotations
 import asyncio
 import re
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
-from tests.frontend import HOG, Frontend, MemoryCgroup, MiB
+from tests.frontend import Frontend, MemoryCgroup, MiB, hogs_at_the_limit
 from tests.guestvm import GuestAssets, GuestResult, guest_assets, run_guest
 from tests.helpers import ServerProcess
 from tests.nbdenv import nbd_export, require_tools, run
@@ -115,7 +114,6 @@ async def test_guest_swaps_through_a_locked_frontend_inside_a_memory_limit(tmp_p
     await server.astart()
     cgroup = MemoryCgroup()
     nbd = Frontend(tmp_path, server.address, "vm1", "512MiB")
-    hogs: list[subprocess.Popen[bytes]] = []
     try:
         await nbd.start(cgroup)
         warm = [
@@ -128,21 +126,13 @@ async def test_guest_swaps_through_a_locked_frontend_inside_a_memory_limit(tmp_p
         ]
         await run(*warm, "--iodepth=32", "--size=512M", "--io_size=64M", cwd=tmp_path)
         cgroup.set_limit(cgroup.usage + 48 * MiB)
-        guest_run = asyncio.ensure_future(asyncio.to_thread(run_guest, guest, nbd.uri))
-        while not guest_run.done():
-            while sum(h.poll() is None for h in hogs) < 2:
-                hogs.append(subprocess.Popen(cgroup.wrap([sys.executable, "-c", HOG], oom_score_adj=1000)))
-            await asyncio.sleep(0.05)
-        result = await guest_run
+        async with hogs_at_the_limit(cgroup):
+            result = await asyncio.to_thread(run_guest, guest, nbd.uri)
         assert result.ok, explain(result)
         assert nbd.alive(), "the frontend was killed"
         assert cgroup.oom_kills >= 1, "the limit was never reached"
         assert nbd.metric("netswap_client_memory_locked_bytes") > 0
     finally:
-        for hog in hogs:
-            if hog.poll() is None:
-                hog.kill()
-                hog.wait()
         if nbd.proc is not None:
             await nbd.stop()
         cgroup.remove()

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import grpc
 import pytest
 
 from netswap.v1 import swap_pb2
-from tests.frontend import HOG, Frontend, MemoryCgroup, MiB
+from tests.frontend import Frontend, MemoryCgroup, MiB, hogs_at_the_limit
 from tests.helpers import PS, ServerProcess, auth, running_server, stub_for
 from tests.nbdenv import require_tools, run
 
@@ -104,7 +102,6 @@ async def test_keeps_serving_inside_a_memory_limit_next_to_a_hog(
     no error."""
     cgroup = MemoryCgroup()
     nbd = Frontend(tmp_path, server.address, "vm1", "256MiB")
-    hogs: list[subprocess.Popen[bytes]] = []
     try:
         await nbd.start(cgroup)
         # warm up every path (write, read, RMW, discard, verify), then fence it in
@@ -123,27 +120,13 @@ async def test_keeps_serving_inside_a_memory_limit_next_to_a_hog(
         argv = ["fio", "--name=limited", "--ioengine=nbd", f"--uri={nbd.uri}", "--rw=randwrite"]
         argv += ["--bs=4k", "--iodepth=32", "--size=128M", "--io_size=256M"]
         argv += ["--verify=crc32c", "--do_verify=1", "--verify_fatal=1"]
-        fio = asyncio.ensure_future(run(*argv, cwd=tmp_path, timeout=300))
-        while not fio.done():
-            # Two hogs alive at all times: while the OOM killer's last victim is
-            # still dying, the next candidate is a hog, not the frontend. (The
-            # frontend's own I/O takes a few kernel pages -- socket buffers --
-            # charged here, so at the limit it does wake the OOM killer; in
-            # production oom_score_adj -1000 makes it unkillable, which this
-            # sandbox does not permit. See README, reserve safety.)
-            while sum(h.poll() is None for h in hogs) < 2:
-                hogs.append(subprocess.Popen(cgroup.wrap([sys.executable, "-c", HOG], oom_score_adj=1000)))
-            await asyncio.sleep(0.05)
-        out = await fio
+        async with hogs_at_the_limit(cgroup):
+            out = await run(*argv, cwd=tmp_path, timeout=300)
         assert "err= 0" in out, out
         assert nbd.alive(), "the frontend was killed"
         assert cgroup.oom_kills >= 1 and cgroup.failcnt > 0, "the limit was never reached"
         assert nbd.status("VmRSS") - rss_before < 1 * MiB
     finally:
-        for hog in hogs:
-            if hog.poll() is None:
-                hog.kill()
-                hog.wait()
         if nbd.proc is not None:
             await nbd.stop()
         cgroup.remove()
