@@ -162,6 +162,7 @@ def main() -> int:
         tokens = tmp / "tokens.toml"
         digest = hashlib.sha256(TOKEN.encode()).hexdigest()
         tokens.write_text(f'[principals.bench]\ntoken_sha256 = "{digest}"\n')
+        tokens.chmod(0o600)  # the server refuses a tokens file others can read
         server = [sys.executable, "-m", "netswap.server", "--tokens", str(tokens), "--metrics-listen", ""]
         targets = {
             "echo": ([sys.executable, __file__, "--serve-echo", f"unix:{tmp}/echo.sock"], tmp / "echo.sock"),

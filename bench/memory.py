@@ -52,6 +52,7 @@ def main() -> int:
         tokens.write_text(
             f'[principals.bench]\ntoken_sha256 = "{hashlib.sha256(TOKEN.encode()).hexdigest()}"\n'
         )
+        tokens.chmod(0o600)  # the server refuses a tokens file others can read
         grpc_sock, nbd_sock = tmp / "grpc.sock", tmp / "nbd.sock"
         server_log, nbd_log = tmp / "server.log", tmp / "nbd.log"
         server_argv = [sys.executable, "-m", "netswap.server", "--listen", f"unix:{grpc_sock}"]

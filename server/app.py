@@ -12,10 +12,11 @@ from prometheus_client import CollectorRegistry
 
 from netswap.common.limits import max_message_bytes
 from netswap.server.areas import AreaManager
-from netswap.server.auth import TokenTable
+from netswap.server.audit import AuditLog
+from netswap.server.auth import Credentials
 from netswap.server.config import Config
 from netswap.server.handlers import SwapServicer
-from netswap.server.interceptors import AuthInterceptor, StatusInterceptor
+from netswap.server.interceptors import AuthInterceptor, AuthPolicy, StatusInterceptor
 from netswap.server.metrics import ServerMetrics
 from netswap.server.store import Store
 from netswap.v1 import swap_pb2, swap_pb2_grpc
@@ -37,9 +38,11 @@ class NetswapServer:
         manager: AreaManager,
         health: Any,
         address: str,
+        credentials: Credentials,
     ) -> None:
         self.grpc = server
         self.manager = manager
+        self.credentials = credentials  # reload() on SIGHUP
         self.address = address  # what clients dial: "127.0.0.1:PORT" or "unix:PATH"
         self._health = health
 
@@ -56,14 +59,19 @@ class NetswapServer:
 
 
 def build_server(config: Config, store: Store, registry: CollectorRegistry) -> NetswapServer:
-    tokens = TokenTable.load(config.tokens) if config.tokens else TokenTable({})
+    credentials = Credentials(config.tokens)
+    audit = AuditLog()
     metrics = ServerMetrics(registry)
     manager = AreaManager(
         store,
         capacity=config.capacity,
         max_area_size=config.max_area_size,
         max_batch_pages=config.max_batch_pages,
-        quota_of=tokens.quota_of,
+        quota_of=credentials.quota_of,
+        max_areas_per_principal=config.max_areas_per_principal,
+        swapon_rate=config.swapon_rate,
+        swapon_burst=config.swapon_burst,
+        audit=audit,
     )
     metrics.watch(manager)
     # Twice the largest valid message may arrive, so a batch that is merely
@@ -74,11 +82,17 @@ def build_server(config: Config, store: Store, registry: CollectorRegistry) -> N
     server = grpc.aio.server(
         interceptors=[
             StatusInterceptor(metrics),
-            AuthInterceptor(tokens, on_failure=lambda reason: metrics.auth_failures.labels(reason).inc()),
+            AuthInterceptor(
+                credentials,
+                AuthPolicy(mutual_tls=config.tls_client_ca is not None, require_token=config.require_token),
+                on_failure=lambda reason: metrics.auth_failures.labels(reason).inc(),
+                audit=audit,
+            ),
         ],
         options=[
             ("grpc.max_receive_message_length", 2 * limit),
             ("grpc.max_send_message_length", limit),
+            ("grpc.max_concurrent_streams", config.max_streams),
         ],
     )
     swap_pb2_grpc.add_SwapServiceServicer_to_server(SwapServicer(manager, metrics), server)
@@ -92,10 +106,19 @@ def build_server(config: Config, store: Store, registry: CollectorRegistry) -> N
         ],
         server,
     )
-    port = server.add_insecure_port(config.listen)
+    if config.tls_cert is not None and config.tls_key is not None:
+        client_ca = config.tls_client_ca.read_bytes() if config.tls_client_ca else None
+        tls = grpc.ssl_server_credentials(
+            [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],
+            root_certificates=client_ca,
+            require_client_auth=client_ca is not None,
+        )
+        port = server.add_secure_port(config.listen, tls)
+    else:
+        port = server.add_insecure_port(config.listen)
     if config.listen.startswith("unix:"):
         address = config.listen
     else:
         host = config.listen.rpartition(":")[0] or "127.0.0.1"
         address = f"{host}:{port}"
-    return NetswapServer(server, manager, health_servicer, address)
+    return NetswapServer(server, manager, health_servicer, address, credentials)

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from netswap.common.limits import NAME_PATTERN, PAGE_SIZE
-from netswap.server.errors import Exhausted, InvalidArgument, NotFound, SizeMismatch
+from netswap.server.audit import AuditLog, outcome_of
+from netswap.server.errors import Exhausted, InvalidArgument, NotFound, ServiceError, SizeMismatch
 from netswap.server.store import AreaKey, Backing, Store
 
 HANDLE_BYTES = 16  # 128 random bits
@@ -63,12 +65,23 @@ class AreaManager:
         max_area_size: int,
         max_batch_pages: int,
         quota_of: Callable[[str], int | None],
+        max_areas_per_principal: int = 16,
+        swapon_rate: float = 10.0,
+        swapon_burst: int = 20,
+        audit: AuditLog | None = None,
     ) -> None:
         self.store = store
         self.capacity = capacity
         self.max_area_size = max_area_size
         self.max_batch_pages = max_batch_pages
+        self.max_areas_per_principal = max_areas_per_principal
         self._quota_of = quota_of
+        self._audit = audit or AuditLog()
+        # SwapOn reserves gigabytes (fallocate, page faults): a token bucket per
+        # principal keeps one caller from keeping the server busy doing that.
+        self._swapon_rate = swapon_rate
+        self._swapon_burst = swapon_burst
+        self._buckets: dict[str, tuple[float, float]] = {}  # principal -> (tokens, at)
         # New at every start: lets a client whose handle died tell a restart
         # from someone else having attached its area.
         self.server_id = secrets.token_bytes(HANDLE_BYTES)
@@ -96,6 +109,21 @@ class AreaManager:
     # -- control plane ----------------------------------------------------------
 
     async def swapon(self, principal: str, name: str, size_bytes: int) -> Attachment:
+        try:
+            self._check_swapon(principal, name, size_bytes)
+        except ServiceError as e:
+            self._audit.event(
+                "swapon", principal=principal, area=name[:80], size_bytes=size_bytes, outcome=outcome_of(e)
+            )
+            raise
+        # Shielded: a caller that gives up (deadline, disconnect) must not cut
+        # a reservation in half. The attach finishes either way; an area made
+        # for a caller who left is found by the next SwapOn of that name.
+        attach = asyncio.ensure_future(self._attach(AreaKey(principal, name), size_bytes))
+        attach.add_done_callback(_retrieve)
+        return await asyncio.shield(attach)
+
+    def _check_swapon(self, principal: str, name: str, size_bytes: int) -> None:
         if not NAME_PATTERN.fullmatch(name):
             raise InvalidArgument(f"area name {name!r} must be 1-64 characters of A-Z a-z 0-9 . _ -")
         if size_bytes <= 0 or size_bytes % PAGE_SIZE:
@@ -104,14 +132,31 @@ class AreaManager:
             raise InvalidArgument(
                 f"size_bytes {size_bytes} exceeds the server's max area size {self.max_area_size}"
             )
-        # Shielded: a caller that gives up (deadline, disconnect) must not cut
-        # a reservation in half. The attach finishes either way; an area made
-        # for a caller who left is found by the next SwapOn of that name.
-        attach = asyncio.ensure_future(self._attach(AreaKey(principal, name), size_bytes))
-        attach.add_done_callback(_retrieve)
-        return await asyncio.shield(attach)
+        now = time.monotonic()
+        tokens, at = self._buckets.get(principal, (float(self._swapon_burst), now))
+        tokens = min(float(self._swapon_burst), tokens + (now - at) * self._swapon_rate)
+        if tokens < 1:
+            raise Exhausted(
+                f"SwapOn rate limit: at most {self._swapon_rate:g} per second (bursts of"
+                f" {self._swapon_burst}) per principal; retry later"
+            )
+        self._buckets[principal] = (tokens - 1, now)
 
     async def _attach(self, key: AreaKey, size_bytes: int) -> Attachment:
+        try:
+            attachment = await self._attach_locked(key, size_bytes)
+        except ServiceError as e:
+            self._audit.event(
+                "swapon", principal=key.owner, area=key.name, size_bytes=size_bytes, outcome=outcome_of(e)
+            )
+            raise
+        self._audit.event(
+            "swapon", principal=key.owner, area=key.name, size_bytes=size_bytes, outcome="ok",
+            created=attachment.created,
+        )  # fmt: skip
+        return attachment
+
+    async def _attach_locked(self, key: AreaKey, size_bytes: int) -> Attachment:
         async with self._control:
             area = self._areas.get(key)
             created = area is None
@@ -130,6 +175,11 @@ class AreaManager:
             return Attachment(area.handle, area.slot_count, created)
 
     async def _create(self, key: AreaKey, size_bytes: int) -> Area:
+        owned = sum(1 for k in self._areas if k.owner == key.owner)
+        if owned >= self.max_areas_per_principal:
+            raise Exhausted(
+                f"area limit: {owned} areas exist; the server allows {self.max_areas_per_principal} per principal"
+            )
         quota = self._quota_of(key.owner)
         used = self.reserved_by(key.owner)
         if quota is not None and used + size_bytes > quota:
@@ -147,11 +197,16 @@ class AreaManager:
 
     async def swapoff(self, principal: str, handle: bytes) -> None:
         async with self._control:
-            area = self._attached(principal, handle)
-            # Destroy first: if the store cannot, the area stays as it was.
-            self.store.destroy(area.key, area.backing)
+            try:
+                area = self._attached(principal, handle, "SwapOff")
+                # Destroy first: if the store cannot, the area stays as it was.
+                self.store.destroy(area.key, area.backing)
+            except ServiceError as e:
+                self._audit.event("swapoff", principal=principal, area=None, outcome=outcome_of(e))
+                raise
             del self._handles[handle]
             del self._areas[area.key]
+            self._audit.event("swapoff", principal=principal, area=area.key.name, outcome="ok")
 
     def list_areas(self, principal: str) -> list[AreaStats]:
         return [
@@ -163,7 +218,7 @@ class AreaManager:
     # -- data plane -------------------------------------------------------------
 
     def swap_out(self, principal: str, handle: bytes, slots: Sequence[int], pages: memoryview) -> None:
-        area = self._attached(principal, handle)
+        area = self._attached(principal, handle, "SwapOut")
         self._check_slots(area, slots)
         if len(pages) != len(slots) * PAGE_SIZE:
             raise InvalidArgument(
@@ -172,26 +227,33 @@ class AreaManager:
         area.backing.write(slots, pages)
 
     def swap_in(self, principal: str, handle: bytes, slots: Sequence[int]) -> bytearray:
-        area = self._attached(principal, handle)
+        area = self._attached(principal, handle, "SwapIn")
         self._check_slots(area, slots)
         out = bytearray(len(slots) * PAGE_SIZE)
         area.backing.read(slots, memoryview(out))
         return out
 
     def discard(self, principal: str, handle: bytes, slots: Sequence[int]) -> None:
-        area = self._attached(principal, handle)
+        area = self._attached(principal, handle, "Discard")
         self._check_slots(area, slots)
         area.backing.discard(slots)
 
     # -- checks -----------------------------------------------------------------
 
-    def _attached(self, principal: str, handle: bytes) -> Area:
+    def _attached(self, principal: str, handle: bytes, op: str) -> Area:
         if not handle:
             raise InvalidArgument("handle is empty: call SwapOn first")
         area = self._handles.get(handle)
-        # Another principal's handle looks exactly like an unknown one: no
-        # existence oracle.
-        if area is None or area.key.owner != principal:
+        if area is not None and area.key.owner != principal:
+            # Someone holds another principal's handle: worth an audit line.
+            self._audit.event(
+                "authz_failure", principal=principal, method=op, owner=area.key.owner, area=area.key.name,
+                outcome="handle of another principal's area",
+            )  # fmt: skip
+            area = None
+        # To the caller, another principal's handle looks exactly like an
+        # unknown one: no existence oracle.
+        if area is None:
             raise NotFound("unknown handle (expired by SwapOff, re-attach, or a server restart)")
         return area
 

@@ -1,29 +1,39 @@
-"""Credential context: bearer tokens -> principals, and the principal of the call in hand.
+"""Credential context: who is calling, from bearer tokens and client certificates.
 
 Enforcement is interceptors.AuthInterceptor.
 
-The tokens file (TOML) names each principal with the SHA-256 of its token, so
-the file itself holds no secret that would let a reader call the service:
+The tokens file (TOML) lists the principals. It holds SHA-256 digests, not
+tokens, so reading it does not let anyone call the service -- still, it must
+not be readable by group or others (it also says who may do what):
 
     [principals.alice]
-    token_sha256 = "<hex sha256 of the token>"
-    quota_bytes = 1073741824          # optional: total bytes alice may reserve
+    token_sha256 = "<hex sha256 of the token>"   # optional under mutual TLS
+    quota_bytes = 1073741824                     # optional: total bytes alice may reserve
+
+Under mutual TLS the principal is the NAME in the client certificate's SAN
+URI spiffe://<trust domain>/principal/NAME; a principal may then have no
+token at all.
 """
 
 from __future__ import annotations
 
 import contextvars
 import hashlib
+import hmac
 import secrets
+import stat
 import tomllib
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from netswap.common.limits import NAME_PATTERN
 
-# The authenticated principal of the call being handled. Set by the auth
-# interceptor's wrapper around the handler, in the handler's own task.
+# The authenticated principal of the call being handled, and where it called
+# from. Set by the auth interceptor's wrapper around the handler, in the
+# handler's own task.
 principal_var: contextvars.ContextVar[str] = contextvars.ContextVar("netswap_principal")
+peer_var: contextvars.ContextVar[str] = contextvars.ContextVar("netswap_peer", default="")
 
 
 def current_principal() -> str:
@@ -42,53 +52,90 @@ class TokensError(ValueError):
 
 
 class TokenTable:
-    def __init__(self, principals: dict[bytes, Principal]) -> None:
-        self._by_digest = principals
-        self._by_name = {p.name: p for p in principals.values()}
+    def __init__(self, principals: Mapping[str, Principal], digests: Mapping[str, bytes]) -> None:
+        self._principals = dict(principals)
+        # (digest, principal) pairs, compared one and all on every call.
+        self._digests = [(digest, self._principals[name]) for name, digest in digests.items()]
 
     @classmethod
     def load(cls, path: Path) -> TokenTable:
         try:
-            doc = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
+            mode = path.stat().st_mode
+            text = path.read_text()
+        except OSError as e:
+            raise TokensError(f"cannot read tokens file {path}: {e.strerror}") from e
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise TokensError(
+                f"tokens file {path} is accessible to group or others (mode {stat.S_IMODE(mode):04o});"
+                f" run: chmod 600 {path}"
+            )
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
             raise TokensError(f"cannot read tokens file {path}: {e}") from e
         table = doc.get("principals")
         if not isinstance(table, dict):
             raise TokensError(f"{path}: expected a [principals.NAME] table")
-        principals: dict[bytes, Principal] = {}
+        principals: dict[str, Principal] = {}
+        digests: dict[str, bytes] = {}
         for name, entry in table.items():
             where = f"{path}: principals.{name}"
             if not NAME_PATTERN.fullmatch(name):
                 raise TokensError(f"{where}: name must be 1-64 characters of A-Z a-z 0-9 . _ -")
             if not isinstance(entry, dict):
                 raise TokensError(f"{where}: expected a table")
+            quota = entry.get("quota_bytes")
+            if quota is not None and (not isinstance(quota, int) or isinstance(quota, bool) or quota < 0):
+                raise TokensError(f"{where}: quota_bytes must be a non-negative integer")
+            principals[name] = Principal(name, quota)
             digest_hex = entry.get("token_sha256")
+            if digest_hex is None:
+                continue  # a principal that can only come in with a client certificate
             try:
                 digest = bytes.fromhex(digest_hex) if isinstance(digest_hex, str) else b""
             except ValueError:
                 digest = b""
             if len(digest) != 32:
                 raise TokensError(f"{where}: token_sha256 must be 64 hex digits")
-            quota = entry.get("quota_bytes")
-            if quota is not None and (not isinstance(quota, int) or quota < 0):
-                raise TokensError(f"{where}: quota_bytes must be a non-negative integer")
-            if digest in principals:
+            if digest in digests.values():
                 raise TokensError(f"{where}: token_sha256 is also used by another principal")
-            principals[digest] = Principal(name, quota)
-        return cls(principals)
+            digests[name] = digest
+        return cls(principals, digests)
 
     def authenticate(self, token: str) -> Principal | None:
-        # Looked up by SHA-256 of the token, as hashed API keys are: what the
-        # lookup's timing could reveal is about a digest the caller can compute
-        # anyway, not about any stored token.
-        return self._by_digest.get(hashlib.sha256(token.encode()).digest())
+        """The principal whose token this is, comparing against every digest in constant time."""
+        digest = hashlib.sha256(token.encode()).digest()
+        found = None
+        for known, principal in self._digests:  # no early exit: timing says nothing of where
+            if hmac.compare_digest(known, digest):
+                found = principal
+        return found
+
+    def get(self, name: str) -> Principal | None:
+        return self._principals.get(name)
 
     def has(self, name: str) -> bool:
-        return name in self._by_name
+        return name in self._principals
 
     def quota_of(self, name: str) -> int | None:
-        p = self._by_name.get(name)
+        p = self._principals.get(name)
         return p.quota_bytes if p else None
+
+
+class Credentials:
+    """The current TokenTable, replaceable at run time (SIGHUP) without a restart."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.table = TokenTable.load(path) if path else TokenTable({}, {})
+
+    def reload(self) -> None:
+        """Re-read the tokens file; on any problem keep the table in force and raise."""
+        if self.path is not None:
+            self.table = TokenTable.load(self.path)
+
+    def quota_of(self, name: str) -> int | None:
+        return self.table.quota_of(name)
 
 
 def new_token() -> tuple[str, str]:
@@ -97,10 +144,24 @@ def new_token() -> tuple[str, str]:
     return token, hashlib.sha256(token.encode()).hexdigest()
 
 
-def bearer_token(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str | None:
+def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+    """The token of an `authorization: Bearer ...` entry; None if there is no usable one."""
     for key, value in metadata or ():
         if key == "authorization" and isinstance(value, str):
             scheme, _, token = value.partition(" ")
-            if scheme.lower() == "bearer" and token:
+            if scheme.lower() == "bearer" and token.strip():
                 return token.strip()
+    return None
+
+
+def principal_from_certificate(auth_context: Mapping[str, Iterable[bytes]]) -> str | None:
+    """NAME from the peer certificate's SAN URI spiffe://<trust domain>/principal/NAME."""
+    for uri in auth_context.get("peer_uri", ()):
+        text = uri.decode("utf-8", "replace")
+        if not text.startswith("spiffe://"):
+            continue
+        _, _, path = text[len("spiffe://") :].partition("/")
+        kind, _, name = path.partition("/")
+        if kind == "principal" and NAME_PATTERN.fullmatch(name):
+            return name
     return None

@@ -36,15 +36,37 @@ async def serve(config: Config) -> None:
         metrics_at = f"http://{host or '127.0.0.1'}:{metrics_http.server_port}/metrics"
     await server.start()
     m = server.manager
+    security = (
+        "mutual TLS" + (" + token" if config.require_token else "")
+        if config.tls_client_ca
+        else "TLS + token"
+        if config.tls
+        else "PLAINTEXT + token"
+    )
+    if not config.tls and config.insecure:
+        for _ in range(3):  # hard to miss in a log
+            log.warning(
+                "INSECURE: plaintext on %s; tokens and pages cross the network in clear", config.listen
+            )
     log.info(
-        "serving on %s: store=%s capacity=%s reserved=%s areas=%d max_batch_pages=%d metrics=%s",
-        server.address, config.store, format_size(m.capacity), format_size(m.reserved_bytes),
+        "serving on %s (%s): store=%s capacity=%s reserved=%s areas=%d max_batch_pages=%d metrics=%s",
+        server.address, security, config.store, format_size(m.capacity), format_size(m.reserved_bytes),
         m.area_count(), m.max_batch_pages, metrics_at,
     )  # fmt: skip
     stop = asyncio.Event()
     running = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         running.add_signal_handler(sig, stop.set)
+
+    def reload_tokens() -> None:
+        try:
+            server.credentials.reload()
+        except TokensError as e:
+            log.error("SIGHUP: tokens file NOT reloaded, the previous one stays in force: %s", e)
+        else:
+            log.info("SIGHUP: reloaded tokens file %s", config.tokens)
+
+    running.add_signal_handler(signal.SIGHUP, reload_tokens)
     await stop.wait()
     log.info("shutting down: finishing in-flight calls (up to %.0fs)", config.grace_seconds)
     await server.stop(config.grace_seconds)
@@ -91,10 +113,33 @@ def gen_token(argv: Sequence[str]) -> int:
     return 0
 
 
+def gen_dev_certs(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="netswap-server gen-dev-certs",
+        description="Write a development CA, a server certificate (localhost, 127.0.0.1) and one client"
+        " certificate per principal (SAN URI spiffe://netswap.dev/principal/NAME) into DIR.",
+    )
+    parser.add_argument("dir", type=Path)
+    parser.add_argument("--principal", action="append", default=[], help="repeat for each client certificate")
+    args = parser.parse_args(argv)
+    for name in args.principal:
+        if not NAME_PATTERN.fullmatch(name):
+            parser.error(f"principal name {name!r} must be 1-64 characters of A-Z a-z 0-9 . _ -")
+    try:
+        from netswap.server.devcerts import write_dev_certs  # noqa: PLC0415 (optional dependency)
+    except ImportError:
+        parser.error("needs the 'cryptography' package: pip install 'netswap[certs]'")
+    for path in write_dev_certs(args.dir, args.principal):
+        print(path)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["gen-token"]:
         return gen_token(args[1:])
+    if args[:1] == ["gen-dev-certs"]:
+        return gen_dev_certs(args[1:])
     config = config_from_args(args, os.environ)
     logging.basicConfig(
         level=config.log_level.upper(),

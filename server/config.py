@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -29,6 +30,17 @@ class Config:
     grace_seconds: float = 10.0
     # Memory store: mlock each area at swapon (refused -> RESOURCE_EXHAUSTED).
     mlock: bool = False
+    # TLS: server certificate and key; with a client CA, mutual TLS.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    require_token: bool = False  # under mutual TLS, a token as well
+    insecure: bool = False  # allow plaintext on a non-loopback address
+    # Limits (each refusal: RESOURCE_EXHAUSTED with a message).
+    max_streams: int = 64  # concurrent RPCs per connection
+    max_areas_per_principal: int = 16
+    swapon_rate: float = 10.0  # per principal per second ...
+    swapon_burst: int = 20  # ... with bursts of this many
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -52,10 +64,52 @@ class Config:
             raise ValueError("--mlock applies to --store memory (file stores live in the page cache)")
         if self.grace_seconds < 0:
             raise ValueError("--grace-seconds must not be negative")
+        self._check_security()
+
+    def _check_security(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        if self.require_token and self.tls_client_ca is None:
+            raise ValueError(
+                "--require-token applies with --tls-client-ca; without it a token is always required"
+            )
+        if self.tls_cert is None and not self.insecure and not plaintext_is_local(self.listen):
+            raise ValueError(
+                f"refusing plaintext on {self.listen}: it is reachable from other hosts. Give"
+                " --tls-cert/--tls-key, listen on loopback or unix:PATH, or pass --insecure"
+            )
+        if (
+            self.max_streams < 1
+            or self.max_areas_per_principal < 1
+            or self.swapon_burst < 1
+            or self.swapon_rate <= 0
+        ):
+            raise ValueError(
+                "--max-streams, --max-areas-per-principal, --swapon-rate and --swapon-burst must be positive"
+            )
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
     @property
     def store_path(self) -> Path | None:
         return Path(self.store[5:]) if self.store.startswith("file:") else None
+
+
+def plaintext_is_local(listen: str) -> bool:
+    """True for unix sockets and loopback addresses: nobody else can reach them."""
+    if listen.startswith("unix:"):
+        return True
+    host = listen.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -86,6 +140,23 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "debug, info, warning or error",
         choices=["debug", "info", "warning", "error"],
     )
+    add("--tls-cert", "server certificate (PEM): serve TLS", type=Path)
+    add("--tls-key", "server private key (PEM)", type=Path)
+    add("--tls-client-ca", "CA (PEM) for client certificates: require mutual TLS", type=Path)
+    add("--max-streams", "concurrent RPCs per connection", type=int)
+    add("--max-areas-per-principal", "areas one principal may have", type=int)
+    add("--swapon-rate", "SwapOn calls per second per principal", type=float)
+    add("--swapon-burst", "SwapOn calls a principal may make at once", type=int)
+    for flag, env, help in (
+        ("--require-token", "NETSWAP_REQUIRE_TOKEN", "under mutual TLS, also require a bearer token"),
+        ("--insecure", "NETSWAP_INSECURE", "allow plaintext on a non-loopback address (not for production)"),
+    ):
+        parser.add_argument(
+            flag,
+            action="store_true",
+            default=environ.get(env, "") in ("1", "true", "yes"),
+            help=f"{help} [env {env}=1]",
+        )
     parser.add_argument(
         "--mlock",
         action="store_true",

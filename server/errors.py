@@ -26,4 +26,8 @@ class Exhausted(ServiceError):
 
 
 class Unauthenticated(ServiceError):
-    """No or unknown bearer token."""
+    """The caller could not be identified; `reason` is a short label for metrics and the audit log."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason

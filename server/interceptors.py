@@ -14,11 +14,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from netswap.server.auth import TokenTable, bearer_token, principal_var
+from netswap.server.audit import AuditLog
+from netswap.server.auth import Credentials, bearer_token, peer_var, principal_from_certificate, principal_var
 from netswap.server.errors import ServiceError, Unauthenticated
 from netswap.server.metrics import ServerMetrics
 from netswap.server.status import status_of
@@ -94,23 +96,68 @@ class StatusInterceptor(_SwapServiceInterceptor):
         return mapped
 
 
+@dataclass(frozen=True)
+class AuthPolicy:
+    mutual_tls: bool = False  # client certificates are required and name the principal
+    require_token: bool = False  # under mutual TLS, also require a token for that principal
+
+
 class AuthInterceptor(_SwapServiceInterceptor):
-    def __init__(self, tokens: TokenTable, on_failure: Callable[[str], None]) -> None:
-        self._tokens = tokens
+    def __init__(
+        self,
+        credentials: Credentials,
+        policy: AuthPolicy,
+        on_failure: Callable[[str], None],
+        audit: AuditLog,
+    ) -> None:
+        self._credentials = credentials
+        self._policy = policy
         self._on_failure = on_failure
+        self._audit = audit
 
     def wrap(self, details: grpc.HandlerCallDetails, inner: Behavior) -> Behavior:
         token = bearer_token(details.invocation_metadata)
-        principal = self._tokens.authenticate(token) if token else None
+        method = details.method.removeprefix(SERVICE_PREFIX)
 
         async def authenticated(request: Any, context: Context) -> Any:
-            if principal is None:
-                self._on_failure("missing_token" if token is None else "unknown_token")
-                raise Unauthenticated("missing bearer token" if token is None else "unknown bearer token")
-            reset = principal_var.set(principal.name)
+            peer = context.peer()
+            try:
+                name = self._identify(token, context)
+            except Unauthenticated as e:
+                self._on_failure(e.reason)
+                self._audit.event("authn_failure", outcome=e.reason, method=method, peer=peer)
+                raise
+            reset_principal = principal_var.set(name)
+            reset_peer = peer_var.set(peer)
             try:
                 return await inner(request, context)
             finally:
-                principal_var.reset(reset)
+                peer_var.reset(reset_peer)
+                principal_var.reset(reset_principal)
 
         return authenticated
+
+    def _identify(self, token: str | None, context: Context) -> str:
+        table = self._credentials.table
+        tokened = table.authenticate(token) if token is not None else None
+        if token is not None and tokened is None:
+            raise Unauthenticated("unknown bearer token", "unknown_token")
+        if not self._policy.mutual_tls:
+            if tokened is None:
+                raise Unauthenticated("missing bearer token", "missing_token")
+            return tokened.name
+        named = principal_from_certificate(context.auth_context())
+        if named is None:
+            raise Unauthenticated(
+                "the client certificate names no principal (SAN URI spiffe://<domain>/principal/NAME)",
+                "certificate_without_principal",
+            )
+        if tokened is not None and tokened.name != named:
+            raise Unauthenticated(
+                "bearer token and client certificate name different principals", "principal_mismatch"
+            )
+        if tokened is None and self._policy.require_token:
+            raise Unauthenticated(
+                "missing bearer token (required as well as a client certificate)", "missing_token"
+            )
+        return named

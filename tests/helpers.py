@@ -36,6 +36,7 @@ def write_tokens(path: Path, quotas: dict[str, int | None] | None = None) -> Pat
         if quotas.get(name) is not None:
             lines.append(f"quota_bytes = {quotas[name]}")
     path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)  # the server refuses a tokens file others can read
     return path
 
 

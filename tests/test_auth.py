@@ -128,5 +128,6 @@ def test_bearer_token_parsing() -> None:
 def test_bad_tokens_files_are_refused_clearly(tmp_path: Path, text: str, words: str) -> None:
     path = tmp_path / "tokens.toml"
     path.write_text(text)
+    path.chmod(0o600)
     with pytest.raises(TokensError, match=words.replace("[", r"\[")):
         TokenTable.load(path)
