@@ -9,7 +9,7 @@
 netswap.client.sync has the same API for code without an event loop.
 """
 
-from netswap.client.core import Area, AreaInfo, SwapClient
+from netswap.client.core import Area, AreaInfo, SwapClient, TlsFiles
 from netswap.client.errors import (
     AreaNotFound,
     AuthenticationFailed,
@@ -38,4 +38,5 @@ __all__ = [
     "ServerError",
     "SizeMismatch",
     "SwapClient",
+    "TlsFiles",
 ]

@@ -12,7 +12,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from netswap.client.core import DEFAULT_TIMEOUT, Area, SwapClient
+from netswap.client.core import DEFAULT_TIMEOUT, Area, SwapClient, TlsFiles
 from netswap.client.errors import NetswapError
 from netswap.client.nbd.serve import NBD_MAX_BATCH, NbdOptions, run_nbd
 from netswap.client.reserve import ReserveError, reserve_safe_process_or_reexec
@@ -34,6 +34,13 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         default=environ.get("NETSWAP_TOKEN_FILE"),
         help="file holding the bearer token [env NETSWAP_TOKEN_FILE; or set NETSWAP_TOKEN]",
     )
+    for flag, what in (
+        ("--tls-ca", "CA (PEM) that signed the server's certificate: use TLS"),
+        ("--tls-cert", "client certificate (PEM) for mutual TLS"),
+        ("--tls-key", "client private key (PEM) for mutual TLS"),
+    ):
+        env = "NETSWAP_" + flag.lstrip("-").replace("-", "_").upper()
+        parser.add_argument(flag, type=Path, default=environ.get(env), help=f"{what} [env {env}]")
     sub = parser.add_subparsers(dest="command", required=True)
     on = sub.add_parser("swapon", help="create or re-attach an area (reserves its space)")
     on.add_argument("name")
@@ -72,13 +79,21 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     return parser
 
 
-def read_token(args: argparse.Namespace, environ: Mapping[str, str]) -> str:
+def read_token(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
     if args.token_file is not None:
         return Path(args.token_file).read_text().strip()
     token = environ.get("NETSWAP_TOKEN", "").strip()
-    if not token:
-        raise SystemExit("netswap: no token: pass --token-file or set NETSWAP_TOKEN")
-    return token
+    if not token and args.tls_cert is None:
+        raise SystemExit(
+            "netswap: no credentials: pass --token-file, set NETSWAP_TOKEN, or use --tls-cert/--tls-key"
+        )
+    return token or None
+
+
+def tls_files(args: argparse.Namespace) -> TlsFiles | None:
+    if args.tls_ca is None and args.tls_cert is None and args.tls_key is None:
+        return None
+    return TlsFiles(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
 
 
 class Progress:
@@ -166,7 +181,7 @@ async def run_demo(client: SwapClient, args: argparse.Namespace) -> int:
     return 0
 
 
-async def run(args: argparse.Namespace, token: str) -> int:
+async def run(args: argparse.Namespace, token: str | None) -> int:
     if args.command == "nbd":
         # Bounded: the frontend keeps at most NbdOptions.max_rpcs RPCs in flight,
         # each of at most NBD_MAX_BATCH pages (servers default to 256).
@@ -176,9 +191,10 @@ async def run(args: argparse.Namespace, token: str) -> int:
             timeout=args.rpc_timeout,
             max_batch_pages=NBD_MAX_BATCH,
             max_rpcs=NbdOptions.max_rpcs,
+            tls=tls_files(args),
         )
     else:
-        connect = SwapClient.connect(args.server, token, timeout=DEFAULT_TIMEOUT)
+        connect = SwapClient.connect(args.server, token, timeout=DEFAULT_TIMEOUT, tls=tls_files(args))
     async with await connect as client:
         if args.command == "nbd":
             if args.pool_pages < 32:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Self, TypeVar
 
 import grpc
@@ -31,6 +32,25 @@ DEFAULT_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for a TLS channel: the CA that signed the server's certificate and,
+    for mutual TLS, this client's certificate and key."""
+
+    ca: Path | None = None  # None: the system's trust store
+    cert: Path | None = None
+    key: Path | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        if (self.cert is None) != (self.key is None):
+            raise InvalidRequest("a client certificate and its key go together (--tls-cert, --tls-key)")
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca.read_bytes() if self.ca else None,
+            private_key=self.key.read_bytes() if self.key else None,
+            certificate_chain=self.cert.read_bytes() if self.cert else None,
+        )
+
+
+@dataclass(frozen=True)
 class AreaInfo:
     name: str
     size_bytes: int
@@ -43,13 +63,14 @@ class SwapClient:
     def __init__(
         self,
         channel: grpc.aio.Channel,
-        token: str,
+        token: str | None,
         *,
         timeout: float = DEFAULT_TIMEOUT,
         max_batch_pages: int = MAX_BATCH_LIMIT,
     ):
         self._channel = channel
-        self._metadata = (("authorization", f"Bearer {token}"),)
+        # No token: the client certificate alone says who we are (mutual TLS).
+        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout = timeout
         # Batches are cut to what this channel's message limit carries, even
         # if the server would take more.
@@ -69,14 +90,15 @@ class SwapClient:
     async def connect(
         cls,
         target: str,
-        token: str,
+        token: str | None,
         *,
         timeout: float = DEFAULT_TIMEOUT,
         options: Sequence[tuple[str, Any]] = (),
         max_batch_pages: int = MAX_BATCH_LIMIT,
         max_rpcs: int | None = None,
+        tls: TlsFiles | None = None,
     ) -> SwapClient:
-        """Open a channel to `target` ("HOST:PORT" or "unix:PATH").
+        """Open a channel to `target` ("HOST:PORT" or "unix:PATH"), over TLS if `tls` is given.
 
         Messages are capped at what batches of `max_batch_pages` need. With
         `max_rpcs` (the most RPCs the caller keeps in flight), gRPC's flow
@@ -87,15 +109,16 @@ class SwapClient:
         bounded: list[tuple[str, Any]] = []
         if max_rpcs is not None:
             bounded = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", limit * max_rpcs)]
-        channel = grpc.aio.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", limit),
-                *bounded,
-                *options,
-            ],
-        )
+        channel_options = [
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            *bounded,
+            *options,
+        ]
+        if tls is None:
+            channel = grpc.aio.insecure_channel(target, options=channel_options)
+        else:
+            channel = grpc.aio.secure_channel(target, tls.credentials(), options=channel_options)
         return cls(channel, token, timeout=timeout, max_batch_pages=max_batch_pages)
 
     async def _call(self, method: Callable[..., Awaitable[T]], request: Any) -> T:

@@ -57,11 +57,18 @@ class SyncLease:
 class SwapClient:
     """Blocking twin of netswap.client.SwapClient (same methods, same errors)."""
 
-    def __init__(self, target: str, token: str, *, timeout: float = core.DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self,
+        target: str,
+        token: str | None,
+        *,
+        timeout: float = core.DEFAULT_TIMEOUT,
+        tls: core.TlsFiles | None = None,
+    ) -> None:
         self._loop = _LoopThread()
 
         async def connect() -> core.SwapClient:
-            return await core.SwapClient.connect(target, token, timeout=timeout)
+            return await core.SwapClient.connect(target, token, timeout=timeout, tls=tls)
 
         self._client = self._loop.run(connect())
 
