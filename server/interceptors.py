@@ -21,7 +21,7 @@ import grpc
 
 from netswap.server.audit import AuditLog
 from netswap.server.auth import Credentials, bearer_token, peer_var, principal_from_certificate, principal_var
-from netswap.server.errors import ServiceError, Unauthenticated
+from netswap.server.errors import InvalidArgument, ServiceError, Unauthenticated
 from netswap.server.metrics import ServerMetrics
 from netswap.server.status import status_of
 
@@ -38,11 +38,35 @@ else:  # not subscriptable at run time
     _ServerInterceptor = grpc.aio.ServerInterceptor
 
 
+class Malformed:
+    """Stands in for a request that did not parse, so that the caller is authenticated first
+    and then told INVALID_ARGUMENT -- not gRPC's UNKNOWN for a deserializer exception."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None, method: str) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def parse(raw: bytes) -> Any:
+        try:
+            return deserialize(raw)
+        except Exception as e:  # any parse failure of untrusted bytes
+            return Malformed(f"malformed {method} request: {e}")
+
+    return parse
+
+
 class _SwapServiceInterceptor(_ServerInterceptor):
     """Wraps the behaviour of each SwapService method with wrap(); leaves other services alone."""
 
     def wrap(self, details: grpc.HandlerCallDetails, inner: Behavior) -> Behavior:
         raise NotImplementedError
+
+    def deserializer(self, details: grpc.HandlerCallDetails, given: Any) -> Any:
+        return given
 
     async def intercept_service(
         self,
@@ -55,7 +79,7 @@ class _SwapServiceInterceptor(_ServerInterceptor):
         inner: Behavior = handler.unary_unary  # type: ignore[assignment]
         return grpc.unary_unary_rpc_method_handler(
             self.wrap(handler_call_details, inner),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=self.deserializer(handler_call_details, handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
 
@@ -63,6 +87,9 @@ class _SwapServiceInterceptor(_ServerInterceptor):
 class StatusInterceptor(_SwapServiceInterceptor):
     def __init__(self, metrics: ServerMetrics) -> None:
         self._histogram = metrics.rpc_duration
+
+    def deserializer(self, details: grpc.HandlerCallDetails, given: Any) -> Any:
+        return _tolerant(given, details.method.removeprefix(SERVICE_PREFIX))
 
     def wrap(self, details: grpc.HandlerCallDetails, inner: Behavior) -> Behavior:
         method = details.method.removeprefix(SERVICE_PREFIX)
@@ -127,6 +154,8 @@ class AuthInterceptor(_SwapServiceInterceptor):
                 self._on_failure(e.reason)
                 self._audit.event("authn_failure", outcome=e.reason, method=method, peer=peer)
                 raise
+            if isinstance(request, Malformed):  # see Malformed: only now, once authenticated
+                raise InvalidArgument(request.message)
             reset_principal = principal_var.set(name)
             reset_peer = peer_var.set(peer)
             try:
