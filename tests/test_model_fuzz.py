@@ -107,7 +107,7 @@ class SwapModel(RuleBasedStateMachine):
         try:
             return grpc.StatusCode.OK, getattr(self.stub, method)(request, metadata=auth(principal))
         except grpc.RpcError as e:
-            return e.code(), None  # type: ignore[attr-defined]
+            return e.code(), None
 
     def handle_for(self, principal: str, pick: int) -> bytes:
         """pick -1: a live handle of `principal` if it has one; otherwise any handle ever issued."""
