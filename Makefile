@@ -10,7 +10,7 @@ LISTEN ?= 127.0.0.1:50051
 # Real NBD clients and a QEMU guest for the frontend's tests (Debian packages).
 DEBIAN_TEST_PACKAGES := qemu-system-x86 qemu-utils libnbd-bin fio busybox-static nbdkit
 
-.PHONY: run test lint typecheck check-genproto genproto pytest bench clean debian-test-deps
+.PHONY: run test lint typecheck check-genproto genproto pytest bench certs clean debian-test-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -72,6 +72,10 @@ genproto: $(VENV)/.dev-stamp
 
 pytest: $(VENV)/.dev-stamp
 	$(BIN)/pytest -q
+
+# Development CA, server certificate and client certificates (alice, bob) in var/certs.
+certs: $(VENV)/.dev-stamp
+	$(BIN)/netswap-server gen-dev-certs $(VAR)/certs --principal alice --principal bob
 
 bench: $(VENV)/.dev-stamp debian-test-deps
 	$(BIN)/python bench/library.py

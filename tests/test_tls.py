@@ -209,3 +209,35 @@ def test_cli_over_mutual_tls_needs_no_token(tmp_path: Path, pki: Pki) -> None:
         assert "mutual TLS" in server.log.read_text()
     finally:
         server.stop_quietly()
+
+
+def test_gen_dev_certs(tmp_path: Path) -> None:
+    from cryptography import x509  # noqa: PLC0415
+
+    out = subprocess.run(
+        [sys.executable, "-m", "netswap.server", "gen-dev-certs", str(tmp_path / "c"), "--principal", "a.b", "--principal", "z"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    names = sorted(p.name for p in (tmp_path / "c").iterdir())
+    assert names == sorted(
+        [
+            "ca.pem",
+            "server.pem",
+            "server.key",
+            "client-a.b.pem",
+            "client-a.b.key",
+            "client-z.pem",
+            "client-z.key",
+        ]
+    )
+    assert all(oct(p.stat().st_mode & 0o777) == "0o600" for p in (tmp_path / "c").glob("*.key"))
+    cert = x509.load_pem_x509_certificate((tmp_path / "c" / "client-a.b.pem").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == ["spiffe://netswap.dev/principal/a.b"]
+    bad = subprocess.run(
+        [sys.executable, "-m", "netswap.server", "gen-dev-certs", str(tmp_path / "d"), "--principal", "../x"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "principal name '../x' must be" in bad.stderr
