@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client import CollectorRegistry, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -13,6 +13,40 @@ from netswap.client import reserve
 
 if TYPE_CHECKING:
     from netswap.client.nbd.serve import NbdServer
+
+
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+COMMANDS = {0: "read", 1: "write", 2: "disc", 3: "flush", 4: "trim", 6: "write_zeroes"}
+
+
+class FrontendMetrics:
+    """What the frontend updates as it works; the rest is read at scrape time (NbdCollector)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Histogram(
+            "netswap_client_nbd_request_duration_seconds",
+            "NBD requests by command and outcome: time from the request being in hand to its reply.",
+            ["command", "outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "netswap_client_nbd_requests_in_flight",
+            "NBD requests accepted and not yet answered.",
+            registry=registry,
+        )
+        self.batch_pages = Histogram(
+            "netswap_client_batch_pages",
+            "Pages per RPC after coalescing NBD requests, by kind (in, out, discard).",
+            ["kind"],
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
+
+    def request_done(self, cmd: int, seconds: float, ok: bool) -> None:
+        self.requests.labels(COMMANDS.get(cmd, "other"), "ok" if ok else "error").observe(seconds)
 
 
 class NbdCollector(Collector):
@@ -57,8 +91,7 @@ class NbdCollector(Collector):
         )
 
 
-def nbd_registry(server: NbdServer) -> CollectorRegistry:
+def frontend_registry() -> tuple[CollectorRegistry, FrontendMetrics]:
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
-    registry.register(NbdCollector(server))
-    return registry
+    return registry, FrontendMetrics(registry)

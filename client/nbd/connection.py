@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
+from netswap.client.metrics import FrontendMetrics
 from netswap.client.nbd import protocol as p
 from netswap.client.nbd.device import AreaDevice, DeviceError
 from netswap.client.pool import Lease
@@ -43,9 +45,11 @@ class NbdConnection(asyncio.BufferedProtocol):
         export: p.Export,
         on_close: Callable[[NbdConnection], None],
         budget_pages: int,
+        metrics: FrontendMetrics | None = None,
     ) -> None:
         self.device = device
         self.export = export
+        self._metrics = metrics
         # Pool pages this connection may hold at once, so that one client
         # (say, one that never reads its replies) cannot starve the others.
         self.budget_pages = budget_pages
@@ -279,6 +283,8 @@ class NbdConnection(asyncio.BufferedProtocol):
         errno = p.validate_request(cmd, flags, offset, length, self.export)
         if errno or (length == 0 and cmd not in (p.CMD_DISC, p.CMD_FLUSH)):
             self._write(p.simple_reply(errno, cookie))
+            if self._metrics is not None:
+                self._metrics.request_done(cmd, 0.0, errno == 0)
             if cmd == p.CMD_WRITE:
                 self._skip = length  # keep the stream in step: the payload still comes
             return True
@@ -297,12 +303,14 @@ class NbdConnection(asyncio.BufferedProtocol):
                 dev.partial_edges(offset, length), cookie, offset, length, self._start_zeroes
             )
         if cmd == p.CMD_TRIM:
-            self._spawn(cookie, dev.trim(offset, length))
+            self._spawn(cookie, dev.trim(offset, length), command=cmd)
         else:  # FLUSH
             # Writes are answered only once the server has them (see README:
             # durability), so every acknowledged write is already as
             # permanent as netswap makes anything.
             self._write(p.simple_reply(0, cookie))
+            if self._metrics is not None:
+                self._metrics.request_done(cmd, 0.0, True)
         return True
 
     # -- requests that need pages -----------------------------------------------------
@@ -366,7 +374,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         target[:have] = self._take(have)
 
         def received() -> None:
-            self._spawn(cookie, self.device.write(offset, length, lease.view), lease)
+            self._spawn(cookie, self.device.write(offset, length, lease.view), lease, command=p.CMD_WRITE)
 
         if have == length:
             received()
@@ -382,11 +390,13 @@ class NbdConnection(asyncio.BufferedProtocol):
         async def read() -> None:
             await self.device.read(offset, length, lease.view)
 
-        self._spawn(cookie, read(), lease, reply_data=lease.view[skip : skip + length])
+        self._spawn(cookie, read(), lease, reply_data=lease.view[skip : skip + length], command=p.CMD_READ)
         return True
 
     def _start_zeroes(self, lease: Lease, cookie: int, offset: int, length: int) -> bool:
-        self._spawn(cookie, self.device.write_zeroes(offset, length, lease.view), lease)
+        self._spawn(
+            cookie, self.device.write_zeroes(offset, length, lease.view), lease, command=p.CMD_WRITE_ZEROES
+        )
         return True
 
     # -- completion ---------------------------------------------------------------------
@@ -397,8 +407,15 @@ class NbdConnection(asyncio.BufferedProtocol):
         work: Awaitable[Any],
         lease: Lease | None = None,
         reply_data: memoryview | None = None,
+        *,
+        command: int,
     ) -> None:
+        metrics = self._metrics
+
         async def run() -> None:
+            start = time.perf_counter()
+            if metrics is not None:
+                metrics.in_flight.inc()
             try:
                 await work
                 errno = 0
@@ -409,6 +426,9 @@ class NbdConnection(asyncio.BufferedProtocol):
                 log.exception("request %#x failed", cookie)
                 errno = p.EIO
             self._reply(cookie, errno, lease, reply_data)
+            if metrics is not None:
+                metrics.in_flight.dec()
+                metrics.request_done(command, time.perf_counter() - start, errno == 0)
 
         task = asyncio.ensure_future(run())
         self._tasks.add(task)

@@ -25,6 +25,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn, Protocol, TypeVar
 
+from prometheus_client import Histogram
+
 from netswap.client.errors import AreaNotFound, ConnectionLost, InvalidRequest, NetswapError
 from netswap.client.nbd.protocol import EINVAL, EIO
 from netswap.client.pool import PagePool
@@ -126,7 +128,14 @@ class RangeLocks:
 
 
 class AreaDevice:
-    def __init__(self, area: BatchArea, *, retry_deadline: float = 60.0, max_rpcs: int = 4) -> None:
+    def __init__(
+        self,
+        area: BatchArea,
+        *,
+        retry_deadline: float = 60.0,
+        max_rpcs: int = 4,
+        on_batch: Histogram | None = None,
+    ) -> None:
         self.area = area
         self.page_size = area.page_size
         self.size = area.size_bytes
@@ -140,6 +149,8 @@ class AreaDevice:
         self._reattach_lock = asyncio.Lock()
         self._generation = 0  # bumped by every re-attach
         self.failed: str | None = None
+        self.server_up = True  # did the last RPC reach the server?
+        self._on_batch = on_batch
         self.rpcs: dict[str, int] = {"in": 0, "out": 0, "discard": 0}  # RPCs sent, for stats/tests
         self.retries = 0
 
@@ -328,6 +339,8 @@ class AreaDevice:
             else:
                 await self._with_retry(lambda: self.area.discard_batch(slots), deadline)
             self.rpcs[kind] += 1
+            if self._on_batch is not None:
+                self._on_batch.labels(kind).observe(len(slots))
         except DeviceError as e:
             error = e
         except Exception as e:
@@ -351,8 +364,11 @@ class AreaDevice:
                 raise DeviceError(EIO, self.failed)
             generation = self._generation
             try:
-                return await call()
+                result = await call()
+                self.server_up = True
+                return result
             except ConnectionLost as e:
+                self.server_up = False
                 if loop.time() + delay > deadline:
                     raise DeviceError(EIO, f"server unreachable until the retry deadline: {e}") from e
                 if self.retries % 20 == 0:

@@ -14,7 +14,7 @@ from prometheus_client import start_http_server
 
 from netswap.client.core import Area, SwapClient
 from netswap.client.errors import ConnectionLost
-from netswap.client.metrics import nbd_registry
+from netswap.client.metrics import NbdCollector, frontend_registry
 from netswap.client.nbd import protocol as p
 from netswap.client.nbd.connection import NbdConnection
 from netswap.client.nbd.device import AreaDevice
@@ -66,7 +66,14 @@ class NbdServer:
     def __init__(self, area: Area, opts: NbdOptions) -> None:
         self.area = area
         self.opts = opts
-        self.device = AreaDevice(area, retry_deadline=opts.retry_deadline, max_rpcs=opts.max_rpcs)
+        self.registry, self.metrics = frontend_registry()
+        self.device = AreaDevice(
+            area,
+            retry_deadline=opts.retry_deadline,
+            max_rpcs=opts.max_rpcs,
+            on_batch=self.metrics.batch_pages,
+        )
+        self.registry.register(NbdCollector(self))
         ps = area.page_size
         # Each connection may hold an equal share of the pool, so a client
         # that stops reading its replies stalls only itself; its largest
@@ -94,7 +101,9 @@ class NbdServer:
         self._server: asyncio.base_events.Server | None = None
 
     def _connection(self) -> asyncio.BaseProtocol:
-        conn = NbdConnection(self.device, self.export, self.connections.discard, self.budget_pages)
+        conn = NbdConnection(
+            self.device, self.export, self.connections.discard, self.budget_pages, self.metrics
+        )
         if len(self.connections) >= self.opts.max_connections:
             log.warning("refusing an NBD connection: %d already open", len(self.connections))
             return _Refuse()
@@ -144,7 +153,7 @@ async def run_nbd(client: SwapClient, opts: NbdOptions) -> int:
     )  # fmt: skip
     if opts.metrics_listen:
         host, _, port = opts.metrics_listen.rpartition(":")
-        http, _ = start_http_server(int(port), addr=host or "127.0.0.1", registry=nbd_registry(server))
+        http, _ = start_http_server(int(port), addr=host or "127.0.0.1", registry=server.registry)
         log.info("metrics at http://%s:%d/metrics", host or "127.0.0.1", http.server_port)
     # Last: everything the data path needs now exists and has been touched.
     report = make_reserve_safe(mlock=opts.mlock)
