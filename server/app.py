@@ -45,15 +45,21 @@ class NetswapServer:
         self.credentials = credentials  # reload() on SIGHUP
         self.address = address  # what clients dial: "127.0.0.1:PORT" or "unix:PATH"
         self._health = health
+        self.health_server: grpc.aio.Server | None = None  # the probes' plaintext port, if any
+        self.health_address: str | None = None
 
     async def start(self) -> None:
         await self.grpc.start()
+        if self.health_server is not None:
+            await self.health_server.start()
         for service in ("", SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace: float | None) -> None:
         """Stop accepting calls, let in-flight ones finish for `grace` seconds, close the store."""
         await self._health.enter_graceful_shutdown()
+        if self.health_server is not None:
+            await self.health_server.stop(None)
         await self.grpc.stop(grace)
         await self.manager.close()
 
@@ -121,4 +127,13 @@ def build_server(config: Config, store: Store, registry: CollectorRegistry) -> N
     else:
         host = config.listen.rpartition(":")[0] or "127.0.0.1"
         address = f"{host}:{port}"
-    return NetswapServer(server, manager, health_servicer, address, credentials)
+    built = NetswapServer(server, manager, health_servicer, address, credentials)
+    if config.health_listen:
+        # Probes (kubelet's gRPC probes, Docker's HEALTHCHECK) speak plaintext
+        # and carry no token: they get a port of their own that serves the
+        # health service and nothing else.
+        built.health_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, built.health_server)
+        health_port = built.health_server.add_insecure_port(config.health_listen)
+        built.health_address = f"{config.health_listen.rpartition(':')[0]}:{health_port}"
+    return built

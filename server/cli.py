@@ -49,9 +49,9 @@ async def serve(config: Config) -> None:
                 "INSECURE: plaintext on %s; tokens and pages cross the network in clear", config.listen
             )
     log.info(
-        "serving on %s (%s): store=%s capacity=%s reserved=%s areas=%d max_batch_pages=%d metrics=%s",
+        "serving on %s (%s): store=%s capacity=%s reserved=%s areas=%d max_batch_pages=%d metrics=%s health=%s",
         server.address, security, config.store, format_size(m.capacity), format_size(m.reserved_bytes),
-        m.area_count(), m.max_batch_pages, metrics_at,
+        m.area_count(), m.max_batch_pages, metrics_at, server.health_address or "off",
     )  # fmt: skip
     stop = asyncio.Event()
     running = asyncio.get_running_loop()
@@ -113,6 +113,36 @@ def gen_token(argv: Sequence[str]) -> int:
     return 0
 
 
+def healthcheck(argv: Sequence[str]) -> int:
+    """Exit 0 if the health port answers SERVING (for Docker's HEALTHCHECK and scripts)."""
+    parser = argparse.ArgumentParser(
+        prog="netswap-server healthcheck",
+        description="Ask the local health port (--health-listen) whether the server is SERVING.",
+    )
+    default = os.environ.get("NETSWAP_HEALTH_LISTEN", "")
+    parser.add_argument("--address", default=default, help="HOST:PORT [default: NETSWAP_HEALTH_LISTEN]")
+    parser.add_argument("--timeout", type=float, default=3.0)
+    args = parser.parse_args(argv)
+    if not args.address:
+        parser.error("no health port: set NETSWAP_HEALTH_LISTEN or pass --address")
+    host, _, port = args.address.rpartition(":")
+    target = f"127.0.0.1:{port}" if host in ("", "0.0.0.0", "[::]", "::") else args.address  # noqa: S104
+    import grpc  # noqa: PLC0415 (only this subcommand needs a client)
+    from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: PLC0415
+
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=args.timeout
+            )
+        except grpc.RpcError as e:
+            print(f"unhealthy: {e.code().name}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(status)
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def gen_dev_certs(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="netswap-server gen-dev-certs",
@@ -140,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return gen_token(args[1:])
     if args[:1] == ["gen-dev-certs"]:
         return gen_dev_certs(args[1:])
+    if args[:1] == ["healthcheck"]:
+        return healthcheck(args[1:])
     config = config_from_args(args, os.environ)
     logging.basicConfig(
         level=config.log_level.upper(),

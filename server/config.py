@@ -26,6 +26,8 @@ class Config:
     tokens: Path | None = None
     # "" disables the metrics endpoint.
     metrics_listen: str = "127.0.0.1:9108"
+    # A plaintext port with only grpc.health.v1 (for probes); "" for none.
+    health_listen: str = ""
     # Seconds in-flight calls get to finish on SIGTERM.
     grace_seconds: float = 10.0
     # Memory store: mlock each area at swapon (refused -> RESOURCE_EXHAUSTED).
@@ -134,6 +136,10 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     add("--max-batch-pages", "most pages one SwapOut/SwapIn/Discard may carry", type=int)
     add("--tokens", "TOML file of principals and token hashes (required)", type=Path)
     add("--metrics-listen", "Prometheus HOST:PORT, empty to disable (default %(default)s)")
+    add(
+        "--health-listen",
+        "HOST:PORT serving only the gRPC health service, plaintext, for probes (default off)",
+    )
     add("--grace-seconds", "time in-flight calls get on SIGTERM", type=float)
     add(
         "--log-level",
