@@ -89,6 +89,11 @@ class NbdCollector(Collector):
             "1 once the area was found lost; every request fails.",
             int(device.failed is not None),
         )
+        yield GaugeMetricFamily(
+            "netswap_client_server_up",
+            "1 if the last RPC reached the server, 0 while retrying.",
+            int(device.server_up),
+        )
 
 
 def frontend_registry() -> tuple[CollectorRegistry, FrontendMetrics]:
