@@ -8,9 +8,11 @@ VAR    := var
 LISTEN ?= 127.0.0.1:50051
 
 # Real NBD clients and a QEMU guest for the frontend's tests (Debian packages).
-DEBIAN_TEST_PACKAGES := qemu-system-x86 qemu-utils libnbd-bin fio busybox-static nbdkit
+DEBIAN_TEST_PACKAGES := qemu-system-x86 qemu-utils libnbd-bin fio busybox-static nbdkit prometheus
+# checkov pins half of PyPI: it gets a venv of its own.
+CHECKOV_VERSION := 3.3.30
 
-.PHONY: run test lint typecheck check-genproto genproto pytest bench certs clean debian-test-deps
+.PHONY: run test lint lint-deploy typecheck check-genproto genproto pytest bench certs clean debian-test-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,7 +41,7 @@ run: $(VENV)/.run-stamp $(VAR)/dev-token
 	$(BIN)/netswap-server --listen $(LISTEN) --store file:$(VAR)/store --capacity 8GiB \
 		--tokens $(VAR)/tokens.toml
 
-test: $(VENV)/.dev-stamp debian-test-deps lint typecheck check-genproto pytest
+test: $(VENV)/.dev-stamp debian-test-deps lint lint-deploy typecheck check-genproto pytest
 
 debian-test-deps:
 	@missing=$$(for p in $(DEBIAN_TEST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -54,6 +56,21 @@ lint: $(VENV)/.dev-stamp
 
 # mypy cannot follow the package-dir mapping (netswap.server lives in server/),
 # so it checks a tree of symlinks that has the installed shape.
+.venv-checkov/.stamp:
+	$(PYTHON) -m venv .venv-checkov
+	.venv-checkov/bin/pip install -q checkov==$(CHECKOV_VERSION)
+	touch $@
+
+# Deployment files, checked by the tools their ecosystems use.
+lint-deploy: $(VENV)/.dev-stamp debian-test-deps .venv-checkov/.stamp
+	$(BIN)/hadolint deploy/Dockerfile
+	$(BIN)/yamllint --strict -c deploy/.yamllint deploy
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec deploy/compose.yaml
+	$(BIN)/kubernetes-validate --strict --quiet deploy/k8s/*.yaml
+	promtool check rules deploy/prometheus/alerts.yml
+	cd deploy/prometheus && promtool test rules alerts_test.yml
+	.venv-checkov/bin/checkov --config-file deploy/checkov.yaml
+
 typecheck: $(VENV)/.dev-stamp
 	rm -rf build/typecheck && mkdir -p build/typecheck/netswap
 	cp proto/netswap/__init__.py proto/netswap/py.typed build/typecheck/netswap/

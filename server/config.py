@@ -126,7 +126,10 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     def add(flag: str, help: str, **kw: object) -> None:
         dest = flag.lstrip("-").replace("-", "_")
         env = "NETSWAP_" + dest.upper()
-        default = environ.get(env, getattr(defaults, dest))
+        value = environ.get(env)
+        if value == "" and dest not in ("metrics_listen", "health_listen"):
+            value = None  # empty means unset (a container can blank an image default)
+        default = value if value is not None else getattr(defaults, dest)
         parser.add_argument(flag, dest=dest, default=default, help=f"{help} [env {env}]", **kw)  # type: ignore[arg-type]
 
     add("--listen", "gRPC address: HOST:PORT or unix:PATH (default %(default)s)")
