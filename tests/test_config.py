@@ -71,7 +71,12 @@ def test_format_size() -> None:
 
 def test_empty_environment_values_mean_unset() -> None:
     # A container image may set NETSWAP_TLS_CERT; `-e NETSWAP_TLS_CERT=` must undo it.
-    env = {"NETSWAP_TLS_CERT": "", "NETSWAP_TLS_KEY": "", "NETSWAP_TOKENS": "/t.toml", "NETSWAP_METRICS_LISTEN": ""}
+    env = {
+        "NETSWAP_TLS_CERT": "",
+        "NETSWAP_TLS_KEY": "",
+        "NETSWAP_TOKENS": "/t.toml",
+        "NETSWAP_METRICS_LISTEN": "",
+    }
     config = config_from_args([], env)
     assert config.tls_cert is None and config.tls_key is None
     assert config.metrics_listen == ""  # here empty means "off", as documented
