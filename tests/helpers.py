@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -38,6 +39,14 @@ def write_tokens(path: Path, quotas: dict[str, int | None] | None = None) -> Pat
     path.write_text("\n".join(lines) + "\n")
     path.chmod(0o600)  # the server refuses a tokens file others can read
     return path
+
+
+def free_port() -> int:
+    """A loopback port free right now, for programs that cannot report the one they bound."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
 
 
 def auth(principal: str) -> tuple[tuple[str, str], ...]:

@@ -7,7 +7,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 from netswap.server.devcerts import issue, make_ca
-from tests.helpers import write_tokens
+from tests.helpers import free_port, write_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
@@ -42,13 +41,6 @@ def final_stage() -> list[tuple[str, str]]:
 def exec_form(args: str) -> list[str]:
     assert args.startswith("["), f"not exec form: {args}"
     return [part.strip().strip('"') for part in args.strip("[]").split(",")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 def test_dockerfile_recipe_in_a_fresh_venv(tmp_path: Path) -> None:

@@ -122,6 +122,20 @@ class SwapModel(RuleBasedStateMachine):
                 return key
         return None
 
+    def expect(
+        self, code: grpc.StatusCode, principal: str, handle: bytes, slots: list[int]
+    ) -> tuple[str, str] | None:
+        """Check a data-plane call's status against the model; the area's key if it went through."""
+        key = self.owner_of(handle)
+        if key is None or key[0] != principal:
+            assert code == grpc.StatusCode.NOT_FOUND  # unknown, stale, or someone else's
+            return None
+        if max(slots) >= self.areas[key].size // PS:
+            assert code == grpc.StatusCode.INVALID_ARGUMENT
+            return None
+        assert code == grpc.StatusCode.OK
+        return key
+
     @rule(principal=st.sampled_from(PRINCIPALS), name=st.sampled_from(NAMES), size=st.sampled_from(SIZES))
     def swapon(self, principal: str, name: str, size: int) -> None:
         code, reply = self.call("SwapOn", swap_pb2.SwapOnRequest(name=name, size_bytes=size), principal)
@@ -151,13 +165,8 @@ class SwapModel(RuleBasedStateMachine):
         code, _ = self.call(
             "SwapOut", swap_pb2.SwapOutRequest(handle=handle, slots=slots, pages=b"".join(pages)), principal
         )
-        key = self.owner_of(handle)
-        if key is None or key[0] != principal:
-            assert code == grpc.StatusCode.NOT_FOUND
-        elif max(slots) >= self.areas[key].size // PS:
-            assert code == grpc.StatusCode.INVALID_ARGUMENT
-        else:
-            assert code == grpc.StatusCode.OK
+        key = self.expect(code, principal, handle, slots)
+        if key is not None:
             self.areas[key].pages.update(zip(slots, pages, strict=True))
 
     @precondition(lambda self: self.handles)
@@ -169,13 +178,9 @@ class SwapModel(RuleBasedStateMachine):
     def swap_in(self, principal: str, pick: int, slots: list[int]) -> None:
         handle = self.handle_for(principal, pick)
         code, reply = self.call("SwapIn", swap_pb2.SwapInRequest(handle=handle, slots=slots), principal)
-        key = self.owner_of(handle)
-        if key is None or key[0] != principal:
-            assert code == grpc.StatusCode.NOT_FOUND
-        elif max(slots) >= self.areas[key].size // PS:
-            assert code == grpc.StatusCode.INVALID_ARGUMENT
-        else:
-            assert code == grpc.StatusCode.OK and isinstance(reply, swap_pb2.SwapInResponse)
+        key = self.expect(code, principal, handle, slots)
+        if key is not None:
+            assert isinstance(reply, swap_pb2.SwapInResponse)
             pages = self.areas[key].pages
             assert reply.pages == b"".join(pages.get(s, bytes(PS)) for s in slots)
 
@@ -188,13 +193,8 @@ class SwapModel(RuleBasedStateMachine):
     def discard(self, principal: str, pick: int, slots: list[int]) -> None:
         handle = self.handle_for(principal, pick)
         code, _ = self.call("Discard", swap_pb2.DiscardRequest(handle=handle, slots=slots), principal)
-        key = self.owner_of(handle)
-        if key is None or key[0] != principal:
-            assert code == grpc.StatusCode.NOT_FOUND
-        elif max(slots) >= self.areas[key].size // PS:
-            assert code == grpc.StatusCode.INVALID_ARGUMENT
-        else:
-            assert code == grpc.StatusCode.OK
+        key = self.expect(code, principal, handle, slots)
+        if key is not None:
             for s in slots:
                 self.areas[key].pages.pop(s, None)
 

@@ -7,7 +7,6 @@ import asyncio
 import json
 import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -19,7 +18,7 @@ import pytest
 
 from netswap.client import InvalidRequest, SwapClient
 from tests.frontend import Frontend
-from tests.helpers import PS, TOKENS, ServerProcess
+from tests.helpers import PS, TOKENS, ServerProcess, free_port
 from tests.nbdenv import require_tools, run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,13 +29,6 @@ ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 def require_prometheus() -> None:
     if shutil.which("prometheus") is None or shutil.which("promtool") is None:
         raise RuntimeError("prometheus/promtool missing: `make test` installs Debian's prometheus package")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 def get(url: str) -> str:
