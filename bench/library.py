@@ -32,9 +32,9 @@ from typing import Any
 import grpc
 
 from netswap.client import SwapClient
-from netswap.client.wire import encode_swap_out  # the same encoder the library uses
 from netswap.common import loop
 from netswap.common.limits import PAGE_SIZE, max_message_bytes
+from netswap.common.pagewire import encode_swap_out  # the same encoder the library uses
 from netswap.v1 import swap_pb2
 
 TOKEN = "bench-token"

@@ -70,6 +70,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     nbd.add_argument("--rpc-timeout", type=float, default=10.0, help="deadline of one RPC (default 10)")
     nbd.add_argument(
+        "--max-rpcs",
+        type=int,
+        default=NbdOptions.max_rpcs,
+        help="RPCs in flight at once (default %(default)s)",
+    )
+    nbd.add_argument(
         "--no-mlock",
         dest="mlock",
         action="store_false",
@@ -190,7 +196,7 @@ async def run(args: argparse.Namespace, token: str | None) -> int:
             token,
             timeout=args.rpc_timeout,
             max_batch_pages=NBD_MAX_BATCH,
-            max_rpcs=NbdOptions.max_rpcs,
+            max_rpcs=args.max_rpcs,
             tls=tls_files(args),
         )
     else:
@@ -208,6 +214,7 @@ async def run(args: argparse.Namespace, token: str | None) -> int:
                 retry_deadline=args.retry_deadline,
                 rpc_timeout=args.rpc_timeout,
                 mlock=args.mlock,
+                max_rpcs=args.max_rpcs,
                 metrics_listen=args.metrics_listen,
             )
             return await run_nbd(client, opts)

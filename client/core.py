@@ -18,8 +18,8 @@ import grpc
 
 from netswap.client.errors import AreaNotFound, InvalidRequest, ServerError, error_from_rpc
 from netswap.client.pool import Lease, PagePool
-from netswap.client.wire import decode_swap_in_pages, encode_swap_out
 from netswap.common.limits import max_message_bytes
+from netswap.common.pagewire import decode_swap_in_pages, encode_swap_out
 from netswap.v1 import swap_pb2, swap_pb2_grpc
 
 T = TypeVar("T")

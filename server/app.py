@@ -15,11 +15,11 @@ from netswap.server.areas import AreaManager
 from netswap.server.audit import AuditLog
 from netswap.server.auth import Credentials
 from netswap.server.config import Config
-from netswap.server.handlers import SwapServicer
+from netswap.server.handlers import SwapServicer, register
 from netswap.server.interceptors import AuthInterceptor, AuthPolicy, StatusInterceptor
 from netswap.server.metrics import ServerMetrics
 from netswap.server.store import Store
-from netswap.v1 import swap_pb2, swap_pb2_grpc
+from netswap.v1 import swap_pb2
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def build_server(config: Config, store: Store, registry: CollectorRegistry) -> N
             ("grpc.max_concurrent_streams", config.max_streams),
         ],
     )
-    swap_pb2_grpc.add_SwapServiceServicer_to_server(SwapServicer(manager, metrics), server)
+    register(SwapServicer(manager, metrics), server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

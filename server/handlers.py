@@ -7,15 +7,20 @@ validation happens in the manager.
 
 from __future__ import annotations
 
+from typing import Any
+
+import grpc
+
 from netswap.common.limits import PAGE_SIZE
+from netswap.common.pagewire import decode_swap_out, encode_swap_in_reply
 from netswap.server.areas import AreaManager
 from netswap.server.auth import current_principal
 from netswap.server.interceptors import Context
 from netswap.server.metrics import ServerMetrics
-from netswap.v1 import swap_pb2, swap_pb2_grpc
+from netswap.v1 import swap_pb2
 
 
-class SwapServicer(swap_pb2_grpc.SwapServiceServicer):
+class SwapServicer:
     def __init__(self, manager: AreaManager, metrics: ServerMetrics) -> None:
         self._manager = manager
         self._metrics = metrics
@@ -31,17 +36,20 @@ class SwapServicer(swap_pb2_grpc.SwapServiceServicer):
             server_id=self._manager.server_id,
         )
 
-    async def SwapOut(self, request: swap_pb2.SwapOutRequest, context: Context) -> swap_pb2.SwapOutResponse:
-        slots = request.slots
-        self._manager.swap_out(current_principal(), request.handle, slots, memoryview(request.pages))
+    async def SwapOut(
+        self, request: tuple[swap_pb2.SwapOutRequest, memoryview], context: Context
+    ) -> swap_pb2.SwapOutResponse:
+        head, pages = request  # see register(): the blob stays a view of the received bytes
+        slots = head.slots
+        self._manager.swap_out(current_principal(), head.handle, slots, pages)
         self._metrics.pages_moved("swap_out", len(slots))
         return swap_pb2.SwapOutResponse()
 
-    async def SwapIn(self, request: swap_pb2.SwapInRequest, context: Context) -> swap_pb2.SwapInResponse:
+    async def SwapIn(self, request: swap_pb2.SwapInRequest, context: Context) -> bytes:
         slots = request.slots
         pages = self._manager.swap_in(current_principal(), request.handle, slots)
         self._metrics.pages_moved("swap_in", len(slots))
-        return swap_pb2.SwapInResponse(pages=bytes(pages))
+        return encode_swap_in_reply(pages)  # a serialized SwapInResponse, one copy of the pages
 
     async def Discard(self, request: swap_pb2.DiscardRequest, context: Context) -> swap_pb2.DiscardResponse:
         slots = request.slots
@@ -64,3 +72,30 @@ class SwapServicer(swap_pb2_grpc.SwapServiceServicer):
             ],
             server_id=self._manager.server_id,
         )
+
+
+def register(servicer: SwapServicer, server: grpc.aio.Server) -> None:
+    """Add SwapService to `server`: generated (de)serializers, except for the page blobs."""
+    v1 = swap_pb2
+
+    def rpc(behavior: Any, parse: Any, serialize: Any) -> grpc.RpcMethodHandler[Any, Any]:
+        return grpc.unary_unary_rpc_method_handler(
+            behavior, request_deserializer=parse, response_serializer=serialize
+        )
+
+    handlers = {
+        "SwapOn": rpc(servicer.SwapOn, v1.SwapOnRequest.FromString, v1.SwapOnResponse.SerializeToString),
+        "SwapOut": rpc(servicer.SwapOut, decode_swap_out, v1.SwapOutResponse.SerializeToString),
+        "SwapIn": rpc(servicer.SwapIn, v1.SwapInRequest.FromString, _already_serialized),
+        "Discard": rpc(servicer.Discard, v1.DiscardRequest.FromString, v1.DiscardResponse.SerializeToString),
+        "SwapOff": rpc(servicer.SwapOff, v1.SwapOffRequest.FromString, v1.SwapOffResponse.SerializeToString),
+        "ListAreas": rpc(
+            servicer.ListAreas, v1.ListAreasRequest.FromString, v1.ListAreasResponse.SerializeToString
+        ),
+    }
+    service = swap_pb2.DESCRIPTOR.services_by_name["SwapService"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+
+
+def _already_serialized(reply: bytes) -> bytes:
+    return reply

@@ -6,7 +6,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from netswap.client.wire import decode_swap_in_pages, encode_swap_out, varint
+from netswap.common.pagewire import (
+    decode_swap_in_pages,
+    decode_swap_out,
+    encode_swap_in_reply,
+    encode_swap_out,
+    varint,
+)
 from netswap.v1 import swap_pb2
 
 slots_st = st.lists(st.integers(min_value=0, max_value=2**64 - 1), max_size=40)
@@ -42,3 +48,24 @@ def test_truncated_reply_is_an_error() -> None:
     raw = swap_pb2.SwapInResponse(pages=b"x" * 100).SerializeToString()
     with pytest.raises(ValueError, match="truncated"):
         decode_swap_in_pages(raw[:-1])
+
+
+@given(handle=st.binary(max_size=40), slots=slots_st, pages=st.binary(max_size=9000))
+def test_server_side_swap_out_decoding_matches_protobuf(
+    handle: bytes, slots: list[int], pages: bytes
+) -> None:
+    raw = swap_pb2.SwapOutRequest(handle=handle, slots=slots, pages=pages).SerializeToString()
+    head, blob = decode_swap_out(raw)
+    assert (head.handle, list(head.slots), bytes(blob)) == (handle, slots, pages)
+    # field order is free in protobuf: pages first parses the same
+    reordered = b"".join(
+        swap_pb2.SwapOutRequest(**{k: v}).SerializeToString()  # type: ignore[arg-type]
+        for k, v in (("pages", pages), ("slots", slots), ("handle", handle))
+    )
+    head, blob = decode_swap_out(reordered)
+    assert (head.handle, list(head.slots), bytes(blob)) == (handle, slots, pages)
+
+
+@given(pages=st.binary(max_size=20000))
+def test_swap_in_reply_encoding_matches_protobuf(pages: bytes) -> None:
+    assert encode_swap_in_reply(pages) == swap_pb2.SwapInResponse(pages=pages).SerializeToString()

@@ -1,0 +1,168 @@
+"""The block path: fio --ioengine=nbd against `netswap nbd` and against `nbdkit memory`, in one run.
+
+    .venv/bin/python bench/block.py [--runs 3] [--seconds 5] [--json out.json]
+
+Workloads: 4k random read and write at iodepth 1 and 32, 64k sequential write
+and read. netswap runs as deployed (netswap-server with a file store, `netswap
+nbd` locked in memory, unix sockets); nbdkit's memory plugin is what a user
+would otherwise run. Prints medians of --runs, the ratio netswap/nbdkit, and
+the CPU seconds the netswap server and frontend spend per GB moved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+TOKEN = "bench-token"
+TICK = os.sysconf("SC_CLK_TCK")
+WORKLOADS = [
+    # name, fio arguments, direction
+    ("4k randread qd1", ["--rw=randread", "--bs=4k", "--iodepth=1"], "read"),
+    ("4k randread qd32", ["--rw=randread", "--bs=4k", "--iodepth=32"], "read"),
+    ("4k randwrite qd1", ["--rw=randwrite", "--bs=4k", "--iodepth=1"], "write"),
+    ("4k randwrite qd32", ["--rw=randwrite", "--bs=4k", "--iodepth=32"], "write"),
+    ("64k seq write", ["--rw=write", "--bs=64k", "--iodepth=8"], "write"),
+    ("64k seq read", ["--rw=read", "--bs=64k", "--iodepth=8"], "read"),
+]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
+
+
+def wait_for(path: Path, proc: subprocess.Popen[bytes], log: Path, marker: str | None = None) -> None:
+    deadline = time.monotonic() + 60
+    while not path.exists() or (marker is not None and marker not in log.read_text()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(log.read_text())
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def started(
+    argv: list[str], log: Path, sock: Path, env: dict[str, str] | None = None, marker: str | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_for(sock, proc, log, marker)
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def fio(uri: str, args: list[str], seconds: float, tmp: Path) -> dict[str, Any]:
+    out = tmp / "fio.json"
+    subprocess.run(
+        ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", "--size=512M", "--time_based",
+         f"--runtime={seconds}", "--output-format=json", f"--output={out}", *args],
+        cwd=tmp, check=True, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    job: dict[str, Any] = json.loads(out.read_text())["jobs"][0]
+    return job
+
+
+def measure(uri: str, tmp: Path, runs: int, seconds: float, pids: list[int]) -> dict[str, dict[str, float]]:
+    # Fill the export once so reads return written data, not holes.
+    subprocess.run(
+        ["fio", "--name=fill", "--ioengine=nbd", f"--uri={uri}", "--rw=write", "--bs=1M", "--iodepth=4",
+         "--size=512M", "--output=/dev/null"], cwd=tmp, check=True, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    results: dict[str, dict[str, list[float]]] = {}
+    for _ in range(runs):
+        for name, args, direction in WORKLOADS:
+            cpu0 = [cpu_seconds(p) for p in pids]
+            job = fio(uri, args, seconds, tmp)[direction]
+            cpu1 = [cpu_seconds(p) for p in pids]
+            moved_gb = job["io_bytes"] / 1e9
+            r = results.setdefault(name, {})
+            r.setdefault("iops", []).append(job["iops"])
+            r.setdefault("mbps", []).append(job["bw_bytes"] / 1e6)
+            r.setdefault("lat_p50_us", []).append(job["clat_ns"]["percentile"]["50.000000"] / 1e3)
+            r.setdefault("lat_p99_us", []).append(job["clat_ns"]["percentile"]["99.000000"] / 1e3)
+            for label, a, b in zip(
+                ("cpu_s_per_gb_server", "cpu_s_per_gb_frontend"), cpu0, cpu1, strict=False
+            ):
+                r.setdefault(label, []).append((b - a) / moved_gb if moved_gb else 0.0)
+    return {name: {k: statistics.median(v) for k, v in r.items()} for name, r in results.items()}
+
+
+def run_block(runs: int, seconds: float) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="netswap-block-") as tmp_s:
+        tmp = Path(tmp_s)
+        tokens = tmp / "tokens.toml"
+        tokens.write_text(
+            f'[principals.bench]\ntoken_sha256 = "{hashlib.sha256(TOKEN.encode()).hexdigest()}"\n'
+        )
+        tokens.chmod(0o600)
+        grpc_sock, nbd_sock, kit_sock = tmp / "grpc.sock", tmp / "nbd.sock", tmp / "kit.sock"
+        server_argv = [sys.executable, "-m", "netswap.server", "--listen", f"unix:{grpc_sock}",
+                       "--store", f"file:{tmp}/store", "--capacity", "2GiB", "--tokens", str(tokens),
+                       "--metrics-listen", ""]  # fmt: skip
+        env = {**os.environ, "NETSWAP_TOKEN": TOKEN, "NETSWAP_SERVER": f"unix:{grpc_sock}"}
+        nbd_argv = [
+            sys.executable,
+            "-m",
+            "netswap.client",
+            "nbd",
+            "bench",
+            "--size",
+            "512MiB",
+            "--socket",
+            str(nbd_sock),
+        ]
+        with (
+            started(server_argv, tmp / "server.log", grpc_sock) as server,
+            started(nbd_argv, tmp / "nbd.log", nbd_sock, env, "netswap nbd: serving") as nbd,
+        ):
+            netswap = measure(f"nbd+unix:///?socket={nbd_sock}", tmp, runs, seconds, [server.pid, nbd.pid])
+        kit_argv = ["nbdkit", "--foreground", "--unix", str(kit_sock), "memory", "512M"]
+        with started(kit_argv, tmp / "kit.log", kit_sock) as kit:
+            nbdkit = measure(f"nbd+unix:///?socket={kit_sock}", tmp, runs, seconds, [kit.pid])
+    return {"netswap": netswap, "nbdkit": nbdkit}
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [
+        f"{'workload':18} {'netswap IOPS':>12} {'MB/s':>7} {'p50 us':>7} {'p99 us':>7}"
+        f" {'nbdkit IOPS':>12} {'MB/s':>7} {'p50 us':>7} {'ratio':>6} {'srv s/GB':>8} {'nbd s/GB':>8}"
+    ]
+    for name, _, _ in WORKLOADS:
+        n, k = result["netswap"][name], result["nbdkit"][name]
+        lines.append(
+            f"{name:18} {n['iops']:12.0f} {n['mbps']:7.1f} {n['lat_p50_us']:7.0f} {n['lat_p99_us']:7.0f}"
+            f" {k['iops']:12.0f} {k['mbps']:7.1f} {k['lat_p50_us']:7.0f} {n['iops'] / k['iops']:6.2f}"
+            f" {n['cpu_s_per_gb_server']:8.2f} {n['cpu_s_per_gb_frontend']:8.2f}"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=5)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    result = run_block(args.runs, args.seconds)
+    print(f"block path, medians of {args.runs} runs of {args.seconds:g} s each\n" + table(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Hand-built encoding of the messages that carry pages, so pages are copied as little as possible.
+
+protobuf's Python API only takes `bytes` for a bytes field: putting pool pages
+into a SwapOutRequest would copy them into a bytes object and then again into
+the serialized message; parsing one copies the blob out of the received bytes.
+Instead the small part of each message (handle, packed slots) goes through
+protobuf and the page blob is handled here, as field 3 of SwapOutRequest and
+field 1 of SwapInResponse -- a concatenation of encoded fields is itself a
+valid encoding, identical to what SerializeToString would produce.
+
+Both ends use it: the client to send SwapOut and read SwapIn replies, the
+server to read SwapOut and send SwapIn replies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from netswap.v1 import swap_pb2
+
+_PAGES_TAG = b"\x1a"  # field 3, wire type 2 (length-delimited)
+
+
+def varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def encode_swap_out(handle: bytes, slots: Sequence[int], pages: Sequence[memoryview]) -> bytes:
+    """A serialized SwapOutRequest whose page blob is the concatenation of `pages`."""
+    head = swap_pb2.SwapOutRequest(handle=handle, slots=slots).SerializeToString()
+    total = sum(len(p) for p in pages)
+    if not total:
+        return head
+    return b"".join((head, _PAGES_TAG, varint(total), *pages))
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise ValueError("malformed varint")
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+
+
+def split_bytes_field(raw: bytes, wanted: int, message: str) -> tuple[memoryview, list[memoryview]]:
+    """Walk a serialized message: (a view of the last occurrence of length-delimited field
+    `wanted` -- empty if absent, as protobuf would read it; every other field's encoding).
+
+    Raises ValueError for a malformed or truncated message.
+    """
+    buf = memoryview(raw)
+    found = buf[0:0]
+    rest: list[memoryview] = []
+    pos = 0
+    while pos < len(buf):
+        start = pos
+        key, pos = _read_varint(buf, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            _, pos = _read_varint(buf, pos)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            length, pos = _read_varint(buf, pos)
+            if field == wanted:
+                found = buf[pos : pos + length]
+                pos += length
+                if pos > len(buf):
+                    raise ValueError(f"truncated {message}")
+                continue
+            pos += length
+        else:
+            raise ValueError(f"unsupported wire type {wire} in {message}")
+        if pos > len(buf):
+            raise ValueError(f"truncated {message}")
+        rest.append(buf[start:pos])
+    return found, rest
+
+
+def decode_swap_in_pages(raw: bytes) -> memoryview:
+    """The `pages` field of a serialized SwapInResponse, as a view into `raw`."""
+    return split_bytes_field(raw, 1, "SwapInResponse")[0]
+
+
+def encode_swap_in_reply(pages: bytes | bytearray | memoryview) -> bytes:
+    """A serialized SwapInResponse carrying `pages` (one copy, into the message)."""
+    if not len(pages):
+        return b""
+    return b"".join((b"\x0a", varint(len(pages)), pages))
+
+
+def decode_swap_out(raw: bytes) -> tuple[swap_pb2.SwapOutRequest, memoryview]:
+    """A SwapOutRequest without its pages (handle and slots, parsed by protobuf) and the
+    pages as a view into `raw`: the blob is never copied on its way to the store."""
+    pages, rest = split_bytes_field(raw, 3, "SwapOutRequest")
+    return swap_pb2.SwapOutRequest.FromString(b"".join(rest)), pages
