@@ -94,9 +94,10 @@ pytest: $(VENV)/.dev-stamp
 certs: $(VENV)/.dev-stamp
 	$(BIN)/netswap-server gen-dev-certs $(VAR)/certs --principal alice --principal bob
 
+# The performance suite: one table, bench/results/results.{json,png}.
 bench: $(VENV)/.dev-stamp debian-test-deps
-	$(BIN)/python bench/library.py
-	$(BIN)/python bench/memory.py
+	$(BIN)/pip install -q 'matplotlib==3.11.2' 'py-spy==0.4.3'
+	$(BIN)/python bench/suite.py
 
 clean:
 	rm -rf build $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import statistics
 import subprocess
@@ -151,6 +152,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=0.5, help="target time per measurement")
+    ap.add_argument("--json", type=Path, help="also write the medians here")
     ap.add_argument("--serve-echo", metavar="ADDRESS", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_echo:
@@ -205,6 +207,13 @@ def main() -> int:
                     f" {med((name, batch, op), 1) * 1e6:8.0f} {med((name, batch, op), 2) * 1e6:8.0f} {ratio:8.2f}"
                 )
     print(f"\n{os.cpu_count()} CPUs; python {sys.version.split()[0]}; grpcio {grpc.__version__}")
+    if args.json:
+        out = [
+            {"op": op, "batch": batch, "target": name, "pages_per_s": med((name, batch, op), 0),
+             "p50_s": med((name, batch, op), 1), "p99_s": med((name, batch, op), 2)}
+            for (name, batch, op) in results
+        ]  # fmt: skip
+        args.json.write_text(json.dumps(out, indent=2))
     return 0
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -45,6 +46,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--total", type=int, default=2048, help="MiB to push after warm-up (default 2048)")
     ap.add_argument("--step", type=int, default=256, help="MiB per round (default 256)")
+    ap.add_argument("--json", type=Path, help="also write the rounds here")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="netswap-membench-") as tmp_s:
         tmp = Path(tmp_s)
@@ -68,7 +70,9 @@ def main() -> int:
                 nbd = subprocess.Popen(nbd_argv, env=env, stdout=nlog, stderr=subprocess.STDOUT)
                 try:
                     wait_for(nbd_sock, nbd, nbd_log, "netswap nbd: serving")
-                    return measure(nbd.pid, f"nbd+unix:///?socket={nbd_sock}", tmp, args.total, args.step)
+                    return measure(
+                        nbd.pid, f"nbd+unix:///?socket={nbd_sock}", tmp, args.total, args.step, args.json
+                    )
                 finally:
                     nbd.terminate()
                     nbd.wait(timeout=30)
@@ -87,7 +91,7 @@ def fio(uri: str, cwd: Path, mib: int) -> float:
     return time.perf_counter() - t0
 
 
-def measure(pid: int, uri: str, tmp: Path, total: int, step: int) -> int:
+def measure(pid: int, uri: str, tmp: Path, total: int, step: int, json_out: Path | None) -> int:
     fio(uri, tmp, 100)
     base = status(pid)
     print(
@@ -98,15 +102,19 @@ def measure(pid: int, uri: str, tmp: Path, total: int, step: int) -> int:
     )
     moved = 100
     growth = 0
+    rounds = [{"mib": moved, **base}]
     while moved < 100 + total:
         seconds = fio(uri, tmp, step)
         moved += step
         s = status(pid)
         growth = s["VmHWM"] - base["VmHWM"]
+        rounds.append({"mib": moved, **s})
         print(
             f"{moved:9d} {s['VmRSS'] / MiB:10.1f} {s['VmHWM'] / MiB:10.1f} {s['VmLck'] / MiB:10.1f}"
             f" {growth / 1024:16.0f} {step * MiB / seconds / 1e6:6.0f}"
         )
+    if json_out is not None:
+        json_out.write_text(json.dumps({"rounds": rounds, "peak_growth_bytes": growth}, indent=2))
     verdict = "flat" if growth < 8 * MiB else "GREW"
     print(f"\npeak RSS grew {growth / 1024:.0f} KiB over {total} MiB after warm-up: {verdict} (goal < 8 MiB)")
     return 0 if growth < 8 * MiB else 1

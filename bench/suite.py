@@ -1,0 +1,188 @@
+"""The whole benchmark suite in one command (`make bench`): one table, one JSON, one plot.
+
+    .venv/bin/python bench/suite.py [--runs 3] [--out bench/results]
+
+1. transport ceiling and library   bench/library.py (echo vs memory vs file store)
+2. block path                      bench/block.py (fio via NBD: netswap vs nbdkit memory, CPU s/GB)
+3. guest                           the QEMU guest swap test on netswap vs on nbdkit memory
+4. memory                          bench/memory.py (frontend RSS against 2 GiB of traffic)
+
+Every comparison is a ratio of numbers measured in the same run on the same
+machine; the targets of the performance issue are printed next to them.
+Writes OUT/results.json and OUT/results.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from tests.guestvm import guest_assets, run_guest  # noqa: E402  (the same guest the tests boot)
+
+TOKEN = "bench-token"
+
+
+def run_script(name: str, out: Path, *args: str) -> Any:
+    target = out / f"{name}.json"
+    subprocess.run(
+        [sys.executable, str(ROOT / "bench" / f"{name}.py"), "--json", str(target), *args], check=True
+    )
+    return json.loads(target.read_text())
+
+
+def guest(runs: int) -> dict[str, Any]:
+    """Wall time and pages swapped of the guest test, on netswap and on nbdkit memory."""
+    assets = guest_assets(ROOT / "build" / "guest")
+    results: dict[str, list[tuple[float, int]]] = {"netswap": [], "nbdkit": []}
+    with tempfile.TemporaryDirectory(prefix="netswap-guest-") as tmp_s:
+        tmp = Path(tmp_s)
+        tokens = tmp / "tokens.toml"
+        tokens.write_text(
+            f'[principals.bench]\ntoken_sha256 = "{hashlib.sha256(TOKEN.encode()).hexdigest()}"\n'
+        )
+        tokens.chmod(0o600)
+        for run in range(runs):
+            for kind in ("nbdkit", "netswap"):
+                sock = tmp / f"{kind}-{run}.sock"
+                procs: list[subprocess.Popen[bytes]] = []
+                try:
+                    if kind == "nbdkit":
+                        procs.append(
+                            subprocess.Popen(
+                                ["nbdkit", "--foreground", "--unix", str(sock), "memory", "512M"]
+                            )
+                        )
+                    else:
+                        grpc_sock = tmp / f"grpc-{run}.sock"
+                        procs.append(subprocess.Popen(
+                            [sys.executable, "-m", "netswap.server", "--listen", f"unix:{grpc_sock}", "--store",
+                             f"file:{tmp}/store-{run}", "--capacity", "1GiB", "--tokens", str(tokens), "--metrics-listen", ""],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                        ))  # fmt: skip
+                        env = {**os.environ, "NETSWAP_TOKEN": TOKEN, "NETSWAP_SERVER": f"unix:{grpc_sock}"}
+                        procs.append(subprocess.Popen(
+                            [sys.executable, "-m", "netswap.client", "nbd", "vm", "--size", "512MiB", "--socket", str(sock)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                        ))  # fmt: skip
+                    deadline = time.monotonic() + 60
+                    while not sock.exists():
+                        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), kind
+                        time.sleep(0.05)
+                    r = run_guest(assets, f"nbd+unix:///?socket={sock}")
+                    assert r.ok, r.verdict
+                    results[kind].append((r.seconds, r.pswpout or 0))
+                finally:
+                    for p in reversed(procs):
+                        p.terminate()
+                        p.wait(timeout=30)
+    return {
+        k: {"seconds": statistics.median(s for s, _ in v), "pswpout": statistics.median(n for _, n in v)}
+        for k, v in results.items()
+    }
+
+
+def library_row(lib: list[dict[str, Any]], target: str, op: str, batch: int) -> dict[str, Any]:
+    return next(r for r in lib if r["target"] == target and r["op"] == op and r["batch"] == batch)
+
+
+def summary(res: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
+    """(what, measured ratio or value, target, met) for each of the issue's targets."""
+    lib, blk, g = res["library"], res["block"], res["guest"]
+    rows = []
+    for op in ("out", "in"):
+        for batch in (64, 256):
+            for store in ("memory", "file"):
+                ratio = (
+                    library_row(lib, store, op, batch)["pages_per_s"]
+                    / library_row(lib, "echo", op, batch)["pages_per_s"]
+                )
+                rows.append(
+                    (
+                        f"library {store} swap_{op} batch {batch}: pages/s vs echo",
+                        ratio,
+                        ">= 0.80",
+                        ratio >= 0.8,
+                    )
+                )
+        p50 = library_row(lib, "memory", op, 1)["p50_s"] / library_row(lib, "echo", op, 1)["p50_s"]
+        rows.append((f"library memory swap_{op} batch 1: p50 vs echo", p50, "<= 1.25", p50 <= 1.25))
+    iops = blk["netswap"]["4k randwrite qd32"]["iops"] / blk["nbdkit"]["4k randwrite qd32"]["iops"]
+    rows.append(("block 4k randwrite qd32: IOPS vs nbdkit", iops, ">= 0.35", iops >= 0.35))
+    for name in ("64k seq write", "64k seq read"):
+        mbps = blk["netswap"][name]["mbps"]
+        rows.append((f"block {name}: MB/s", mbps, ">= 300", mbps >= 300))
+    wall = g["netswap"]["seconds"] / g["nbdkit"]["seconds"]
+    rows.append(("guest swap test: wall time vs nbdkit", wall, "<= 1.30", wall <= 1.3))
+    return rows
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    import matplotlib  # noqa: PLC0415 (bench-only dependency)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    lib = res["library"]
+    for target, style in (("echo", "k--"), ("memory", "o-"), ("file", "s-")):
+        for op in ("out", "in"):
+            rows = sorted(
+                (r for r in lib if r["target"] == target and r["op"] == op), key=lambda r: r["batch"]
+            )
+            axes[0].plot([r["batch"] for r in rows], [r["pages_per_s"] for r in rows], style,
+                         label=f"{target} swap_{op}", alpha=1.0 if op == "out" else 0.5)  # fmt: skip
+    axes[0].set(xscale="log", xlabel="pages per call", ylabel="pages/s", title="library vs gRPC echo ceiling")
+    axes[0].legend(fontsize=7)
+    names = list(res["block"]["netswap"])
+    ratios = [res["block"]["netswap"][n]["iops"] / res["block"]["nbdkit"][n]["iops"] for n in names]
+    axes[1].barh(names, ratios)
+    axes[1].set(xlabel="netswap / nbdkit memory (IOPS)", title="block path (fio over NBD)")
+    g = res["guest"]
+    axes[2].bar(["nbdkit memory", "netswap"], [g["nbdkit"]["seconds"], g["netswap"]["seconds"]])
+    axes[2].set(ylabel="seconds", title="QEMU guest swap test (wall time)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    machine = {
+        "cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release(),
+        "machine": platform.machine(), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }  # fmt: skip
+    res: dict[str, Any] = {"machine": machine}
+    res["library"] = run_script("library", args.out, "--runs", str(args.runs))
+    res["block"] = run_script("block", args.out, "--runs", str(args.runs))
+    res["guest"] = guest(args.runs)
+    res["memory"] = run_script("memory", args.out)
+    res["targets"] = [{"what": w, "value": v, "target": t, "met": m} for w, v, t, m in summary(res)]
+    (args.out / "results.json").write_text(json.dumps(res, indent=2))
+    plot(res, args.out / "results.png")
+    g = res["guest"]
+    print(f"\nguest swap test: netswap {g['netswap']['seconds']:.1f} s ({g['netswap']['pswpout']:.0f} pages out),"
+          f" nbdkit memory {g['nbdkit']['seconds']:.1f} s ({g['nbdkit']['pswpout']:.0f} pages out)")  # fmt: skip
+    print(f"\n{'target':58} {'measured':>9} {'goal':>8}  met")
+    for row in res["targets"]:
+        print(f"{row['what']:58} {row['value']:9.2f} {row['target']:>8}  {'yes' if row['met'] else 'NO'}")
+    print(f"\nmachine: {machine}\nwrote {args.out / 'results.json'} and {args.out / 'results.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
