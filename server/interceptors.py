@@ -60,12 +60,21 @@ def _tolerant(deserialize: Callable[[bytes], Any] | None, method: str) -> Callab
 
 
 class _SwapServiceInterceptor(_ServerInterceptor):
-    """Wraps the behaviour of each SwapService method with wrap(); leaves other services alone."""
+    """Wraps the behaviour of each SwapService method with wrap(); leaves other services alone.
 
-    def wrap(self, details: grpc.HandlerCallDetails, inner: Behavior) -> Behavior:
+    wrap() depends on the method only (anything about the call is read from
+    its context when it runs), so each wrapped handler is built once and
+    reused: gRPC asks the interceptors for a handler on every call.
+    """
+
+    def __init__(self) -> None:
+        # method -> (the handler wrapped, the wrapping)
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
+
+    def wrap(self, method: str, inner: Behavior) -> Behavior:
         raise NotImplementedError
 
-    def deserializer(self, details: grpc.HandlerCallDetails, given: Any) -> Any:
+    def deserializer(self, method: str, given: Any) -> Any:
         return given
 
     async def intercept_service(
@@ -76,27 +85,36 @@ class _SwapServiceInterceptor(_ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or not handler_call_details.method.startswith(SERVICE_PREFIX):
             return handler
+        cached = self._wrapped.get(handler_call_details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        method = handler_call_details.method.removeprefix(SERVICE_PREFIX)
         inner: Behavior = handler.unary_unary  # type: ignore[assignment]
-        return grpc.unary_unary_rpc_method_handler(
-            self.wrap(handler_call_details, inner),
-            request_deserializer=self.deserializer(handler_call_details, handler.request_deserializer),
+        wrapped = grpc.unary_unary_rpc_method_handler(
+            self.wrap(method, inner),
+            request_deserializer=self.deserializer(method, handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
+        self._wrapped[handler_call_details.method] = (handler, wrapped)
+        return wrapped
 
 
 class StatusInterceptor(_SwapServiceInterceptor):
     def __init__(self, metrics: ServerMetrics) -> None:
+        super().__init__()
         self._histogram = metrics.rpc_duration
 
-    def deserializer(self, details: grpc.HandlerCallDetails, given: Any) -> Any:
-        return _tolerant(given, details.method.removeprefix(SERVICE_PREFIX))
+    def deserializer(self, method: str, given: Any) -> Any:
+        return _tolerant(given, method)
 
-    def wrap(self, details: grpc.HandlerCallDetails, inner: Behavior) -> Behavior:
-        method = details.method.removeprefix(SERVICE_PREFIX)
+    def wrap(self, method: str, inner: Behavior) -> Behavior:
         histogram = self._histogram
 
+        ok = histogram.labels(method, grpc.StatusCode.OK.name)  # the common case, looked up once
+
         def observe(code: grpc.StatusCode, start: float) -> None:
-            histogram.labels(method, code.name).observe(time.perf_counter() - start)
+            child = ok if code is grpc.StatusCode.OK else histogram.labels(method, code.name)
+            child.observe(time.perf_counter() - start)
 
         async def mapped(request: Any, context: Context) -> Any:
             # Observed before the reply or status leaves, so a caller that has
@@ -137,16 +155,15 @@ class AuthInterceptor(_SwapServiceInterceptor):
         on_failure: Callable[[str], None],
         audit: AuditLog,
     ) -> None:
+        super().__init__()
         self._credentials = credentials
         self._policy = policy
         self._on_failure = on_failure
         self._audit = audit
 
-    def wrap(self, details: grpc.HandlerCallDetails, inner: Behavior) -> Behavior:
-        token = bearer_token(details.invocation_metadata)
-        method = details.method.removeprefix(SERVICE_PREFIX)
-
+    def wrap(self, method: str, inner: Behavior) -> Behavior:
         async def authenticated(request: Any, context: Context) -> Any:
+            token = bearer_token(context.invocation_metadata())
             peer = context.peer()
             try:
                 name = self._identify(token, context)

@@ -63,6 +63,9 @@ class ServerMetrics:
             )
             for method, title in (("swap_out", "SwapOut"), ("swap_in", "SwapIn"))
         }
+        # labels() looks the child up under a lock on every call; the hot
+        # path takes it from here instead.
+        self._batch = {m: self.batch_pages.labels(m) for m in ("swap_out", "swap_in", "discard")}
         self.auth_failures = Counter(
             "netswap_auth_failures_total",
             "Calls refused before reaching a handler, by reason.",
@@ -75,7 +78,7 @@ class ServerMetrics:
         self._pages[method].inc(pages)
         if method in self._bytes:
             self._bytes[method].inc(pages * PAGE_SIZE)
-        self.batch_pages.labels(method).observe(pages)
+        self._batch[method].observe(pages)
 
     def watch(self, manager: AreaManager) -> None:
         self.registry.register(_AreaCollector(manager))
