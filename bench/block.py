@@ -12,20 +12,17 @@ the CPU seconds the netswap server and frontend spend per GB moved.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-TOKEN = "bench-token"
+from procs import netswap_nbd, started
+
 TICK = os.sysconf("SC_CLK_TCK")
 WORKLOADS = [
     # name, fio arguments, direction
@@ -41,28 +38,6 @@ WORKLOADS = [
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
-
-
-def wait_for(path: Path, proc: subprocess.Popen[bytes], log: Path, marker: str | None = None) -> None:
-    deadline = time.monotonic() + 60
-    while not path.exists() or (marker is not None and marker not in log.read_text()):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(log.read_text())
-        time.sleep(0.05)
-
-
-@contextlib.contextmanager
-def started(
-    argv: list[str], log: Path, sock: Path, env: dict[str, str] | None = None, marker: str | None = None
-) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        wait_for(sock, proc, log, marker)
-        yield proc
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def fio(uri: str, args: list[str], seconds: float, tmp: Path) -> dict[str, Any]:
@@ -104,32 +79,9 @@ def measure(uri: str, tmp: Path, runs: int, seconds: float, pids: list[int]) -> 
 def run_block(runs: int, seconds: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="netswap-block-") as tmp_s:
         tmp = Path(tmp_s)
-        tokens = tmp / "tokens.toml"
-        tokens.write_text(
-            f'[principals.bench]\ntoken_sha256 = "{hashlib.sha256(TOKEN.encode()).hexdigest()}"\n'
-        )
-        tokens.chmod(0o600)
-        grpc_sock, nbd_sock, kit_sock = tmp / "grpc.sock", tmp / "nbd.sock", tmp / "kit.sock"
-        server_argv = [sys.executable, "-m", "netswap.server", "--listen", f"unix:{grpc_sock}",
-                       "--store", f"file:{tmp}/store", "--capacity", "2GiB", "--tokens", str(tokens),
-                       "--metrics-listen", ""]  # fmt: skip
-        env = {**os.environ, "NETSWAP_TOKEN": TOKEN, "NETSWAP_SERVER": f"unix:{grpc_sock}"}
-        nbd_argv = [
-            sys.executable,
-            "-m",
-            "netswap.client",
-            "nbd",
-            "bench",
-            "--size",
-            "512MiB",
-            "--socket",
-            str(nbd_sock),
-        ]
-        with (
-            started(server_argv, tmp / "server.log", grpc_sock) as server,
-            started(nbd_argv, tmp / "nbd.log", nbd_sock, env, "netswap nbd: serving") as nbd,
-        ):
-            netswap = measure(f"nbd+unix:///?socket={nbd_sock}", tmp, runs, seconds, [server.pid, nbd.pid])
+        with netswap_nbd(tmp, "512MiB", "2GiB") as (server, nbd, uri):
+            netswap = measure(uri, tmp, runs, seconds, [server.pid, nbd.pid])
+        kit_sock = tmp / "kit.sock"
         kit_argv = ["nbdkit", "--foreground", "--unix", str(kit_sock), "memory", "512M"]
         with started(kit_argv, tmp / "kit.log", kit_sock) as kit:
             nbdkit = measure(f"nbd+unix:///?socket={kit_sock}", tmp, runs, seconds, [kit.pid])

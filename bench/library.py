@@ -18,19 +18,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
+from procs import TOKEN, started, write_tokens
 
 from netswap.client import SwapClient
 from netswap.common import loop
@@ -38,7 +37,6 @@ from netswap.common.limits import PAGE_SIZE, max_message_bytes
 from netswap.common.pagewire import encode_swap_out  # the same encoder the library uses
 from netswap.v1 import swap_pb2
 
-TOKEN = "bench-token"
 BATCHES = (1, 8, 64, 256)
 
 
@@ -132,22 +130,6 @@ async def bench_netswap(address: str, batch: int, calls: int) -> dict[str, tuple
         return result
 
 
-@contextlib.contextmanager
-def process(argv: list[str], sock: Path, log: Path) -> Iterator[None]:
-    with log.open("wb") as f:
-        proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{argv[0]} did not start: {log.read_text()}")
-            time.sleep(0.05)
-        yield
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
@@ -161,10 +143,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="netswap-bench-") as tmp_s:
         tmp = Path(tmp_s)
-        tokens = tmp / "tokens.toml"
-        digest = hashlib.sha256(TOKEN.encode()).hexdigest()
-        tokens.write_text(f'[principals.bench]\ntoken_sha256 = "{digest}"\n')
-        tokens.chmod(0o600)  # the server refuses a tokens file others can read
+        tokens = write_tokens(tmp)
         server = [sys.executable, "-m", "netswap.server", "--tokens", str(tokens), "--metrics-listen", ""]
         targets = {
             "echo": ([sys.executable, __file__, "--serve-echo", f"unix:{tmp}/echo.sock"], tmp / "echo.sock"),
@@ -177,7 +156,7 @@ def main() -> int:
         results: dict[tuple[str, int, str], list[tuple[float, float, float]]] = {}
         with contextlib.ExitStack() as stack:
             for name, (argv, sock) in targets.items():
-                stack.enter_context(process(argv, sock, tmp / f"{name}.log"))
+                stack.enter_context(started(argv, tmp / f"{name}.log", sock))
             for run in range(args.runs):
                 for batch in BATCHES:
                     calls = max(20, int(args.seconds * 20000 / batch))

@@ -12,16 +12,15 @@ and VmLck after each round and the peak's growth over the baseline.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-TOKEN = "bench-token"
+from procs import netswap_nbd
+
 MiB = 1 << 20
 
 
@@ -34,14 +33,6 @@ def status(pid: int) -> dict[str, int]:
     return out
 
 
-def wait_for(path: Path, proc: subprocess.Popen[bytes], log: Path, text: str | None = None) -> None:
-    deadline = time.monotonic() + 60
-    while not path.exists() or (text is not None and text not in log.read_text()):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(log.read_text())
-        time.sleep(0.05)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--total", type=int, default=2048, help="MiB to push after warm-up (default 2048)")
@@ -50,35 +41,8 @@ def main() -> int:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="netswap-membench-") as tmp_s:
         tmp = Path(tmp_s)
-        tokens = tmp / "tokens.toml"
-        tokens.write_text(
-            f'[principals.bench]\ntoken_sha256 = "{hashlib.sha256(TOKEN.encode()).hexdigest()}"\n'
-        )
-        tokens.chmod(0o600)  # the server refuses a tokens file others can read
-        grpc_sock, nbd_sock = tmp / "grpc.sock", tmp / "nbd.sock"
-        server_log, nbd_log = tmp / "server.log", tmp / "nbd.log"
-        server_argv = [sys.executable, "-m", "netswap.server", "--listen", f"unix:{grpc_sock}"]
-        server_argv += ["--store", f"file:{tmp}/store", "--capacity", "2GiB", "--tokens", str(tokens)]
-        server_argv += ["--metrics-listen", ""]
-        env = {**os.environ, "NETSWAP_TOKEN": TOKEN, "NETSWAP_SERVER": f"unix:{grpc_sock}"}
-        nbd_argv = [sys.executable, "-m", "netswap.client", "nbd", "bench", "--size", "1GiB"]
-        nbd_argv += ["--socket", str(nbd_sock)]
-        with server_log.open("wb") as slog, nbd_log.open("wb") as nlog:
-            server = subprocess.Popen(server_argv, stdout=slog, stderr=subprocess.STDOUT)
-            try:
-                wait_for(grpc_sock, server, server_log)
-                nbd = subprocess.Popen(nbd_argv, env=env, stdout=nlog, stderr=subprocess.STDOUT)
-                try:
-                    wait_for(nbd_sock, nbd, nbd_log, "netswap nbd: serving")
-                    return measure(
-                        nbd.pid, f"nbd+unix:///?socket={nbd_sock}", tmp, args.total, args.step, args.json
-                    )
-                finally:
-                    nbd.terminate()
-                    nbd.wait(timeout=30)
-            finally:
-                server.terminate()
-                server.wait(timeout=30)
+        with netswap_nbd(tmp, "1GiB", "2GiB") as (_, nbd, uri):
+            return measure(nbd.pid, uri, tmp, args.total, args.step, args.json)
 
 
 def fio(uri: str, cwd: Path, mib: int) -> float:

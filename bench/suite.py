@@ -15,7 +15,7 @@ Writes OUT/results.json and OUT/results.png.
 from __future__ import annotations
 
 import argparse
-import hashlib
+import contextlib
 import json
 import os
 import platform
@@ -29,9 +29,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tests.guestvm import guest_assets, run_guest  # noqa: E402  (the same guest the tests boot)
+from procs import netswap_nbd, started  # noqa: E402
 
-TOKEN = "bench-token"
+from tests.guestvm import guest_assets, run_guest  # noqa: E402  (the same guest the tests boot)
 
 
 def run_script(name: str, out: Path, *args: str) -> Any:
@@ -46,47 +46,21 @@ def guest(runs: int) -> dict[str, Any]:
     """Wall time and pages swapped of the guest test, on netswap and on nbdkit memory."""
     assets = guest_assets(ROOT / "build" / "guest")
     results: dict[str, list[tuple[float, int]]] = {"netswap": [], "nbdkit": []}
-    with tempfile.TemporaryDirectory(prefix="netswap-guest-") as tmp_s:
-        tmp = Path(tmp_s)
-        tokens = tmp / "tokens.toml"
-        tokens.write_text(
-            f'[principals.bench]\ntoken_sha256 = "{hashlib.sha256(TOKEN.encode()).hexdigest()}"\n'
-        )
-        tokens.chmod(0o600)
-        for run in range(runs):
-            for kind in ("nbdkit", "netswap"):
-                sock = tmp / f"{kind}-{run}.sock"
-                procs: list[subprocess.Popen[bytes]] = []
-                try:
+    for _ in range(runs):
+        for kind in ("nbdkit", "netswap"):
+            with tempfile.TemporaryDirectory(prefix="netswap-guest-") as tmp_s:
+                tmp = Path(tmp_s)
+                with contextlib.ExitStack() as stack:
                     if kind == "nbdkit":
-                        procs.append(
-                            subprocess.Popen(
-                                ["nbdkit", "--foreground", "--unix", str(sock), "memory", "512M"]
-                            )
-                        )
+                        sock = tmp / "kit.sock"
+                        argv = ["nbdkit", "--foreground", "--unix", str(sock), "memory", "512M"]
+                        stack.enter_context(started(argv, tmp / "kit.log", sock))
+                        uri = f"nbd+unix:///?socket={sock}"
                     else:
-                        grpc_sock = tmp / f"grpc-{run}.sock"
-                        procs.append(subprocess.Popen(
-                            [sys.executable, "-m", "netswap.server", "--listen", f"unix:{grpc_sock}", "--store",
-                             f"file:{tmp}/store-{run}", "--capacity", "1GiB", "--tokens", str(tokens), "--metrics-listen", ""],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                        ))  # fmt: skip
-                        env = {**os.environ, "NETSWAP_TOKEN": TOKEN, "NETSWAP_SERVER": f"unix:{grpc_sock}"}
-                        procs.append(subprocess.Popen(
-                            [sys.executable, "-m", "netswap.client", "nbd", "vm", "--size", "512MiB", "--socket", str(sock)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                        ))  # fmt: skip
-                    deadline = time.monotonic() + 60
-                    while not sock.exists():
-                        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), kind
-                        time.sleep(0.05)
-                    r = run_guest(assets, f"nbd+unix:///?socket={sock}")
-                    assert r.ok, r.verdict
-                    results[kind].append((r.seconds, r.pswpout or 0))
-                finally:
-                    for p in reversed(procs):
-                        p.terminate()
-                        p.wait(timeout=30)
+                        _, _, uri = stack.enter_context(netswap_nbd(tmp, "512MiB", "1GiB"))
+                    r = run_guest(assets, uri)
+                assert r.ok, r.verdict
+                results[kind].append((r.seconds, r.pswpout or 0))
     return {
         k: {"seconds": statistics.median(s for s, _ in v), "pswpout": statistics.median(n for _, n in v)}
         for k, v in results.items()
