@@ -98,6 +98,12 @@ def read_token(args: argparse.Namespace, environ: Mapping[str, str]) -> str | No
 
 def tls_files(args: argparse.Namespace) -> TlsFiles | None:
     if args.tls_ca is None and args.tls_cert is None and args.tls_key is None:
+        host = args.server.rpartition(":")[0].strip("[]")
+        if not args.server.startswith("unix:") and host not in ("127.0.0.1", "localhost", "::1"):
+            print(
+                f"netswap: warning: no TLS: the token goes to {args.server} in clear (use --tls-ca)",
+                file=sys.stderr,
+            )
         return None
     return TlsFiles(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
 

@@ -125,7 +125,8 @@ class AreaManager:
 
     def _check_swapon(self, principal: str, name: str, size_bytes: int) -> None:
         if not NAME_PATTERN.fullmatch(name):
-            raise InvalidArgument(f"area name {name!r} must be 1-64 characters of A-Z a-z 0-9 . _ -")
+            shown = repr(name[:80]) + (f"... ({len(name)} characters)" if len(name) > 80 else "")
+            raise InvalidArgument(f"area name {shown} must be 1-64 characters of A-Z a-z 0-9 . _ -")
         if size_bytes <= 0 or size_bytes % PAGE_SIZE:
             raise InvalidArgument(f"size_bytes {size_bytes} must be a positive multiple of {PAGE_SIZE}")
         if size_bytes > self.max_area_size:
@@ -145,7 +146,7 @@ class AreaManager:
     async def _attach(self, key: AreaKey, size_bytes: int) -> Attachment:
         try:
             attachment = await self._attach_locked(key, size_bytes)
-        except ServiceError as e:
+        except Exception as e:  # refusals and failures (e.g. the disk) alike
             self._audit.event(
                 "swapon", principal=key.owner, area=key.name, size_bytes=size_bytes, outcome=outcome_of(e)
             )
@@ -201,7 +202,7 @@ class AreaManager:
                 area = self._attached(principal, handle, "SwapOff")
                 # Destroy first: if the store cannot, the area stays as it was.
                 self.store.destroy(area.key, area.backing)
-            except ServiceError as e:
+            except Exception as e:  # refusals and failures (e.g. the disk) alike
                 self._audit.event("swapoff", principal=principal, area=None, outcome=outcome_of(e))
                 raise
             del self._handles[handle]

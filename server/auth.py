@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import hmac
+import os
 import secrets
 import stat
 import tomllib
@@ -59,16 +60,7 @@ class TokenTable:
 
     @classmethod
     def load(cls, path: Path) -> TokenTable:
-        try:
-            mode = path.stat().st_mode
-            text = path.read_text()
-        except OSError as e:
-            raise TokensError(f"cannot read tokens file {path}: {e.strerror}") from e
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise TokensError(
-                f"tokens file {path} is accessible to group or others (mode {stat.S_IMODE(mode):04o});"
-                f" run: chmod 600 {path}"
-            )
+        text = _read_private(path)
         try:
             doc = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
@@ -120,6 +112,34 @@ class TokenTable:
     def quota_of(self, name: str) -> int | None:
         p = self._principals.get(name)
         return p.quota_bytes if p else None
+
+
+def _read_private(path: Path) -> str:
+    """The tokens file's text, if it is ours alone: owned by this process's user, mode 0600 or
+    stricter, not a symlink. One open, then everything from that descriptor, so the file
+    checked is the file read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            raw = os.read(fd, max(st.st_size, 1) + 1)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise TokensError(f"cannot read tokens file {path}: {e.strerror}") from e
+    if st.st_uid != os.geteuid():
+        raise TokensError(
+            f"tokens file {path} is owned by uid {st.st_uid}, not by this server's uid {os.geteuid()}"
+        )
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise TokensError(
+            f"tokens file {path} is accessible to group or others (mode {stat.S_IMODE(st.st_mode):04o});"
+            f" run: chmod 600 {path}"
+        )
+    try:
+        return raw.decode()
+    except UnicodeDecodeError as e:
+        raise TokensError(f"tokens file {path} is not UTF-8: {e}") from e
 
 
 class Credentials:

@@ -34,6 +34,18 @@ async def serve(config: Config) -> None:
         host, _, port = config.metrics_listen.rpartition(":")
         metrics_http, _ = start_http_server(int(port), addr=host or "127.0.0.1", registry=REGISTRY)
         metrics_at = f"http://{host or '127.0.0.1'}:{metrics_http.server_port}/metrics"
+    running = asyncio.get_running_loop()
+
+    def reload_tokens() -> None:
+        try:
+            server.credentials.reload()
+        except TokensError as e:
+            log.error("SIGHUP: tokens file NOT reloaded, the previous one stays in force: %s", e)
+        else:
+            log.info("SIGHUP: reloaded tokens file %s", config.tokens)
+
+    running.add_signal_handler(signal.SIGHUP, reload_tokens)
+
     await server.start()
     m = server.manager
     security = (
@@ -54,19 +66,9 @@ async def serve(config: Config) -> None:
         m.area_count(), m.max_batch_pages, metrics_at, server.health_address or "off",
     )  # fmt: skip
     stop = asyncio.Event()
-    running = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         running.add_signal_handler(sig, stop.set)
 
-    def reload_tokens() -> None:
-        try:
-            server.credentials.reload()
-        except TokensError as e:
-            log.error("SIGHUP: tokens file NOT reloaded, the previous one stays in force: %s", e)
-        else:
-            log.info("SIGHUP: reloaded tokens file %s", config.tokens)
-
-    running.add_signal_handler(signal.SIGHUP, reload_tokens)
     await stop.wait()
     log.info("shutting down: finishing in-flight calls (up to %.0fs)", config.grace_seconds)
     await server.stop(config.grace_seconds)
@@ -101,10 +103,12 @@ def gen_token(argv: Sequence[str]) -> int:
     if args.quota is not None:
         entry += f"quota_bytes = {args.quota}\n"
     fd = os.open(args.tokens, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.fchmod(fd, 0o600)
     with os.fdopen(fd, "a") as f:
         f.write(entry)
     if args.token_out:
         fd = os.open(args.token_out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # the mode above only applies to a new file
         with os.fdopen(fd, "w") as f:
             f.write(token + "\n")
         print(f"principal {args.name}: token written to {args.token_out}")
@@ -177,6 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # The audit trail is not chatter: --log-level quiets the rest, never it.
+    logging.getLogger("netswap.audit").setLevel(logging.INFO)
     try:
         loop.run(lambda: serve(config))
     except (TokensError, ServiceError, OSError, RuntimeError) as e:

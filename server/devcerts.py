@@ -95,6 +95,7 @@ def issue(
 
 def _write(path: Path, data: bytes, mode: int) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    os.fchmod(fd, mode)  # an existing file keeps its mode otherwise
     with os.fdopen(fd, "wb") as f:
         f.write(data)
 

@@ -172,6 +172,8 @@ class AuthInterceptor(_SwapServiceInterceptor):
                 self._audit.event("authn_failure", outcome=e.reason, method=method, peer=peer)
                 raise
             if isinstance(request, Malformed):  # see Malformed: only now, once authenticated
+                if method in ("SwapOn", "SwapOff"):
+                    self._audit.event(method.lower(), principal=name, peer=peer, outcome="malformed request")
                 raise InvalidArgument(request.message)
             reset_principal = principal_var.set(name)
             reset_peer = peer_var.set(peer)
@@ -197,6 +199,13 @@ class AuthInterceptor(_SwapServiceInterceptor):
             raise Unauthenticated(
                 "the client certificate names no principal (SAN URI spiffe://<domain>/principal/NAME)",
                 "certificate_without_principal",
+            )
+        if not table.has(named):
+            # The CA vouches for the name; the tokens file says who may use the
+            # service (and with what quota). Removing a principal -- and SIGHUP --
+            # revokes its certificates too, without replacing the CA.
+            raise Unauthenticated(
+                f"principal {named!r} of the client certificate is not known here", "unknown_principal"
             )
         if tokened is not None and tokened.name != named:
             raise Unauthenticated(

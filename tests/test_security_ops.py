@@ -129,3 +129,41 @@ async def test_audit_log_lines(tmp_path: Path, caplog: pytest.LogCaptureFixture)
     assert off == {**off, "event": "swapoff", "principal": "alice", "area": "vm1", "outcome": "ok"}
     text = "\n".join(lines)
     assert "stolen-guess" not in text and all(token not in text for token in TOKENS.values())
+
+
+def test_tokens_file_must_be_ours_plain_and_utf8(tmp_path: Path) -> None:
+    real = write_tokens(tmp_path / "real.toml")
+    link = tmp_path / "link.toml"
+    link.symlink_to(real)
+    with pytest.raises(TokensError, match="cannot read tokens file"):
+        TokenTable.load(link)
+    binary = tmp_path / "bin.toml"
+    binary.write_bytes(b"\xff\xfe[principals.a]")
+    binary.chmod(0o600)
+    with pytest.raises(TokensError, match="not UTF-8"):
+        TokenTable.load(binary)
+    os.chown(real, 12345, -1)
+    with pytest.raises(TokensError, match="owned by uid 12345"):
+        TokenTable.load(real)
+
+
+def test_secrets_written_into_existing_files_are_private(tmp_path: Path) -> None:
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    out = tmp_path / "dev.token"
+    out.write_text("old")
+    out.chmod(0o644)
+    argv = [sys.executable, "-m", "netswap.server", "gen-token", "dev", "--tokens", str(tmp_path / "t.toml")]
+    subprocess.run([*argv, "--token-out", str(out)], check=True, capture_output=True)
+    assert oct(out.stat().st_mode & 0o777) == "0o600" and out.read_text().strip() != "old"
+
+
+async def test_absurd_names_are_named_briefly(tmp_path: Path) -> None:
+    async with running_server(tmp_path) as srv, stub_for(srv.address) as stub:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.SwapOn(
+                swap_pb2.SwapOnRequest(name="x/" * 250_000, size_bytes=PS), metadata=auth("alice")
+            )
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "(500000 characters)" in (err.value.details() or "") and len(err.value.details() or "") < 300

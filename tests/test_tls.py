@@ -241,3 +241,22 @@ def test_gen_dev_certs(tmp_path: Path) -> None:
         text=True,
     )
     assert bad.returncode == 2 and "principal name '../x' must be" in bad.stderr
+
+
+async def test_a_certificate_for_an_unlisted_principal_is_refused_and_removal_revokes(
+    mtls: Running, pki: Pki, tmp_path: Path
+) -> None:
+    mallory = pki.client("mallory", principal="mallory")  # signed by the right CA, not in the tokens file
+    async with await SwapClient.connect(mtls.address, None, tls=mallory) as client:
+        with pytest.raises(AuthenticationFailed, match="'mallory' of the client certificate is not known"):
+            await client.swapon("vm1", PS)
+    alice = pki.client("alice", principal="alice")
+    async with await SwapClient.connect(mtls.address, None, tls=alice) as client:
+        assert await client.list_areas() == []
+        tokens = tmp_path / "tokens.toml"
+        text = tokens.read_text()
+        tokens.write_text(text[text.index("[principals.bob]") :])  # alice removed
+        mtls.server.credentials.reload()  # what SIGHUP does
+        with pytest.raises(AuthenticationFailed, match="not known"):
+            await client.list_areas()
+    assert mtls.metric("netswap_auth_failures_total", {"reason": "unknown_principal"}) == 2
