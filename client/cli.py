@@ -194,6 +194,8 @@ async def run_demo(client: SwapClient, args: argparse.Namespace) -> int:
 
 
 async def run(args: argparse.Namespace, token: str | None) -> int:
+    if args.command == "nbd" and args.pool_pages < 32:  # before connecting to anything
+        raise SystemExit("netswap nbd: --pool-pages must be at least 32")
     if args.command == "nbd":
         # Bounded: the frontend keeps at most NbdOptions.max_rpcs RPCs in flight,
         # each of at most NBD_MAX_BATCH pages (servers default to 256).
@@ -209,8 +211,6 @@ async def run(args: argparse.Namespace, token: str | None) -> int:
         connect = SwapClient.connect(args.server, token, timeout=DEFAULT_TIMEOUT, tls=tls_files(args))
     async with await connect as client:
         if args.command == "nbd":
-            if args.pool_pages < 32:
-                raise SystemExit("netswap nbd: --pool-pages must be at least 32")
             opts = NbdOptions(
                 name=args.name,
                 size=args.size,

@@ -103,9 +103,6 @@ class TokenTable:
                 found = principal
         return found
 
-    def get(self, name: str) -> Principal | None:
-        return self._principals.get(name)
-
     def has(self, name: str) -> bool:
         return name in self._principals
 

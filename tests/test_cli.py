@@ -101,3 +101,18 @@ def test_gen_token_appends_a_working_principal(tmp_path: Path) -> None:
         [*SERVER, "gen-token", "a/b", "--tokens", str(tokens)], capture_output=True, text=True
     )
     assert bad.returncode == 2 and "principal name 'a/b' must be" in bad.stderr
+
+
+def test_nbd_pool_too_small_is_refused_before_connecting() -> None:
+    out = netswap(
+        "unix:/nonexistent.sock",
+        "nbd",
+        "vm1",
+        "--size",
+        "1MiB",
+        "--socket",
+        "/tmp/x.sock",
+        "--pool-pages",
+        "8",
+    )
+    assert out.returncode == 1 and "--pool-pages must be at least 32" in out.stderr

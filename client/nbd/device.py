@@ -30,10 +30,14 @@ from prometheus_client import Histogram
 from netswap.client.errors import AreaNotFound, ConnectionLost, InvalidRequest, NetswapError
 from netswap.client.nbd.protocol import EINVAL, EIO
 from netswap.client.pool import PagePool
+from netswap.common.limits import PAGE_SIZE
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+_ZERO_PAGE = memoryview(bytes(PAGE_SIZE))  # zero-fill source: zeroing allocates nothing
 
 
 class BatchArea(Protocol):
@@ -168,14 +172,22 @@ class AreaDevice:
         last = (offset + length - 1) // ps
         return first, last - first + 1, offset - first * ps
 
+    def edges(self, offset: int, length: int) -> list[tuple[int, int, int]]:
+        """The span's pages that [offset, offset+length) covers only in part -- at most the
+        first and the last: (index in the span, start, end) of the range within that page."""
+        ps = self.page_size
+        _, count, skip = self.span(offset, length)
+        end = skip + length
+        out = []
+        for i in sorted({0, count - 1}):
+            lo, hi = max(skip - i * ps, 0), min(end - i * ps, ps)
+            if lo > 0 or hi < ps:
+                out.append((i, lo, hi))
+        return out
+
     def partial_edges(self, offset: int, length: int) -> int:
         """How many scratch pages a write of this range needs for read-modify-write (0-2)."""
-        _, count, skip = self.span(offset, length)
-        head = skip != 0
-        tail = (offset + length) % self.page_size != 0
-        if count == 1:
-            return 1 if (head or tail) else 0
-        return int(head) + int(tail)
+        return len(self.edges(offset, length))
 
     # -- operations ---------------------------------------------------------------
 
@@ -192,23 +204,17 @@ class AreaDevice:
         the payload are filled from the area first (read-modify-write).
         """
         ps = self.page_size
-        first, count, skip = self.span(offset, length)
+        first, count, _ = self.span(offset, length)
         data = buf[: count * ps]
         held = await self._locks.acquire(first, count)
         try:
             scratch = count * ps
-            end = skip + length  # end of the payload within `data`
-            tail = end % ps
-            if skip:
-                # The head page keeps its stored bytes before the payload, and
-                # after it too when the payload ends inside the same page.
-                keep = [(0, skip)] + ([(end, ps)] if count == 1 and tail else [])
-                await self._merge_edge(first, data[:ps], keep, buf[scratch : scratch + ps])
+            for i, lo, hi in self.edges(offset, length):
+                # An edge page keeps its stored bytes outside the payload.
+                keep = [r for r in ((0, lo), (hi, ps)) if r[0] < r[1]]
+                page = data[i * ps : (i + 1) * ps]
+                await self._merge_edge(first + i, page, keep, buf[scratch : scratch + ps])
                 scratch += ps
-            if tail and (count > 1 or not skip):
-                last = (count - 1) * ps
-                keep = [(end - last, ps)]
-                await self._merge_edge(first + count - 1, data[last:], keep, buf[scratch : scratch + ps])
             await self._submit("out", first, count, data)
         finally:
             self._locks.release(held)
@@ -226,24 +232,18 @@ class AreaDevice:
         stay reserved); partial edge pages are read, zeroed in part and written back using
         `scratch` (partial_edges() pages)."""
         ps = self.page_size
-        first, count, skip = self.span(offset, length)
-        end = skip + length
+        first, count, _ = self.span(offset, length)
+        edges = self.edges(offset, length)
         held = await self._locks.acquire(first, count)
         try:
-            full_lo = first + (1 if skip else 0)
-            full_hi = first + count - (1 if end % ps else 0)
-            used = 0
-            edges = []
-            if skip:
-                edges.append((first, skip, min(end, ps)))
-            if end % ps and (count > 1 or not skip):
-                edges.append((first + count - 1, 0 if count > 1 else skip, end - (count - 1) * ps))
-            for slot, lo, hi in edges:
-                page = scratch[used : used + ps]
-                used += ps
-                await self._submit("in", slot, 1, page)
-                page[lo:hi] = bytes(hi - lo)
-                await self._submit("out", slot, 1, page)
+            for n, (i, lo, hi) in enumerate(edges):
+                page = scratch[n * ps : (n + 1) * ps]
+                await self._submit("in", first + i, 1, page)
+                page[lo:hi] = _ZERO_PAGE[: hi - lo]
+                await self._submit("out", first + i, 1, page)
+            # Whole pages in between: neither the first nor the last if those are edges.
+            full_lo = first + (1 if edges and edges[0][0] == 0 else 0)
+            full_hi = first + count - (1 if edges and edges[-1][0] == count - 1 else 0)
             if full_hi > full_lo:
                 await self._submit("discard", full_lo, full_hi - full_lo, None)
         finally:
