@@ -25,7 +25,11 @@ MiB = 1 << 20
 # Allocates and touches memory until something stops it. It runs with
 # oom_score_adj 1000 from its first allocation: should an OOM killer be
 # involved, it is the one to go (raising a score needs no privilege; on this
-# machine the frontend may not lower its own to -1000).
+# machine the frontend may not lower its own to -1000). 1 MiB per 10 ms: slow
+# enough that the group refills what a kill freed in ~100 ms -- long after
+# hogs_at_the_limit has replaced the victim -- fast enough to hit the limit
+# dozens of times in a run. (At 1 MiB/ms the OOM killer took three hogs in
+# 170 ms, and then the frontend: its only candidate left.)
 HOG = """
 import time
 chunks = []
@@ -34,7 +38,7 @@ while True:
     for i in range(0, len(chunk), 4096):
         chunk[i] = 1
     chunks.append(chunk)
-    time.sleep(0.001)
+    time.sleep(0.01)
 """
 
 
@@ -144,27 +148,57 @@ class Frontend:
         return self.proc.returncode
 
 
-@contextlib.asynccontextmanager
-async def hogs_at_the_limit(cgroup: MemoryCgroup) -> AsyncIterator[list[subprocess.Popen[bytes]]]:
-    """Keep two HOG processes alive in `cgroup` until the block ends, then kill what is left.
+def fence(cgroup: MemoryCgroup, nbd: Frontend) -> int:
+    """Limit `cgroup` to what the warmed-up frontend has charged plus a margin; return the limit.
 
-    Two, so that while the OOM killer's last victim is still dying the next
-    candidate is a hog, not whatever else lives in the group. (The frontend's
-    own I/O takes a few kernel pages -- socket buffers -- charged to the group,
-    so at the limit it does wake the OOM killer; in production oom_score_adj
-    -1000 makes it unkillable, which this sandbox does not permit.)
+    The margin is what keeps the OOM killer off the frontend in this sandbox,
+    where it may not lower its own oom_score_adj (production: -1000, immune).
+    The killer ranks a task by its RSS plus oom_score_adj/1000 of the group's
+    limit, so a hog at +1000 -- even one just born, with almost no RSS --
+    outranks the frontend (score: its RSS, shared libraries included, which
+    exceeds what is charged to this group) only while the limit is above the
+    frontend's RSS. At least 48 MiB, so the hogs have room to grow and die.
+    """
+    limit = max(cgroup.usage + 48 * MiB, nbd.status("VmRSS") + 32 * MiB)
+    cgroup.set_limit(limit)
+    return limit
+
+
+def explain_death(nbd: Frontend) -> str:
+    """Why the frontend is gone, for an assertion message."""
+    if nbd.alive():
+        return "the frontend is alive"
+    code = nbd.proc.returncode if nbd.proc is not None else None
+    why = " (SIGKILL: the OOM killer?)" if code == -signal.SIGKILL else ""
+    return f"the frontend died with status {code}{why}; its log:\n{nbd.log.read_text()[-2000:]}"
+
+
+HOGS = 3  # alive at once
+
+
+@contextlib.asynccontextmanager
+async def hogs_at_the_limit(cgroup: MemoryCgroup) -> AsyncIterator[None]:
+    """Keep HOGS processes allocating in `cgroup` until the block ends, then kill what is left.
+
+    Several, replaced within milliseconds: the OOM killer must always find a
+    hog to take. Were every hog dead or dying at once, the next charge in the
+    group (the frontend's own I/O takes a few kernel pages -- socket buffers)
+    would find only the frontend to kill. In production oom_score_adj -1000
+    makes it unkillable; this sandbox does not permit that.
     """
     hogs: list[subprocess.Popen[bytes]] = []
 
     async def keep() -> None:
+        nonlocal hogs
         while True:
-            while sum(h.poll() is None for h in hogs) < 2:
+            hogs = [h for h in hogs if h.poll() is None]  # poll() also reaps the dead
+            while len(hogs) < HOGS:
                 hogs.append(subprocess.Popen(cgroup.wrap([sys.executable, "-c", HOG], oom_score_adj=1000)))
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.01)
 
     keeper = asyncio.ensure_future(keep())
     try:
-        yield hogs
+        yield
     finally:
         keeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):

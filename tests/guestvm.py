@@ -220,6 +220,10 @@ def run_guest(
     # QEMU option values escape a literal comma by doubling it.
     argv += ["-drive", f"file={nbd_uri.replace(',', ',,')},format=raw,if=virtio,cache=none"]
     argv += ["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]
+    # QEMU's NBD client fails requests silently; these trace points say why
+    # (they print only on failure, into the captured output).
+    for event in ("nbd_read_reply_entry_fail", "nbd_co_request_fail", "nbd_unknown_error"):
+        argv += ["-trace", event]
     start = time.monotonic()
     proc = subprocess.run(
         argv,

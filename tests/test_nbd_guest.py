@@ -17,7 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.frontend import Frontend, MemoryCgroup, MiB, hogs_at_the_limit
+from tests.frontend import Frontend, MemoryCgroup, explain_death, fence, hogs_at_the_limit
 from tests.guestvm import GuestAssets, GuestResult, guest_assets, run_guest
 from tests.helpers import ServerProcess
 from tests.nbdenv import nbd_export, require_tools, run
@@ -31,8 +31,16 @@ def assets() -> GuestAssets:
     return guest_assets(ROOT / "build" / "guest")
 
 
-def explain(result: GuestResult) -> str:
-    return f"{result.verdict}\n--- console tail ---\n{result.console[-3000:]}"
+def explain(result: GuestResult, *logs: Path) -> str:
+    """The verdict, what QEMU itself said, the first errors, the console tail and our logs."""
+    lines = result.console.splitlines()
+    qemu = [line for line in lines if line.startswith("qemu-system") or ":nbd_" in line][:20]
+    errors = [line for line in lines if "error" in line.lower()][:10]
+    parts = [result.verdict, "--- QEMU ---", *qemu, "--- first errors ---", *errors]
+    parts += ["--- console tail ---", result.console[-3000:]]
+    for log in logs:
+        parts += [f"--- {log.name} (tail) ---", log.read_text(errors="replace")[-3000:]]
+    return "\n".join(parts)
 
 
 def scrape(log: Path, name: str) -> float:
@@ -70,7 +78,7 @@ async def test_guest_swaps_onto_netswap_and_the_pages_reach_the_server(tmp_path:
     try:
         async with nbd_export(server.address, tmp_path / "nbd.sock", size=512 << 20) as export:
             result = await asyncio.to_thread(run_guest, guest, export.uri)
-            assert result.ok, explain(result)
+            assert result.ok, explain(result, server.log)
             assert result.pswpout is not None and result.pswpout > 50_000
             # every page the guest swapped out went through netswap's server
             assert scrape(server.log, "netswap_swap_out_pages_total") >= result.pswpout
@@ -98,7 +106,7 @@ async def test_guest_survives_kill_9_and_restart_of_the_server(tmp_path: Path) -
             await asyncio.sleep(1.0)
             await server.astart()
             result = await run
-            assert result.ok, explain(result)
+            assert result.ok, explain(result, server.log)
             assert device.reattaches == 1 and device.retries > 0
     finally:
         server.stop_quietly()
@@ -125,11 +133,11 @@ async def test_guest_swaps_through_a_locked_frontend_inside_a_memory_limit(tmp_p
             "--bsrange=4k-256k",
         ]
         await run(*warm, "--iodepth=32", "--size=512M", "--io_size=64M", cwd=tmp_path)
-        cgroup.set_limit(cgroup.usage + 48 * MiB)
+        fence(cgroup, nbd)
         async with hogs_at_the_limit(cgroup):
             result = await asyncio.to_thread(run_guest, guest, nbd.uri)
-        assert result.ok, explain(result)
-        assert nbd.alive(), "the frontend was killed"
+        assert nbd.alive(), explain_death(nbd)
+        assert result.ok, explain(result, nbd.log, server.log)
         assert cgroup.oom_kills >= 1, "the limit was never reached"
         assert nbd.metric("netswap_client_memory_locked_bytes") > 0
     finally:

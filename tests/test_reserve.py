@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from netswap.v1 import swap_pb2
-from tests.frontend import Frontend, MemoryCgroup, MiB, hogs_at_the_limit
+from tests.frontend import Frontend, MemoryCgroup, MiB, explain_death, fence, hogs_at_the_limit
 from tests.helpers import PS, ServerProcess, auth, running_server, stub_for
 from tests.nbdenv import require_tools, run
 
@@ -96,7 +96,7 @@ async def test_memory_stays_flat_while_2_gib_go_through(tmp_path: Path, server: 
 async def test_keeps_serving_inside_a_memory_limit_next_to_a_hog(
     tmp_path: Path, server: ServerProcess
 ) -> None:
-    """The frontend shares a memory cgroup, limited to its own footprint plus 48 MiB, with
+    """The frontend shares a memory cgroup, limited to its own footprint plus a margin, with
     processes that allocate until the limit is reached -- one after another, for the whole
     fio verify run. The OOM killer must take the hogs, never the frontend, and fio must see
     no error."""
@@ -109,21 +109,18 @@ async def test_keeps_serving_inside_a_memory_limit_next_to_a_hog(
         warm += ["--iodepth=32", "--size=64M", "--io_size=32M", "--verify=crc32c", "--do_verify=1"]
         await run(*warm, cwd=tmp_path)
         await run("qemu-io", "-f", "raw", nbd.uri, "-c", "write -P 2 1000 9000", "-c", "discard 8M 1M")
-        # Margin: the OOM killer ranks a task by its RSS plus oom_score_adj/1000
-        # of the group's limit. The frontend's RSS (~75 MiB, shared libraries
-        # included, all locked) is more than the ~42 MiB charged to it here, so a
-        # newborn hog at +1000 outranks it only if the limit exceeds 75 MiB:
-        # 48 MiB of margin. With oom_score_adj -1000 on the frontend (refused
-        # in this sandbox) any margin would do.
-        cgroup.set_limit(cgroup.usage + 48 * MiB)
+        fence(cgroup, nbd)  # its docstring has the arithmetic of the margin
         rss_before = nbd.status("VmRSS")
         argv = ["fio", "--name=limited", "--ioengine=nbd", f"--uri={nbd.uri}", "--rw=randwrite"]
         argv += ["--bs=4k", "--iodepth=32", "--size=128M", "--io_size=256M"]
         argv += ["--verify=crc32c", "--do_verify=1", "--verify_fatal=1"]
         async with hogs_at_the_limit(cgroup):
-            out = await run(*argv, cwd=tmp_path, timeout=300)
+            try:
+                out = await run(*argv, cwd=tmp_path, timeout=300)
+            except AssertionError as e:
+                raise AssertionError(f"{e}\n{explain_death(nbd)}") from e
+        assert nbd.alive(), explain_death(nbd)
         assert "err= 0" in out, out
-        assert nbd.alive(), "the frontend was killed"
         assert cgroup.oom_kills >= 1 and cgroup.failcnt > 0, "the limit was never reached"
         assert nbd.status("VmRSS") - rss_before < 1 * MiB
     finally:

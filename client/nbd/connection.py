@@ -127,6 +127,12 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._resume("write")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # The transport closes silently on a socket error; say so, or an NBD
+        # client's I/O errors have no explanation on this side.
+        if exc is not None:
+            log.warning("NBD connection from %s lost: %s", self.peer, exc)
+        elif self._phase != "closed" and self._tasks:
+            log.warning("NBD client %s left with %d requests in flight", self.peer, len(self._tasks))
         self._phase = "closed"
         self._pending = None
         if self._sink_lease is not None:  # the client left in the middle of a write payload
