@@ -4,13 +4,17 @@
 
 For each batch size it measures, with servers in separate processes:
   echo     a minimal gRPC service with netswap's message shapes (one page blob
-           + packed slots) that parses them and stores nothing: the ceiling
-           that gRPC + protobuf in Python put on any service of this shape
+           + packed slots) that parses them and stores nothing, one unary
+           call per request: the ceiling that gRPC + protobuf in Python put
+           on a unary service of this shape
+  stream   the same echo as messages on one PageStream call: the ceiling of
+           the transport netswap.client uses
   memory   netswap.client -> netswap-server --store memory
   file     netswap.client -> netswap-server --store file:<tmpdir>
-and prints pages/s and p50/p99 latency per call (one call in flight, so
-latency is the round trip), plus each store's ratio to echo. Medians of
---runs repetitions; the machine is shared, so compare ratios, not absolutes.
+and prints pages/s and p50/p99 latency per request (one in flight, so
+latency is the round trip), plus each store's ratio to both echoes. Medians
+of --runs repetitions; the machine is shared, so compare ratios, not
+absolutes.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +38,13 @@ from procs import TOKEN, started, write_tokens
 from netswap.client import SwapClient
 from netswap.common import loop
 from netswap.common.limits import PAGE_SIZE, max_message_bytes
-from netswap.common.pagewire import encode_swap_out  # the same encoder the library uses
+from netswap.common.pagewire import (  # the same encoders the library uses
+    decode_page_request,
+    encode_page_reply,
+    encode_page_request,
+    encode_page_swap_out,
+    encode_swap_out,
+)
 from netswap.v1 import swap_pb2
 
 BATCHES = (1, 8, 64, 256)
@@ -55,9 +65,15 @@ async def serve_echo(address: str) -> None:
         n = len(swap_pb2.SwapInRequest.FromString(request).slots)
         return swap_pb2.SwapInResponse(pages=blob[: n * PAGE_SIZE]).SerializeToString()
 
+    async def page_stream(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+        async for request in requests:
+            op, head, _ = decode_page_request(request)
+            yield encode_page_reply(blob[: len(head.slots) * PAGE_SIZE] if op == "SwapIn" else b"")
+
     handlers = {
         "SwapOut": grpc.unary_unary_rpc_method_handler(swap_out),
         "SwapIn": grpc.unary_unary_rpc_method_handler(swap_in),
+        "PageStream": grpc.stream_stream_rpc_method_handler(page_stream),
     }
     limit = max_message_bytes(256)
     server = grpc.aio.server(
@@ -110,6 +126,31 @@ async def bench_echo(address: str, batch: int, calls: int) -> dict[str, tuple[fl
         return {"out": await timed(calls, w), "in": await timed(calls, r)}
 
 
+async def bench_stream_echo(address: str, batch: int, calls: int) -> dict[str, tuple[float, list[float]]]:
+    limit = max_message_bytes(256)
+    opts = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+    async with grpc.aio.insecure_channel(address, options=opts) as ch:
+        call = ch.stream_stream("/netswap.v1.SwapService/PageStream", None, None)(
+            None, metadata=(("authorization", f"Bearer {TOKEN}"),)
+        )
+        pages = memoryview(bytes(batch * PAGE_SIZE))
+        handle = os.urandom(16)
+        slots = list(range(batch))
+        body_in = encode_page_request(swap_pb2.SwapInRequest(handle=handle, slots=slots))
+
+        async def w(i: int) -> None:
+            await call.write(encode_page_swap_out(handle, slots, [pages]))
+            await call.read()
+
+        async def r(i: int) -> None:
+            await call.write(body_in)
+            await call.read()
+
+        result = {"out": await timed(calls, w), "in": await timed(calls, r)}
+        call.cancel()
+        return result
+
+
 async def bench_netswap(address: str, batch: int, calls: int) -> dict[str, tuple[float, list[float]]]:
     async with await SwapClient.connect(address, TOKEN) as client:
         area = await client.swapon(f"bench{batch}", 64 << 20)
@@ -145,8 +186,10 @@ def main() -> int:
         tmp = Path(tmp_s)
         tokens = write_tokens(tmp)
         server = [sys.executable, "-m", "netswap.server", "--tokens", str(tokens), "--metrics-listen", ""]
+        echo = ([sys.executable, __file__, "--serve-echo", f"unix:{tmp}/echo.sock"], tmp / "echo.sock")
         targets = {
-            "echo": ([sys.executable, __file__, "--serve-echo", f"unix:{tmp}/echo.sock"], tmp / "echo.sock"),
+            "echo": echo,
+            "stream": echo,
             "memory": ([*server, "--listen", f"unix:{tmp}/mem.sock", "--store", "memory"], tmp / "mem.sock"),
             "file": (
                 [*server, "--listen", f"unix:{tmp}/file.sock", "--store", f"file:{tmp}/store"],
@@ -156,12 +199,13 @@ def main() -> int:
         results: dict[tuple[str, int, str], list[tuple[float, float, float]]] = {}
         with contextlib.ExitStack() as stack:
             for name, (argv, sock) in targets.items():
-                stack.enter_context(started(argv, tmp / f"{name}.log", sock))
+                if name != "stream":  # the echo server serves both
+                    stack.enter_context(started(argv, tmp / f"{name}.log", sock))
             for run in range(args.runs):
                 for batch in BATCHES:
                     calls = max(20, int(args.seconds * 20000 / batch))
                     for name, (_, sock) in targets.items():
-                        fn = bench_echo if name == "echo" else bench_netswap
+                        fn = {"echo": bench_echo, "stream": bench_stream_echo}.get(name, bench_netswap)
                         res = asyncio.run(fn(f"unix:{sock}", batch, calls))
                         for op, (elapsed, lat) in res.items():
                             results.setdefault((name, batch, op), []).append(
@@ -172,18 +216,21 @@ def main() -> int:
     def med(key: tuple[str, int, str], i: int) -> float:
         return statistics.median(r[i] for r in results[key])
 
-    print(f"\nnetswap library vs gRPC echo ceiling -- medians of {args.runs} runs, one call in flight")
+    print(f"\nnetswap library vs gRPC echo ceilings -- medians of {args.runs} runs, one request in flight")
     print(
-        f"{'op':4} {'batch':>5} {'target':7} {'pages/s':>9} {'MB/s':>7} {'p50 us':>8} {'p99 us':>8} {'vs echo':>8}"
+        f"{'op':4} {'batch':>5} {'target':7} {'pages/s':>9} {'MB/s':>7} {'p50 us':>8} {'p99 us':>8}"
+        f" {'vs stream':>9} {'vs echo':>8}"
     )
     for op in ("out", "in"):
         for batch in BATCHES:
             for name in targets:
                 pps = med((name, batch, op), 0)
-                ratio = pps / med(("echo", batch, op), 0)
+                vs_stream = pps / med(("stream", batch, op), 0)
+                vs_echo = pps / med(("echo", batch, op), 0)
                 print(
                     f"{op:4} {batch:5d} {name:7} {pps:9.0f} {pps * PAGE_SIZE / 1e6:7.1f}"
-                    f" {med((name, batch, op), 1) * 1e6:8.0f} {med((name, batch, op), 2) * 1e6:8.0f} {ratio:8.2f}"
+                    f" {med((name, batch, op), 1) * 1e6:8.0f} {med((name, batch, op), 2) * 1e6:8.0f}"
+                    f" {vs_stream:9.2f} {vs_echo:8.2f}"
                 )
     print(f"\n{os.cpu_count()} CPUs; python {sys.version.split()[0]}; grpcio {grpc.__version__}")
     if args.json:

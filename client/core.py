@@ -1,9 +1,11 @@
 """The async client: SwapClient (a connection) and Area (one attached swap area).
 
-Slots map to RPCs in batches of at most max_batch_pages. Pages go out from the
-caller's buffer and come back into the caller's buffer or the area's PagePool;
-nothing on the data path allocates page-sized memory of its own except what
-gRPC itself does per message.
+Slots map to requests in batches of at most max_batch_pages, sent as messages
+on the connection's PageStream (pagestream.py) -- a message on an open stream
+costs a fraction of a unary call. Pages go out from the caller's buffer and
+come back into the caller's buffer or the area's PagePool; nothing on the
+data path allocates page-sized memory of its own except what gRPC itself
+does per message.
 """
 
 from __future__ import annotations
@@ -17,14 +19,14 @@ from typing import Any, Self, TypeVar
 import grpc
 
 from netswap.client.errors import AreaNotFound, InvalidRequest, ServerError, error_from_rpc
+from netswap.client.pagestream import PageStream
 from netswap.client.pool import Lease, PagePool
 from netswap.common.limits import max_message_bytes
-from netswap.common.pagewire import decode_swap_in_pages, encode_swap_out
+from netswap.common.pagewire import encode_page_request, encode_page_swap_out
 from netswap.v1 import swap_pb2, swap_pb2_grpc
 
 T = TypeVar("T")
 
-_METHOD = "/netswap.v1.SwapService/"
 # Largest batch any server will offer; sizes the channel's message limit
 # before we know the server's actual max_batch_pages.
 MAX_BATCH_LIMIT = 4096
@@ -76,15 +78,7 @@ class SwapClient:
         # if the server would take more.
         self.max_batch_pages = max_batch_pages
         self._stub = swap_pb2_grpc.SwapServiceStub(channel)
-        # The page-carrying calls skip protobuf's Python objects (see wire.py).
-        self._swap_out = channel.unary_unary(
-            _METHOD + "SwapOut", request_serializer=None, response_deserializer=None
-        )
-        self._swap_in = channel.unary_unary(
-            _METHOD + "SwapIn",
-            request_serializer=swap_pb2.SwapInRequest.SerializeToString,
-            response_deserializer=decode_swap_in_pages,
-        )
+        self._pages = PageStream(channel, self._metadata, timeout)
 
     @classmethod
     async def connect(
@@ -170,6 +164,7 @@ class SwapClient:
         raise AreaNotFound(f"no area named {name!r} (NOT_FOUND)")
 
     async def close(self) -> None:
+        await self._pages.close()
         await self._channel.close(None)
 
     async def __aenter__(self) -> Self:
@@ -291,17 +286,16 @@ class Area:
 
         await self._batches(len(slots), one)
 
-    # -- one RPC each: at most max_batch_pages slots, pages scattered/gathered --
+    # -- one request each: at most max_batch_pages slots, pages scattered/gathered --
 
     async def write_batch(self, slots: Sequence[int], pages: Sequence[memoryview]) -> None:
         """One SwapOut: the pages of `slots` are the concatenation of `pages` (no copy to join them)."""
-        await self._client._call(self._client._swap_out, encode_swap_out(self._handle, slots, pages))
+        await self._client._pages.request(encode_page_swap_out(self._handle, slots, pages))
 
     async def read_batch(self, slots: Sequence[int], into: Sequence[memoryview]) -> None:
         """One SwapIn: the pages of `slots`, in order, fill the buffers of `into` one after another."""
-        got = await self._client._call(
-            self._client._swap_in, swap_pb2.SwapInRequest(handle=self._handle, slots=slots)
-        )
+        request = swap_pb2.SwapInRequest(handle=self._handle, slots=slots)
+        got = await self._client._pages.request(encode_page_request(request))
         if len(got) != len(slots) * self.page_size or len(got) != sum(len(v) for v in into):
             raise ServerError(f"server returned {len(got)} bytes for {len(slots)} pages")
         pos = 0
@@ -311,9 +305,8 @@ class Area:
 
     async def discard_batch(self, slots: Sequence[int]) -> None:
         """One Discard."""
-        await self._client._call(
-            self._client._stub.Discard, swap_pb2.DiscardRequest(handle=self._handle, slots=slots)
-        )
+        request = swap_pb2.DiscardRequest(handle=self._handle, slots=slots)
+        await self._client._pages.request(encode_page_request(request))
 
     async def reattach(self) -> bool:
         """SwapOn again with the same name and size for a fresh handle (e.g. after a server restart).

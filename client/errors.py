@@ -65,10 +65,13 @@ _ERROR_OF: dict[grpc.StatusCode, type[NetswapError]] = {
 }
 
 
-def error_from_rpc(error: grpc.aio.AioRpcError) -> NetswapError:
-    """The exception for a failed call; its message is the server's."""
-    code: grpc.StatusCode = error.code()
-    details = error.details() or code.name
-    exc = _ERROR_OF.get(code, ServerError)(f"{details} ({code.name})")
+def error_from_status(code: grpc.StatusCode, details: str) -> NetswapError:
+    """The exception for a request that failed with `code`; its message is the server's."""
+    exc = _ERROR_OF.get(code, ServerError)(f"{details or code.name} ({code.name})")
     exc.code = code
     return exc
+
+
+def error_from_rpc(error: grpc.aio.AioRpcError) -> NetswapError:
+    """The exception for a failed call."""
+    return error_from_status(error.code(), error.details() or "")

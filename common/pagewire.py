@@ -9,7 +9,8 @@ field 1 of SwapInResponse -- a concatenation of encoded fields is itself a
 valid encoding, identical to what SerializeToString would produce.
 
 Both ends use it: the client to send SwapOut and read SwapIn replies, the
-server to read SwapOut and send SwapIn replies.
+server to read SwapOut and send SwapIn replies -- as unary calls, or wrapped
+in the PageRequest / PageReply messages of PageStream.
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def split_bytes_field(raw: bytes, wanted: int, message: str) -> tuple[memoryview, list[memoryview]]:
+def split_bytes_field(
+    raw: bytes | memoryview, wanted: int, message: str
+) -> tuple[memoryview, list[memoryview]]:
     """Walk a serialized message: (a view of the last occurrence of length-delimited field
     `wanted` -- empty if absent, as protobuf would read it; every other field's encoding).
 
@@ -94,15 +97,92 @@ def decode_swap_in_pages(raw: bytes) -> memoryview:
     return split_bytes_field(raw, 1, "SwapInResponse")[0]
 
 
+def _bytes_field(tag: bytes, value: bytes | bytearray | memoryview) -> bytes:
+    if not len(value):
+        return b""  # proto3 leaves an empty bytes field out
+    return b"".join((tag, varint(len(value)), value))
+
+
 def encode_swap_in_reply(pages: bytes | bytearray | memoryview) -> bytes:
     """A serialized SwapInResponse carrying `pages` (one copy, into the message)."""
-    if not len(pages):
-        return b""
-    return b"".join((b"\x0a", varint(len(pages)), pages))
+    return _bytes_field(b"\x0a", pages)
 
 
-def decode_swap_out(raw: bytes) -> tuple[swap_pb2.SwapOutRequest, memoryview]:
+def decode_swap_out(raw: bytes | memoryview) -> tuple[swap_pb2.SwapOutRequest, memoryview]:
     """A SwapOutRequest without its pages (handle and slots, parsed by protobuf) and the
     pages as a view into `raw`: the blob is never copied on its way to the store."""
     pages, rest = split_bytes_field(raw, 3, "SwapOutRequest")
     return swap_pb2.SwapOutRequest.FromString(b"".join(rest)), pages
+
+
+# -- PageStream ------------------------------------------------------------------------
+
+_OP_OF_FIELD = {1: "SwapOut", 2: "SwapIn", 3: "Discard"}  # PageRequest's oneof
+
+
+def encode_page_swap_out(handle: bytes, slots: Sequence[int], pages: Sequence[memoryview]) -> bytes:
+    """A serialized PageRequest{swap_out}: as encode_swap_out, wrapped, still one copy of the pages."""
+    head = swap_pb2.SwapOutRequest(handle=handle, slots=slots).SerializeToString()
+    total = sum(len(p) for p in pages)
+    if not total:
+        return b"".join((b"\x0a", varint(len(head)), head))
+    blob = varint(total)
+    inner = len(head) + 1 + len(blob) + total
+    return b"".join((b"\x0a", varint(inner), head, _PAGES_TAG, blob, *pages))
+
+
+def encode_page_request(op: swap_pb2.SwapInRequest | swap_pb2.DiscardRequest) -> bytes:
+    """A serialized PageRequest carrying a SwapIn or Discard (no pages: plain protobuf)."""
+    if isinstance(op, swap_pb2.SwapInRequest):
+        return swap_pb2.PageRequest(swap_in=op).SerializeToString()
+    return swap_pb2.PageRequest(discard=op).SerializeToString()
+
+
+PageHead = swap_pb2.SwapOutRequest | swap_pb2.SwapInRequest | swap_pb2.DiscardRequest
+PageOp = tuple[str, PageHead, memoryview]
+
+
+def decode_page_request(raw: bytes) -> PageOp:
+    """(operation name, its request, the SwapOut page blob as a view into `raw` -- else empty).
+
+    Raises ValueError unless `raw` is a PageRequest carrying exactly one operation.
+    """
+    buf = memoryview(raw)
+    if len(buf) == 0:
+        raise ValueError("PageRequest carries no operation")
+    key, pos = _read_varint(buf, 0)
+    op = _OP_OF_FIELD.get(key >> 3)
+    if op is None or key & 7 != 2:
+        raise ValueError(f"PageRequest field {key >> 3} (wire type {key & 7}) is not an operation")
+    length, pos = _read_varint(buf, pos)
+    if pos + length != len(buf):
+        raise ValueError(
+            "PageRequest must carry exactly one operation"
+            if pos + length < len(buf)
+            else "truncated PageRequest"
+        )
+    inner = buf[pos:]
+    if op == "SwapOut":
+        head, pages = decode_swap_out(inner)
+        return op, head, pages
+    request = swap_pb2.SwapInRequest if op == "SwapIn" else swap_pb2.DiscardRequest
+    return op, request.FromString(bytes(inner)), buf[0:0]  # slots only: a small copy
+
+
+def encode_page_reply(pages: bytes | bytearray | memoryview = b"") -> bytes:
+    """A serialized PageReply for a request that succeeded (SwapIn: with its pages, one copy)."""
+    return _bytes_field(_PAGES_TAG, pages)
+
+
+def encode_page_error(code: int, message: str) -> bytes:
+    """A serialized PageReply for a request that failed with gRPC status `code`."""
+    return swap_pb2.PageReply(code=code, message=message).SerializeToString()
+
+
+def decode_page_reply(raw: bytes) -> tuple[int, str, memoryview]:
+    """(status code, message, pages as a view into `raw`) of a serialized PageReply."""
+    pages, rest = split_bytes_field(raw, 3, "PageReply")
+    if not rest:
+        return 0, "", pages
+    reply = swap_pb2.PageReply.FromString(b"".join(rest))
+    return reply.code, reply.message, pages

@@ -7,16 +7,18 @@ validation happens in the manager.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
 from netswap.common.limits import PAGE_SIZE
-from netswap.common.pagewire import decode_swap_out, encode_swap_in_reply
+from netswap.common.pagewire import PageOp, decode_page_request, decode_swap_out, encode_swap_in_reply
 from netswap.server.areas import AreaManager
 from netswap.server.auth import current_principal
-from netswap.server.interceptors import Context
+from netswap.server.interceptors import Context, Malformed
 from netswap.server.metrics import ServerMetrics
+from netswap.server.pagestream import PageStreams
 from netswap.v1 import swap_pb2
 
 
@@ -24,6 +26,7 @@ class SwapServicer:
     def __init__(self, manager: AreaManager, metrics: ServerMetrics) -> None:
         self._manager = manager
         self._metrics = metrics
+        self._streams = PageStreams(manager, metrics)
 
     async def SwapOn(self, request: swap_pb2.SwapOnRequest, context: Context) -> swap_pb2.SwapOnResponse:
         att = await self._manager.swapon(current_principal(), request.name, request.size_bytes)
@@ -73,6 +76,11 @@ class SwapServicer:
             server_id=self._manager.server_id,
         )
 
+    def PageStream(
+        self, requests: AsyncIterator[PageOp | Malformed], context: Context
+    ) -> AsyncIterator[bytes]:
+        return self._streams.serve(current_principal(), requests)
+
 
 def register(servicer: SwapServicer, server: grpc.aio.Server) -> None:
     """Add SwapService to `server`: generated (de)serializers, except for the page blobs."""
@@ -91,6 +99,11 @@ def register(servicer: SwapServicer, server: grpc.aio.Server) -> None:
         "SwapOff": rpc(servicer.SwapOff, v1.SwapOffRequest.FromString, v1.SwapOffResponse.SerializeToString),
         "ListAreas": rpc(
             servicer.ListAreas, v1.ListAreasRequest.FromString, v1.ListAreasResponse.SerializeToString
+        ),
+        "PageStream": grpc.stream_stream_rpc_method_handler(
+            servicer.PageStream,
+            request_deserializer=decode_page_request,
+            response_serializer=_already_serialized,
         ),
     }
     service = swap_pb2.DESCRIPTOR.services_by_name["SwapService"].full_name

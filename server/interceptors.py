@@ -4,8 +4,11 @@
     AuthInterceptor    bearer token -> principal; unknown callers never reach a handler
     handler
 
-Both wrap only SwapService's (unary) methods; health and reflection pass
-through untouched, so probes and grpcurl work without a token.
+Both wrap only SwapService's methods; health and reflection pass through
+untouched, so probes and grpcurl work without a token. PageStream, the one
+streaming method, is authenticated when it opens and again after every
+credentials reload; its requests get their status in-band (pagestream.py),
+so here only a failure of the stream as a whole becomes a status.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +34,7 @@ SERVICE_PREFIX = "/netswap.v1.SwapService/"
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Behavior = Callable[[Any, Context], Awaitable[Any]]
+StreamBehavior = Callable[[AsyncIterator[Any], Context], AsyncIterator[Any]]
 
 if TYPE_CHECKING:
     _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
@@ -74,6 +78,9 @@ class _SwapServiceInterceptor(_ServerInterceptor):
     def wrap(self, method: str, inner: Behavior) -> Behavior:
         raise NotImplementedError
 
+    def wrap_stream(self, method: str, inner: StreamBehavior) -> StreamBehavior:
+        raise NotImplementedError
+
     def deserializer(self, method: str, given: Any) -> Any:
         return given
 
@@ -89,12 +96,21 @@ class _SwapServiceInterceptor(_ServerInterceptor):
         if cached is not None and cached[0] is handler:
             return cached[1]
         method = handler_call_details.method.removeprefix(SERVICE_PREFIX)
-        inner: Behavior = handler.unary_unary  # type: ignore[assignment]
-        wrapped = grpc.unary_unary_rpc_method_handler(
-            self.wrap(method, inner),
-            request_deserializer=self.deserializer(method, handler.request_deserializer),
-            response_serializer=handler.response_serializer,
-        )
+        parse = self.deserializer(method, handler.request_deserializer)
+        if handler.stream_stream is not None:
+            stream: StreamBehavior = handler.stream_stream  # type: ignore[assignment]
+            wrapped = grpc.stream_stream_rpc_method_handler(
+                self.wrap_stream(method, stream),
+                request_deserializer=parse,
+                response_serializer=handler.response_serializer,
+            )
+        else:
+            inner: Behavior = handler.unary_unary  # type: ignore[assignment]
+            wrapped = grpc.unary_unary_rpc_method_handler(
+                self.wrap(method, inner),
+                request_deserializer=parse,
+                response_serializer=handler.response_serializer,
+            )
         self._wrapped[handler_call_details.method] = (handler, wrapped)
         return wrapped
 
@@ -140,6 +156,24 @@ class StatusInterceptor(_SwapServiceInterceptor):
 
         return mapped
 
+    def wrap_stream(self, method: str, inner: StreamBehavior) -> StreamBehavior:
+        async def mapped(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+            # No timing: the call lives as long as its client; each request
+            # is timed where it is answered.
+            try:
+                async for reply in inner(requests, context):
+                    yield reply
+            except ServiceError as e:
+                code, message = status_of(e), str(e)
+            except Exception:
+                log.exception("%s failed", method)
+                code, message = grpc.StatusCode.INTERNAL, "internal error; see the server log"
+            else:
+                return
+            await context.abort(code, message)
+
+        return mapped
+
 
 @dataclass(frozen=True)
 class AuthPolicy:
@@ -161,16 +195,19 @@ class AuthInterceptor(_SwapServiceInterceptor):
         self._on_failure = on_failure
         self._audit = audit
 
+    def _authenticate(self, method: str, token: str | None, context: Context, peer: str) -> str:
+        try:
+            return self._identify(token, context)
+        except Unauthenticated as e:
+            self._on_failure(e.reason)
+            self._audit.event("authn_failure", outcome=e.reason, method=method, peer=peer)
+            raise
+
     def wrap(self, method: str, inner: Behavior) -> Behavior:
         async def authenticated(request: Any, context: Context) -> Any:
             token = bearer_token(context.invocation_metadata())
             peer = context.peer()
-            try:
-                name = self._identify(token, context)
-            except Unauthenticated as e:
-                self._on_failure(e.reason)
-                self._audit.event("authn_failure", outcome=e.reason, method=method, peer=peer)
-                raise
+            name = self._authenticate(method, token, context, peer)
             if isinstance(request, Malformed):  # see Malformed: only now, once authenticated
                 if method in ("SwapOn", "SwapOff"):
                     self._audit.event(method.lower(), principal=name, peer=peer, outcome="malformed request")
@@ -182,6 +219,37 @@ class AuthInterceptor(_SwapServiceInterceptor):
             finally:
                 peer_var.reset(reset_peer)
                 principal_var.reset(reset_principal)
+
+        return authenticated
+
+    def wrap_stream(self, method: str, inner: StreamBehavior) -> StreamBehavior:
+        credentials = self._credentials
+
+        async def authenticated(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+            token = bearer_token(context.invocation_metadata())
+            peer = context.peer()
+            name = self._authenticate(method, token, context, peer)
+            table = credentials.table
+
+            async def rechecked() -> AsyncIterator[Any]:
+                # A reload replaces the table: whoever opened this stream must
+                # still be known, under the same name, before the next request
+                # -- a revoked token stops working at once, as for new calls.
+                nonlocal table
+                async for request in requests:
+                    if credentials.table is not table:
+                        table = credentials.table
+                        if self._authenticate(method, token, context, peer) != name:
+                            raise Unauthenticated("the credentials changed under this stream", "revoked")
+                    yield request
+
+            # Set for the rest of this call's task and never reset: the task
+            # ends with the call (and an async generator may be finalized in
+            # another context, where a reset would fail).
+            principal_var.set(name)
+            peer_var.set(peer)
+            async for reply in inner(rechecked(), context):
+                yield reply
 
         return authenticated
 

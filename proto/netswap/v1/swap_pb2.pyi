@@ -311,3 +311,61 @@ class ListAreasResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListAreasResponse: _TypeAlias = ListAreasResponse  # noqa: Y015
+
+@_typing.final
+class PageRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SWAP_OUT_FIELD_NUMBER: _builtins.int
+    SWAP_IN_FIELD_NUMBER: _builtins.int
+    DISCARD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def swap_out(self) -> Global___SwapOutRequest: ...
+    @_builtins.property
+    def swap_in(self) -> Global___SwapInRequest: ...
+    @_builtins.property
+    def discard(self) -> Global___DiscardRequest: ...
+    def __init__(
+        self,
+        *,
+        swap_out: Global___SwapOutRequest | None = ...,
+        swap_in: Global___SwapInRequest | None = ...,
+        discard: Global___DiscardRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["discard", b"discard", "op", b"op", "swap_in", b"swap_in", "swap_out", b"swap_out"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["discard", b"discard", "op", b"op", "swap_in", b"swap_in", "swap_out", b"swap_out"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["swap_out", "swap_in", "discard"]  # noqa: Y015
+    _WhichOneofArgType_op: _TypeAlias = _typing.Literal["op", b"op"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_op) -> _WhichOneofReturnType_op | None: ...
+
+Global___PageRequest: _TypeAlias = PageRequest  # noqa: Y015
+
+@_typing.final
+class PageReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    PAGES_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """a gRPC status code; 0 (OK) when the request succeeded"""
+    message: _builtins.str
+    """why it failed, when code != 0"""
+    pages: _builtins.bytes
+    """SwapIn: the pages, as SwapInResponse.pages"""
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        pages: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "pages", b"pages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PageReply: _TypeAlias = PageReply  # noqa: Y015

@@ -64,6 +64,11 @@ class SwapServiceStub:
                 request_serializer=netswap_dot_v1_dot_swap__pb2.ListAreasRequest.SerializeToString,
                 response_deserializer=netswap_dot_v1_dot_swap__pb2.ListAreasResponse.FromString,
                 _registered_method=True)
+        self.PageStream = channel.stream_stream(
+                '/netswap.v1.SwapService/PageStream',
+                request_serializer=netswap_dot_v1_dot_swap__pb2.PageRequest.SerializeToString,
+                response_deserializer=netswap_dot_v1_dot_swap__pb2.PageReply.FromString,
+                _registered_method=True)
 
 
 class SwapServiceServicer:
@@ -114,6 +119,21 @@ class SwapServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PageStream(self, request_iterator, context):
+        """The data path as one long-lived call: SwapOut, SwapIn and Discard
+        requests in, exactly one reply per request out, in request order. Each
+        request means what the unary method of the same name means, with the
+        same checks and limits; a failed request gets its status code in its
+        reply and the stream carries on. The caller is authenticated when the
+        stream opens and again whenever the server reloads its credentials (a
+        revoked caller's stream ends with UNAUTHENTICATED). It exists because a
+        message on an open stream costs a fraction of a call; netswap's own
+        client sends all its page traffic this way.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SwapServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +166,11 @@ def add_SwapServiceServicer_to_server(servicer, server):
                     servicer.ListAreas,
                     request_deserializer=netswap_dot_v1_dot_swap__pb2.ListAreasRequest.FromString,
                     response_serializer=netswap_dot_v1_dot_swap__pb2.ListAreasResponse.SerializeToString,
+            ),
+            'PageStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.PageStream,
+                    request_deserializer=netswap_dot_v1_dot_swap__pb2.PageRequest.FromString,
+                    response_serializer=netswap_dot_v1_dot_swap__pb2.PageReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +335,33 @@ class SwapService:
             '/netswap.v1.SwapService/ListAreas',
             netswap_dot_v1_dot_swap__pb2.ListAreasRequest.SerializeToString,
             netswap_dot_v1_dot_swap__pb2.ListAreasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PageStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/netswap.v1.SwapService/PageStream',
+            netswap_dot_v1_dot_swap__pb2.PageRequest.SerializeToString,
+            netswap_dot_v1_dot_swap__pb2.PageReply.FromString,
             options,
             channel_credentials,
             insecure,

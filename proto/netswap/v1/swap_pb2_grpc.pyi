@@ -53,6 +53,17 @@ class SwapServiceStub:
     """Destroy the area and release its reservation."""
     ListAreas: _grpc.UnaryUnaryMultiCallable[_swap_pb2.ListAreasRequest, _swap_pb2.ListAreasResponse]
     """The caller's own areas."""
+    PageStream: _grpc.StreamStreamMultiCallable[_swap_pb2.PageRequest, _swap_pb2.PageReply]
+    """The data path as one long-lived call: SwapOut, SwapIn and Discard
+    requests in, exactly one reply per request out, in request order. Each
+    request means what the unary method of the same name means, with the
+    same checks and limits; a failed request gets its status code in its
+    reply and the stream carries on. The caller is authenticated when the
+    stream opens and again whenever the server reloads its credentials (a
+    revoked caller's stream ends with UNAUTHENTICATED). It exists because a
+    message on an open stream costs a fraction of a call; netswap's own
+    client sends all its page traffic this way.
+    """
 
 @_typing.type_check_only
 class SwapServiceAsyncStub(SwapServiceStub):
@@ -73,6 +84,17 @@ class SwapServiceAsyncStub(SwapServiceStub):
     """Destroy the area and release its reservation."""
     ListAreas: _aio.UnaryUnaryMultiCallable[_swap_pb2.ListAreasRequest, _swap_pb2.ListAreasResponse]  # type: ignore[assignment]
     """The caller's own areas."""
+    PageStream: _aio.StreamStreamMultiCallable[_swap_pb2.PageRequest, _swap_pb2.PageReply]  # type: ignore[assignment]
+    """The data path as one long-lived call: SwapOut, SwapIn and Discard
+    requests in, exactly one reply per request out, in request order. Each
+    request means what the unary method of the same name means, with the
+    same checks and limits; a failed request gets its status code in its
+    reply and the stream carries on. The caller is authenticated when the
+    stream opens and again whenever the server reloads its credentials (a
+    revoked caller's stream ends with UNAUTHENTICATED). It exists because a
+    message on an open stream costs a fraction of a call; netswap's own
+    client sends all its page traffic this way.
+    """
 
 class SwapServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -126,5 +148,22 @@ class SwapServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_swap_pb2.ListAreasResponse, _abc.Awaitable[_swap_pb2.ListAreasResponse]]:
         """The caller's own areas."""
+
+    @_abc_1.abstractmethod
+    def PageStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_swap_pb2.PageRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_swap_pb2.PageReply], _abc.AsyncIterator[_swap_pb2.PageReply]]:
+        """The data path as one long-lived call: SwapOut, SwapIn and Discard
+        requests in, exactly one reply per request out, in request order. Each
+        request means what the unary method of the same name means, with the
+        same checks and limits; a failed request gets its status code in its
+        reply and the stream carries on. The caller is authenticated when the
+        stream opens and again whenever the server reloads its credentials (a
+        revoked caller's stream ends with UNAUTHENTICATED). It exists because a
+        message on an open stream costs a fraction of a call; netswap's own
+        client sends all its page traffic this way.
+        """
 
 def add_SwapServiceServicer_to_server(servicer: SwapServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,192 @@
+"""PageStream: page requests as messages on one call, raw on the wire and through the client.
+
+Each request must mean what its unary method means; a failed one is answered
+in-band and the stream carries on; replies come in request order; a revoked
+caller's stream ends; a stuck stream is abandoned and replaced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from netswap.client import SwapClient
+from netswap.client.errors import AreaNotFound, ConnectionLost, InvalidRequest
+from netswap.common.pagewire import decode_page_reply, encode_page_request, encode_page_swap_out
+from netswap.v1 import swap_pb2
+from tests.helpers import PS, TOKENS, Running, ServerProcess, auth, pattern, running_server, stub_for
+
+METHOD = "/netswap.v1.SwapService/PageStream"
+
+
+class RawStream:
+    """A PageStream call driven by hand: bytes in, (code, message, pages) out."""
+
+    def __init__(self, channel: grpc.aio.Channel, who: str) -> None:
+        open_call = channel.stream_stream(METHOD, request_serializer=None, response_deserializer=None)
+        self.call = open_call(None, metadata=auth(who))
+
+    async def send(self, raw: bytes) -> None:
+        await self.call.write(raw)
+
+    async def reply(self) -> tuple[int, str, bytes]:
+        raw = await self.call.read()
+        assert isinstance(raw, bytes), raw
+        code, message, pages = decode_page_reply(raw)
+        return code, message, bytes(pages)
+
+    async def ask(self, raw: bytes) -> tuple[int, str, bytes]:
+        await self.send(raw)
+        return await self.reply()
+
+
+def swap_in(handle: bytes, slots: list[int]) -> bytes:
+    return encode_page_request(swap_pb2.SwapInRequest(handle=handle, slots=slots))
+
+
+def swap_out(handle: bytes, slots: list[int], data: bytes) -> bytes:
+    return encode_page_swap_out(handle, slots, [memoryview(data)])
+
+
+OK = grpc.StatusCode.OK.value[0]
+INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+NOT_FOUND = grpc.StatusCode.NOT_FOUND.value[0]
+
+
+@pytest.fixture
+async def channel(srv: Running) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(srv.address) as ch:
+        yield ch
+
+
+async def attach(address: str, who: str = "alice", name: str = "vm1") -> bytes:
+    async with stub_for(address) as stub:
+        reply = await stub.SwapOn(swap_pb2.SwapOnRequest(name=name, size_bytes=64 * PS), metadata=auth(who))
+        return reply.handle
+
+
+async def test_requests_mean_what_the_unary_methods_mean(srv: Running, channel: grpc.aio.Channel) -> None:
+    handle = await attach(srv.address)
+    stream = RawStream(channel, "alice")
+    data = pattern(3, 3)
+    assert await stream.ask(swap_out(handle, [5, 1, 9], data)) == (OK, "", b"")
+    assert await stream.ask(swap_in(handle, [5, 1, 9])) == (OK, "", data)
+    discard = encode_page_request(swap_pb2.DiscardRequest(handle=handle, slots=[1]))
+    assert await stream.ask(discard) == (OK, "", b"")
+    assert await stream.ask(swap_in(handle, [1])) == (OK, "", bytes(PS))
+    # and the unary methods see the same area
+    async with stub_for(srv.address) as stub:
+        reply = await stub.SwapIn(swap_pb2.SwapInRequest(handle=handle, slots=[9]), metadata=auth("alice"))
+        assert reply.pages == data[2 * PS :]
+    assert srv.metric("netswap_swap_out_pages_total") == 3
+    assert srv.metric("netswap_rpc_duration_seconds_count", {"method": "SwapIn", "code": "OK"}) == 3
+
+
+async def test_a_failed_request_is_answered_in_band_and_the_stream_goes_on(
+    srv: Running, channel: grpc.aio.Channel
+) -> None:
+    handle = await attach(srv.address)
+    bobs = await attach(srv.address, "bob")
+    stream = RawStream(channel, "alice")
+    data = pattern(4, 1)
+    assert await stream.ask(swap_out(handle, [2], data)) == (OK, "", b"")
+    bad = [
+        (swap_out(handle, [64], data), INVALID_ARGUMENT, "slot 64"),  # past the end
+        (swap_out(handle, [3], data[:100]), INVALID_ARGUMENT, "bytes"),  # blob of the wrong length
+        (swap_in(b"x" * 16, [0]), NOT_FOUND, ""),  # no such handle
+        (swap_in(bobs, [0]), NOT_FOUND, ""),  # bob's area: alice cannot tell it exists
+        (b"\xff\xff\xff", INVALID_ARGUMENT, "malformed"),  # not a PageRequest at all
+        (b"", INVALID_ARGUMENT, "no operation"),
+    ]
+    for raw, code, words in bad:
+        got_code, message, pages = await stream.ask(raw)
+        assert (got_code, pages) == (code, b""), (raw[:20], got_code, message)
+        assert words in message
+    # nothing was lost or changed, and the same stream still works
+    assert await stream.ask(swap_in(handle, [2, 3])) == (OK, "", data + bytes(PS))
+    assert srv.metric("netswap_rpc_duration_seconds_count", {"method": "SwapIn", "code": "NOT_FOUND"}) == 2
+
+
+async def test_replies_come_in_request_order_when_pipelined(srv: Running, channel: grpc.aio.Channel) -> None:
+    handle = await attach(srv.address)
+    stream = RawStream(channel, "alice")
+    for slot in range(64):
+        await stream.send(swap_out(handle, [slot], pattern(slot, 1)))
+    for slot in range(64):
+        await stream.send(swap_in(handle, [63 - slot]))
+    assert [await stream.reply() for _ in range(64)] == [(OK, "", b"")] * 64
+    for slot in range(64):
+        assert await stream.reply() == (OK, "", pattern(63 - slot, 1))
+
+
+async def test_an_unknown_caller_cannot_open_a_stream(srv: Running, channel: grpc.aio.Channel) -> None:
+    open_call = channel.stream_stream(METHOD, request_serializer=None, response_deserializer=None)
+    call = open_call(None, metadata=(("authorization", "Bearer nope"),))
+    await call.write(swap_in(b"x" * 16, [0]))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call.read()
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert srv.metric("netswap_auth_failures_total", {"reason": "unknown_token"}) == 1
+
+
+async def test_a_revoked_token_ends_an_open_stream(tmp_path: Path) -> None:
+    async with running_server(tmp_path) as srv, grpc.aio.insecure_channel(srv.address) as channel:
+        handle = await attach(srv.address)
+        stream = RawStream(channel, "alice")
+        assert (await stream.ask(swap_in(handle, [0])))[0] == OK
+        tokens = tmp_path / "tokens.toml"
+        text = tokens.read_text()
+        tokens.write_text(text[text.index("[principals.bob]") :])  # alice removed
+        srv.server.credentials.reload()  # what SIGHUP does
+        await stream.send(swap_in(handle, [0]))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stream.reply()
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # an unchanged principal's stream survives a reload
+        bobs = await attach(srv.address, "bob")
+        bob = RawStream(channel, "bob")
+        assert (await bob.ask(swap_in(bobs, [0])))[0] == OK
+        srv.server.credentials.reload()
+        assert (await bob.ask(swap_in(bobs, [0])))[0] == OK
+
+
+async def test_client_errors_from_the_stream_are_the_unary_ones(srv: Running) -> None:
+    async with await SwapClient.connect(srv.address, TOKENS["alice"]) as client:
+        area = await client.swapon("vm1", 8 * PS)
+        with pytest.raises(InvalidRequest, match="INVALID_ARGUMENT"):
+            await area.write_batch([8], [memoryview(bytes(PS))])
+        await area.swapoff()
+        with pytest.raises(AreaNotFound, match="NOT_FOUND"):
+            await area.read_batch([0], [memoryview(bytearray(PS))])
+
+
+async def test_a_stuck_stream_is_abandoned_and_the_next_request_opens_a_new_one(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path, tmp_path / "store")
+    await server.astart()
+    assert server.proc is not None
+    try:
+        async with await SwapClient.connect(server.address, TOKENS["alice"], timeout=1.0) as client:
+            area = await client.swapon("vm1", 8 * PS)
+            data = pattern(9, 2)
+            await area.write_batch([0, 1], [memoryview(data)])
+            os.kill(server.proc.pid, signal.SIGSTOP)  # alive, connected, and silent
+            try:
+                results = await asyncio.gather(
+                    area.write_batch([2], [memoryview(data[:PS])]),
+                    area.read_batch([0], [memoryview(bytearray(PS))]),
+                    return_exceptions=True,
+                )
+            finally:
+                os.kill(server.proc.pid, signal.SIGCONT)
+            assert all(isinstance(r, ConnectionLost) for r in results), results
+            into = bytearray(2 * PS)
+            await area.read_batch([0, 1], [memoryview(into)])
+            assert into == data
+    finally:
+        server.stop_quietly()
