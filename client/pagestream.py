@@ -54,36 +54,40 @@ class PageStream:
         """
         stream = self._current()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout
         reply: asyncio.Future[bytes] = loop.create_future()
+        # The deadline is a timer rather than wait_for: no extra task per
+        # request. A reply that is late holds up every one behind it (they
+        # come in order), so when it fires the whole stream is abandoned.
+        timer = loop.call_later(self.timeout, self._expire, stream, reply)
         try:
             async with stream.write_lock:  # one write at a time, and the FIFO in write order
                 if stream.broken is not None:
                     raise stream.broken
                 stream.waiting.append(reply)
                 try:
-                    await asyncio.wait_for(stream.call.write(raw), deadline - loop.time())
+                    await stream.call.write(raw)
                 except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError) as e:
                     # Fails everything waiting, this request included.
                     self._break(stream, ConnectionLost(f"the page stream broke while sending: {e}"))
                 except BaseException:
-                    # Cancelled (or timed out) mid-write: whether the request
-                    # left is unknown, so the FIFO cannot be trusted any more.
+                    # Cancelled mid-write: whether the request left is
+                    # unknown, so the FIFO cannot be trusted any more.
                     self._break(
                         stream, ConnectionLost("a request on the page stream was abandoned mid-write")
                     )
                     raise
-            raw_reply = await asyncio.wait_for(asyncio.shield(reply), deadline - loop.time())
-        except TimeoutError:
-            # Replies come in order: one that is late holds up all behind it,
-            # and one given up on would be taken for the next. Start afresh.
-            error = ConnectionLost(f"no reply on the page stream within {self.timeout:g}s")
-            self._break(stream, error)
-            raise error from None
+            # A caller cancelled here cancels `reply`; the reader skips it.
+            raw_reply = await reply
+        finally:
+            timer.cancel()
         code, message, pages = decode_page_reply(raw_reply)
         if code:
             raise error_from_status(_STATUS.get(code, grpc.StatusCode.UNKNOWN), message)
         return pages
+
+    def _expire(self, stream: _Stream, reply: asyncio.Future[bytes]) -> None:
+        if not reply.done():
+            self._break(stream, ConnectionLost(f"no reply on the page stream within {self.timeout:g}s"))
 
     def _current(self) -> _Stream:
         stream = self._stream
