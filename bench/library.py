@@ -37,6 +37,7 @@ from procs import TOKEN, started, write_tokens
 
 from netswap.client import SwapClient
 from netswap.common import loop
+from netswap.common.heap import keep_heap
 from netswap.common.limits import PAGE_SIZE, max_message_bytes
 from netswap.common.pagewire import (  # the same encoders the library uses
     decode_page_request,
@@ -178,6 +179,9 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="also write the medians here")
     ap.add_argument("--serve-echo", metavar="ADDRESS", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    # Every process here keeps its heap, as netswap's own do (netswap.common.heap):
+    # the clients of all targets share this one, the echo server runs this file.
+    keep_heap()
     if args.serve_echo:
         loop.run(lambda: serve_echo(args.serve_echo))
         return 0

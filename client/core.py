@@ -73,12 +73,21 @@ class SwapClient:
         self._channel = channel
         # No token: the client certificate alone says who we are (mutual TLS).
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
-        self.timeout = timeout
+        self._timeout = timeout
         # Batches are cut to what this channel's message limit carries, even
         # if the server would take more.
         self.max_batch_pages = max_batch_pages
         self._stub = swap_pb2_grpc.SwapServiceStub(channel)
         self._pages = PageStream(channel, self._metadata, timeout)
+
+    @property
+    def timeout(self) -> float:
+        """Seconds any one call or page request may take."""
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, seconds: float) -> None:
+        self._timeout = self._pages.timeout = seconds
 
     @classmethod
     async def connect(

@@ -5,10 +5,13 @@ order, so a FIFO of futures pairs replies with requests; one reader task
 per stream resolves them. Any number of requests may be in flight (callers
 bound that: the NBD device by max_rpcs, Area by `parallel`).
 
-When the stream breaks -- the server restarted, the network dropped, or a
-reply took longer than the timeout (the stream is then cancelled, since its
-order can no longer be trusted) -- every request in flight fails with
-ConnectionLost, which callers may retry; the next request opens a new stream.
+When the stream breaks -- the server restarted, the network dropped, the
+stream ended with a status (e.g. UNAUTHENTICATED after a revocation), or a
+request took longer than the timeout -- every request in flight fails: with
+ConnectionLost, which callers may retry, or the error of that status. The
+next request opens a new stream. Abandoning is the only safe answer to a
+late reply or a request cancelled mid-write: replies come in order, so one
+given up on would be taken for the next.
 """
 
 from __future__ import annotations
@@ -20,7 +23,13 @@ from typing import Any
 
 import grpc
 
-from netswap.client.errors import ConnectionLost, NetswapError, error_from_rpc, error_from_status
+from netswap.client.errors import (
+    ConnectionLost,
+    NetswapError,
+    ServerError,
+    error_from_rpc,
+    error_from_status,
+)
 from netswap.common.pagewire import decode_page_reply
 
 METHOD = "/netswap.v1.SwapService/PageStream"
@@ -45,49 +54,58 @@ class PageStream:
         self._metadata = metadata
         self.timeout = timeout
         self._stream: _Stream | None = None
+        self._closed = False
 
     async def request(self, raw: bytes) -> memoryview:
         """Send one serialized PageRequest; return its reply's pages (empty unless SwapIn).
 
-        Raises the NetswapError of a failed request, or ConnectionLost if the
-        stream broke before its reply came.
+        Raises the NetswapError of a failed request, or of the stream breaking
+        before its reply came (ConnectionLost, mostly).
         """
+        if self._closed:
+            raise ConnectionLost("the client is closed")
         stream = self._current()
-        loop = asyncio.get_running_loop()
-        reply: asyncio.Future[bytes] = loop.create_future()
-        # The deadline is a timer rather than wait_for: no extra task per
-        # request. A reply that is late holds up every one behind it (they
-        # come in order), so when it fires the whole stream is abandoned.
-        timer = loop.call_later(self.timeout, self._expire, stream, reply)
+        reply: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         try:
-            async with stream.write_lock:  # one write at a time, and the FIFO in write order
-                if stream.broken is not None:
-                    raise stream.broken
-                stream.waiting.append(reply)
-                try:
-                    await stream.call.write(raw)
-                except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError) as e:
-                    # Fails everything waiting, this request included.
-                    self._break(stream, ConnectionLost(f"the page stream broke while sending: {e}"))
-                except BaseException:
-                    # Cancelled mid-write: whether the request left is
-                    # unknown, so the FIFO cannot be trusted any more.
-                    self._break(
-                        stream, ConnectionLost("a request on the page stream was abandoned mid-write")
-                    )
-                    raise
-            # A caller cancelled here cancels `reply`; the reader skips it.
-            raw_reply = await reply
-        finally:
-            timer.cancel()
-        code, message, pages = decode_page_reply(raw_reply)
+            # The whole request -- waiting for the lock, a write held up by
+            # flow control or by a connection still being made, the reply --
+            # is bounded: a timer, no extra task.
+            async with asyncio.timeout(self.timeout):
+                async with stream.write_lock:  # one write at a time, and the FIFO in write order
+                    if stream.broken is not None:
+                        raise _fresh(stream.broken)
+                    stream.waiting.append(reply)
+                    await self._write(stream, raw)
+                # A caller cancelled here cancels `reply`; the reader skips it.
+                raw_reply = await reply
+        except TimeoutError:
+            self._break(stream, ConnectionLost(f"no reply on the page stream within {self.timeout:g}s"))
+            raise ConnectionLost(f"no reply on the page stream within {self.timeout:g}s") from None
+        try:
+            code, message, pages = decode_page_reply(raw_reply)
+        except ValueError as e:
+            raise ServerError(f"malformed reply on the page stream: {e}") from None
         if code:
             raise error_from_status(_STATUS.get(code, grpc.StatusCode.UNKNOWN), message)
         return pages
 
-    def _expire(self, stream: _Stream, reply: asyncio.Future[bytes]) -> None:
-        if not reply.done():
-            self._break(stream, ConnectionLost(f"no reply on the page stream within {self.timeout:g}s"))
+    async def _write(self, stream: _Stream, raw: bytes) -> None:
+        try:
+            await stream.call.write(raw)
+        except grpc.aio.AioRpcError as e:  # the call ended, with a status worth passing on
+            self._break(stream, error_from_rpc(e))
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                # This caller was cancelled mid-write (gRPC then cancels the
+                # call itself): whether the request left is unknown.
+                self._break(stream, ConnectionLost("a request on the page stream was abandoned mid-write"))
+                raise
+            # gRPC reports a write on a call we cancelled (_break) as a
+            # cancellation; for this caller it is the stream breaking.
+            self._break(stream, ConnectionLost("the page stream was abandoned"))
+        except Exception as e:  # e.g. a call that is already over
+            self._break(stream, ConnectionLost(f"the page stream broke while sending: {e}"))
 
     def _current(self) -> _Stream:
         stream = self._stream
@@ -98,24 +116,27 @@ class PageStream:
         return stream
 
     async def _read(self, stream: _Stream) -> None:
-        error: NetswapError
+        error: NetswapError = ConnectionLost("the page stream was closed")
         try:
             while True:
                 raw = await stream.call.read()
                 if raw is _EOF:
                     error = ConnectionLost("the server ended the page stream")
-                    break
+                    return
                 if not stream.waiting:
                     error = ConnectionLost("a reply on the page stream that nobody asked for")
-                    break
+                    return
                 waiter = stream.waiting.popleft()
                 if not waiter.done():
                     waiter.set_result(raw)
         except grpc.aio.AioRpcError as e:
             error = error_from_rpc(e)
         except asyncio.CancelledError:
-            error = ConnectionLost("the page stream was closed")
-        self._break(stream, error)
+            pass  # closing, or the call cancelled by _break
+        except Exception as e:  # never leave requests waiting on a reader that died
+            error = ConnectionLost(f"the page stream failed: {e}")
+        finally:
+            self._break(stream, error)
 
     def _break(self, stream: _Stream, error: NetswapError) -> None:
         """Fail every request waiting on `stream` and retire it (the next request opens a new one)."""
@@ -125,16 +146,25 @@ class PageStream:
         while stream.waiting:
             waiter = stream.waiting.popleft()
             if not waiter.done():
-                waiter.set_exception(stream.broken)
+                waiter.set_exception(_fresh(stream.broken))
                 waiter.exception()  # retrieved: a caller that gave up must not leave it unobserved
 
     async def close(self) -> None:
+        self._closed = True
         stream, self._stream = self._stream, None
         if stream is not None and stream.reader is not None:
             self._break(stream, ConnectionLost("the client is closing"))
             stream.reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await stream.reader
+
+
+def _fresh(error: NetswapError) -> NetswapError:
+    """A new exception like `error`: one instance raised in many tasks would collect all their
+    tracebacks (and keep their frames, buffers included, alive)."""
+    copy = type(error)(str(error))
+    copy.code = error.code
+    return copy
 
 
 # gRPC status code numbers (PageReply.code) -> grpc.StatusCode, whose value is (number, name).

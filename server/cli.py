@@ -14,6 +14,7 @@ from pathlib import Path
 from prometheus_client import REGISTRY, start_http_server
 
 from netswap.common import loop
+from netswap.common.heap import keep_heap
 from netswap.common.limits import NAME_PATTERN
 from netswap.common.sizes import format_size, size_arg
 from netswap.server.app import build_server
@@ -177,6 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[:1] == ["healthcheck"]:
         return healthcheck(args[1:])
     config = config_from_args(args, os.environ)
+    keep_heap()  # page batches in and out all day: see netswap.common.heap
     logging.basicConfig(
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

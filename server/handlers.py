@@ -76,10 +76,11 @@ class SwapServicer:
             server_id=self._manager.server_id,
         )
 
-    def PageStream(
+    async def PageStream(
         self, requests: AsyncIterator[PageOp | Malformed], context: Context
     ) -> AsyncIterator[bytes]:
-        return self._streams.serve(current_principal(), requests)
+        async for reply in self._streams.serve(current_principal(), requests):
+            yield reply
 
 
 def register(servicer: SwapServicer, server: grpc.aio.Server) -> None:

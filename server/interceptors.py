@@ -240,7 +240,14 @@ class AuthInterceptor(_SwapServiceInterceptor):
                     if credentials.table is not table:
                         table = credentials.table
                         if self._authenticate(method, token, context, peer) != name:
-                            raise Unauthenticated("the credentials changed under this stream", "revoked")
+                            self._on_failure("principal_changed")
+                            self._audit.event(
+                                "authn_failure", outcome="principal_changed", method=method, peer=peer
+                            )
+                            raise Unauthenticated(
+                                "the credentials of this stream now name another principal",
+                                "principal_changed",
+                            )
                     yield request
 
             # Set for the rest of this call's task and never reset: the task

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 import grpc
@@ -128,8 +128,8 @@ async def test_replies_come_in_request_order_when_pipelined(srv: Running, channe
 async def test_an_unknown_caller_cannot_open_a_stream(srv: Running, channel: grpc.aio.Channel) -> None:
     open_call = channel.stream_stream(METHOD, request_serializer=None, response_deserializer=None)
     call = open_call(None, metadata=(("authorization", "Bearer nope"),))
-    await call.write(swap_in(b"x" * 16, [0]))
     with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call.write(swap_in(b"x" * 16, [0]))  # the refusal may already be here
         await call.read()
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert srv.metric("netswap_auth_failures_total", {"reason": "unknown_token"}) == 1
@@ -176,17 +176,46 @@ async def test_a_stuck_stream_is_abandoned_and_the_next_request_opens_a_new_one(
             data = pattern(9, 2)
             await area.write_batch([0, 1], [memoryview(data)])
             os.kill(server.proc.pid, signal.SIGSTOP)  # alive, connected, and silent
+
+            async def later(request: Awaitable[None]) -> None:
+                await asyncio.sleep(0.5)
+                await request
+
             try:
                 results = await asyncio.gather(
                     area.write_batch([2], [memoryview(data[:PS])]),
                     area.read_batch([0], [memoryview(bytearray(PS))]),
+                    # Half a timeout later, 4 MiB: more than HTTP/2 lets out
+                    # unacknowledged, so it is still being sent when the first
+                    # requests' time is up and the stream is given up.
+                    later(area.write_batch(list(range(8)), [memoryview(bytes(8 * PS))] * 128)),
+                    later(area.discard_batch([3])),
                     return_exceptions=True,
                 )
             finally:
                 os.kill(server.proc.pid, signal.SIGCONT)
-            assert all(isinstance(r, ConnectionLost) for r in results), results
+            # every one fails, and as retryable -- not as a cancellation nobody asked for
+            assert [type(r) for r in results] == [ConnectionLost] * 4, results
             into = bytearray(2 * PS)
             await area.read_batch([0, 1], [memoryview(into)])
             assert into == data
     finally:
+        server.stop_quietly()
+
+
+async def test_a_stream_to_a_server_that_never_answers_the_handshake_times_out(tmp_path: Path) -> None:
+    """The connection is accepted (by the kernel) but the server never speaks: the stream
+    cannot even send its headers. The request must still end at the timeout."""
+    server = ServerProcess(tmp_path, tmp_path / "store")
+    await server.astart()
+    assert server.proc is not None
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        async with await SwapClient.connect(server.address, TOKENS["alice"], timeout=1.0) as client:
+            raw = encode_page_request(swap_pb2.DiscardRequest(handle=b"h" * 16, slots=[0]))
+            for _ in range(2):  # and again, on a new stream
+                with pytest.raises(ConnectionLost, match="within 1s"):
+                    await asyncio.wait_for(client._pages.request(raw), 10)
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
         server.stop_quietly()
