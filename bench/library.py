@@ -1,3 +1,4 @@
+# ruff: noqa: E402  (gRPC may load only after grpcenv.apply())
 """Library throughput and latency against the gRPC transport's own ceiling, in one run.
 
     .venv/bin/python bench/library.py            # or: make bench
@@ -31,6 +32,10 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
+
+from netswap.common import grpcenv
+
+grpcenv.apply()  # as netswap's processes do; the echo and the clients here alike
 
 import grpc
 from procs import TOKEN, started, write_tokens

@@ -1,9 +1,13 @@
 """The client's end of PageStream: page traffic as messages on one long-lived call.
 
 Requests are written in the order callers arrive and the server answers in
-order, so a FIFO of futures pairs replies with requests; one reader task
-per stream resolves them. Any number of requests may be in flight (callers
-bound that: the NBD device by max_rpcs, Area by `parallel`).
+order, so a FIFO of futures pairs replies with requests. Whoever finds
+nobody reading reads -- a caller, for itself and those before it, so that a
+lone request gets its reply without a hand-off between tasks (one turn of
+the event loop, a good part of a round trip); when it has its own and others
+still wait, a task takes over until nobody does. Any number of requests may
+be in flight (callers bound that: the NBD device by max_rpcs, Area by
+`parallel`).
 
 When the stream breaks -- the server restarted, the network dropped, the
 stream ended with a status (e.g. UNAUTHENTICATED after a revocation), or a
@@ -42,7 +46,8 @@ class _Stream:
         self.waiting: deque[asyncio.Future[bytes]] = deque()
         self.write_lock = asyncio.Lock()
         self.broken: NetswapError | None = None
-        self.reader: asyncio.Task[None] | None = None
+        self.reading = False  # someone is reading replies (set before it starts, so never two)
+        self.reader: asyncio.Task[None] | None = None  # the task that reads when no caller does
 
 
 class PageStream:
@@ -76,6 +81,9 @@ class PageStream:
                         raise _fresh(stream.broken)
                     stream.waiting.append(reply)
                     await self._write(stream, raw)
+                if not stream.reading:
+                    stream.reading = True
+                    await self._read(stream, until=reply)
                 # A caller cancelled here cancels `reply`; the reader skips it.
                 raw_reply = await reply
         except TimeoutError:
@@ -93,7 +101,7 @@ class PageStream:
         try:
             await stream.call.write(raw)
         except grpc.aio.AioRpcError as e:  # the call ended, with a status worth passing on
-            self._break(stream, error_from_rpc(e))
+            self._break(stream, _stream_error(e))
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if current is not None and current.cancelling():
@@ -111,32 +119,39 @@ class PageStream:
         stream = self._stream
         if stream is None or stream.broken is not None:
             stream = _Stream(self._open_call(None, metadata=self._metadata))
-            stream.reader = asyncio.ensure_future(self._read(stream))
             self._stream = stream
         return stream
 
-    async def _read(self, stream: _Stream) -> None:
-        error: NetswapError = ConnectionLost("the page stream was closed")
+    async def _read(self, stream: _Stream, until: asyncio.Future[bytes] | None = None) -> None:
+        """Hand out replies in order: until `until` has its own (a caller reading for itself),
+        else until nobody waits (the reader task). The caller sets stream.reading first."""
         try:
-            while True:
+            while stream.broken is None and (not until.done() if until is not None else stream.waiting):
                 raw = await stream.call.read()
                 if raw is _EOF:
-                    error = ConnectionLost("the server ended the page stream")
-                    return
-                if not stream.waiting:
-                    error = ConnectionLost("a reply on the page stream that nobody asked for")
-                    return
-                waiter = stream.waiting.popleft()
-                if not waiter.done():
-                    waiter.set_result(raw)
+                    self._break(stream, ConnectionLost("the server ended the page stream"))
+                elif not stream.waiting:
+                    self._break(stream, ConnectionLost("a reply on the page stream that nobody asked for"))
+                else:
+                    waiter = stream.waiting.popleft()
+                    if not waiter.done():
+                        waiter.set_result(raw)
         except grpc.aio.AioRpcError as e:
-            error = error_from_rpc(e)
+            self._break(stream, _stream_error(e))
         except asyncio.CancelledError:
-            pass  # closing, or the call cancelled by _break
+            # gRPC cancels the call when a read is cancelled: nothing more comes.
+            self._break(stream, ConnectionLost("the page stream was abandoned"))
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # this reader itself was cancelled (its caller's timeout, close())
         except Exception as e:  # never leave requests waiting on a reader that died
-            error = ConnectionLost(f"the page stream failed: {e}")
+            self._break(stream, ConnectionLost(f"the page stream failed: {e}"))
         finally:
-            self._break(stream, error)
+            stream.reading = False
+        if stream.waiting and stream.broken is None:
+            # Others still wait, and nobody reads for them now.
+            stream.reading = True
+            stream.reader = asyncio.ensure_future(self._read(stream))
 
     def _break(self, stream: _Stream, error: NetswapError) -> None:
         """Fail every request waiting on `stream` and retire it (the next request opens a new one)."""
@@ -152,11 +167,31 @@ class PageStream:
     async def close(self) -> None:
         self._closed = True
         stream, self._stream = self._stream, None
-        if stream is not None and stream.reader is not None:
+        if stream is not None:
             self._break(stream, ConnectionLost("the client is closing"))
-            stream.reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await stream.reader
+            if stream.reader is not None:
+                stream.reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await stream.reader
+
+
+# Statuses a stream can end with that retrying will not cure. Any other end
+# of the stream -- UNAVAILABLE, CANCELLED, or gRPC core's own "Internal error
+# from Core" when the connection drops mid-operation -- only broke the
+# transport: its requests may succeed on a new stream. (A request the server
+# failed comes back in-band, with its own status.)
+_FINAL = {
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.INVALID_ARGUMENT,
+}
+
+
+def _stream_error(e: grpc.aio.AioRpcError) -> NetswapError:
+    if e.code() in _FINAL:
+        return error_from_rpc(e)
+    return ConnectionLost(f"the page stream broke: {e.details() or ''} ({e.code().name})")
 
 
 def _fresh(error: NetswapError) -> NetswapError:

@@ -27,6 +27,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from netswap.common import grpcenv
+
 log = logging.getLogger(__name__)
 
 MCL_CURRENT = 1
@@ -101,7 +103,9 @@ def reserve_safe_process_or_reexec(argv: list[str]) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
     if soft == resource.RLIM_INFINITY or soft > STACK_LIMIT:
         resource.setrlimit(resource.RLIMIT_STACK, (STACK_LIMIT, hard))
-    env = {**os.environ, **ALLOCATOR_ENV, _REEXEC_MARK: "1"}
+    # gRPC's settings (grpcenv) ride along: `python -m netswap.client` loads
+    # gRPC before any code of ours could set them.
+    env = {**grpcenv.ENV, **os.environ, **ALLOCATOR_ENV, _REEXEC_MARK: "1"}
     os.execve(sys.executable, [sys.executable, "-m", "netswap.client", *argv], env)  # noqa: S606 (ourselves again)
 
 

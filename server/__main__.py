@@ -1,5 +1,5 @@
 import sys
 
-from netswap.server.cli import main
+from netswap.common import grpcenv
 
-sys.exit(main())
+sys.exit(grpcenv.server())

@@ -1,4 +1,9 @@
+# ruff: noqa: E402  (gRPC may load only after grpcenv.apply())
 from __future__ import annotations
+
+from netswap.common import grpcenv
+
+grpcenv.apply()  # as netswap's own processes do, before anything loads gRPC
 
 from collections.abc import AsyncIterator
 from pathlib import Path
