@@ -15,7 +15,9 @@ request took longer than the timeout -- every request in flight fails: with
 ConnectionLost, which callers may retry, or the error of that status. The
 next request opens a new stream. Abandoning is the only safe answer to a
 late reply or a request cancelled mid-write: replies come in order, so one
-given up on would be taken for the next.
+given up on would be taken for the next. A request cancelled while it
+reads for others ends the stream too (gRPC cancels a call whose read is cut
+short); one cancelled while merely waiting just drops out.
 """
 
 from __future__ import annotations
@@ -71,6 +73,9 @@ class PageStream:
             raise ConnectionLost("the client is closed")
         stream = self._current()
         reply: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        # Cancellations of this task already pending (and swallowed) before
+        # this request: only more than these mean *it* is being cancelled.
+        base = _cancelling()
         try:
             # The whole request -- waiting for the lock, a write held up by
             # flow control or by a connection still being made, the reply --
@@ -80,11 +85,13 @@ class PageStream:
                     if stream.broken is not None:
                         raise _fresh(stream.broken)
                     stream.waiting.append(reply)
-                    await self._write(stream, raw)
+                    await self._write(stream, raw, base)
                 if not stream.reading:
                     stream.reading = True
-                    await self._read(stream, until=reply)
+                    await self._read(stream, base, until=reply)
                 # A caller cancelled here cancels `reply`; the reader skips it.
+                # (One cancelled while reading, above, ends the stream: gRPC
+                # cancels the call when a read is cut short.)
                 raw_reply = await reply
         except TimeoutError:
             self._break(stream, ConnectionLost(f"no reply on the page stream within {self.timeout:g}s"))
@@ -97,17 +104,20 @@ class PageStream:
             raise error_from_status(_STATUS.get(code, grpc.StatusCode.UNKNOWN), message)
         return pages
 
-    async def _write(self, stream: _Stream, raw: bytes) -> None:
+    async def _write(self, stream: _Stream, raw: bytes, base: int) -> None:
         try:
             await stream.call.write(raw)
         except grpc.aio.AioRpcError as e:  # the call ended, with a status worth passing on
             self._break(stream, _stream_error(e))
         except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
-                # This caller was cancelled mid-write (gRPC then cancels the
-                # call itself): whether the request left is unknown.
-                self._break(stream, ConnectionLost("a request on the page stream was abandoned mid-write"))
+            if _cancelling() > base:
+                # This caller was cancelled (or timed out) mid-write, and
+                # gRPC then cancels the call itself: whether the request
+                # left is unknown.
+                self._break(
+                    stream,
+                    ConnectionLost("a request on the page stream was cancelled or timed out mid-write"),
+                )
                 raise
             # gRPC reports a write on a call we cancelled (_break) as a
             # cancellation; for this caller it is the stream breaking.
@@ -122,7 +132,7 @@ class PageStream:
             self._stream = stream
         return stream
 
-    async def _read(self, stream: _Stream, until: asyncio.Future[bytes] | None = None) -> None:
+    async def _read(self, stream: _Stream, base: int, until: asyncio.Future[bytes] | None = None) -> None:
         """Hand out replies in order: until `until` has its own (a caller reading for itself),
         else until nobody waits (the reader task). The caller sets stream.reading first."""
         try:
@@ -139,11 +149,13 @@ class PageStream:
         except grpc.aio.AioRpcError as e:
             self._break(stream, _stream_error(e))
         except asyncio.CancelledError:
-            # gRPC cancels the call when a read is cancelled: nothing more comes.
+            # gRPC cancels the call when a read is cut short: nothing more comes.
+            if _cancelling() > base:  # this reader itself was cancelled (a timeout, close())
+                self._break(
+                    stream, ConnectionLost("a request reading the page stream was cancelled or timed out")
+                )
+                raise
             self._break(stream, ConnectionLost("the page stream was abandoned"))
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
-                raise  # this reader itself was cancelled (its caller's timeout, close())
         except Exception as e:  # never leave requests waiting on a reader that died
             self._break(stream, ConnectionLost(f"the page stream failed: {e}"))
         finally:
@@ -151,7 +163,7 @@ class PageStream:
         if stream.waiting and stream.broken is None:
             # Others still wait, and nobody reads for them now.
             stream.reading = True
-            stream.reader = asyncio.ensure_future(self._read(stream))
+            stream.reader = asyncio.ensure_future(self._read(stream, 0))
 
     def _break(self, stream: _Stream, error: NetswapError) -> None:
         """Fail every request waiting on `stream` and retire it (the next request opens a new one)."""
@@ -192,6 +204,11 @@ def _stream_error(e: grpc.aio.AioRpcError) -> NetswapError:
     if e.code() in _FINAL:
         return error_from_rpc(e)
     return ConnectionLost(f"the page stream broke: {e.details() or ''} ({e.code().name})")
+
+
+def _cancelling() -> int:
+    task = asyncio.current_task()
+    return task.cancelling() if task is not None else 0
 
 
 def _fresh(error: NetswapError) -> NetswapError:

@@ -219,3 +219,47 @@ async def test_a_stream_to_a_server_that_never_answers_the_handshake_times_out(t
     finally:
         os.kill(server.proc.pid, signal.SIGCONT)
         server.stop_quietly()
+
+
+async def test_a_cancelled_waiter_drops_out_and_a_cancelled_reader_ends_the_stream(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path, tmp_path / "store")
+    await server.astart()
+    assert server.proc is not None
+    pid = server.proc.pid
+    try:
+        async with await SwapClient.connect(server.address, TOKENS["alice"], timeout=30.0) as client:
+            area = await client.swapon("vm1", 8 * PS)
+            await area.write_batch([0], [memoryview(pattern(5, 1))])
+
+            def read() -> asyncio.Task[None]:
+                return asyncio.ensure_future(area.read_batch([0], [memoryview(bytearray(PS))]))
+
+            # The first request reads for both; the second only waits, and may go.
+            os.kill(pid, signal.SIGSTOP)
+            reader, waiter = read(), read()
+            await asyncio.sleep(0.2)
+            waiter.cancel()
+            await asyncio.sleep(0.1)
+            os.kill(pid, signal.SIGCONT)
+            await reader
+            with pytest.raises(asyncio.CancelledError):
+                await waiter
+            await asyncio.sleep(0.5)  # the dropped request's reply comes and is thrown away
+            # The reader may go too, but that ends the stream: the other fails
+            # retryably, and the next request gets a new stream.
+            os.kill(pid, signal.SIGSTOP)
+            reader, waiter = read(), read()
+            await asyncio.sleep(0.2)
+            reader.cancel()
+            await asyncio.sleep(0.1)
+            os.kill(pid, signal.SIGCONT)
+            with pytest.raises(asyncio.CancelledError):
+                await reader
+            with pytest.raises(ConnectionLost, match="cancelled"):
+                await waiter
+            into = bytearray(PS)
+            await area.read_batch([0], [memoryview(into)])
+            assert into == pattern(5, 1)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        server.stop_quietly()
