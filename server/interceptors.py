@@ -14,7 +14,6 @@ so here only a failure of the stream as a whole becomes a status.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -24,11 +23,9 @@ import grpc
 
 from netswap.server.audit import AuditLog
 from netswap.server.auth import Credentials, bearer_token, peer_var, principal_from_certificate, principal_var
-from netswap.server.errors import InvalidArgument, ServiceError, Unauthenticated
+from netswap.server.errors import InvalidArgument, Unauthenticated
 from netswap.server.metrics import ServerMetrics
-from netswap.server.status import status_of
-
-log = logging.getLogger(__name__)
+from netswap.server.status import status_for
 
 SERVICE_PREFIX = "/netswap.v1.SwapService/"
 
@@ -141,13 +138,8 @@ class StatusInterceptor(_SwapServiceInterceptor):
             except asyncio.CancelledError:
                 observe(grpc.StatusCode.CANCELLED, start)
                 raise
-            except ServiceError as e:
-                code, message = status_of(e), str(e)
-            except Exception:
-                # A bug, or the medium failing (EIO). Say so without leaking
-                # internals; the log has the traceback.
-                log.exception("%s failed", method)
-                code, message = grpc.StatusCode.INTERNAL, "internal error; see the server log"
+            except Exception as e:
+                code, message = status_for(e, method)
             else:
                 observe(grpc.StatusCode.OK, start)
                 return reply
@@ -163,11 +155,8 @@ class StatusInterceptor(_SwapServiceInterceptor):
             try:
                 async for reply in inner(requests, context):
                     yield reply
-            except ServiceError as e:
-                code, message = status_of(e), str(e)
-            except Exception:
-                log.exception("%s failed", method)
-                code, message = grpc.StatusCode.INTERNAL, "internal error; see the server log"
+            except Exception as e:
+                code, message = status_for(e, method)
             else:
                 return
             await context.abort(code, message)

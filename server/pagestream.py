@@ -12,7 +12,6 @@ event loop anyway, and the caller pipelines to keep the pipe full.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -20,12 +19,10 @@ import grpc
 
 from netswap.common.pagewire import PageHead, PageOp, encode_page_error, encode_page_reply
 from netswap.server.areas import AreaManager
-from netswap.server.errors import InvalidArgument, ServiceError
+from netswap.server.errors import InvalidArgument
 from netswap.server.interceptors import Malformed
 from netswap.server.metrics import ServerMetrics
-from netswap.server.status import status_of
-
-log = logging.getLogger(__name__)
+from netswap.server.status import status_for
 
 _METRIC = {"SwapOut": "swap_out", "SwapIn": "swap_in", "Discard": "discard"}
 
@@ -52,11 +49,8 @@ class PageStreams:
                 raise InvalidArgument(request.message)
             op, head, pages = request
             reply = self._apply(principal, op, head, pages)
-        except ServiceError as e:
-            code, message = status_of(e), str(e)
-        except Exception:
-            log.exception("%s on PageStream failed", op)
-            code, message = grpc.StatusCode.INTERNAL, "internal error; see the server log"
+        except Exception as e:
+            code, message = status_for(e, f"{op} on PageStream")
         else:
             self._ok[op].observe(time.perf_counter() - start)
             return reply

@@ -1,8 +1,14 @@
 """The one table from domain errors to gRPC status codes."""
 
+import logging
+
 import grpc
 
 from netswap.server import errors
+
+log = logging.getLogger(__name__)
+
+INTERNAL_MESSAGE = "internal error; see the server log"
 
 STATUS_OF: dict[type[errors.ServiceError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -19,3 +25,13 @@ def status_of(error: errors.ServiceError) -> grpc.StatusCode:
         if code is not None:
             return code
     return grpc.StatusCode.INTERNAL
+
+
+def status_for(error: Exception, what: str) -> tuple[grpc.StatusCode, str]:
+    """(code, message) a caller is told for `error`: a domain error's own; anything else
+    -- a bug, or the medium failing (EIO) -- is INTERNAL, said without leaking internals
+    (the log gets the traceback)."""
+    if isinstance(error, errors.ServiceError):
+        return status_of(error), str(error)
+    log.error("%s failed", what, exc_info=error)
+    return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE

@@ -263,3 +263,33 @@ async def test_a_cancelled_waiter_drops_out_and_a_cancelled_reader_ends_the_stre
     finally:
         os.kill(pid, signal.SIGCONT)
         server.stop_quietly()
+
+
+async def test_a_failing_medium_is_internal_on_both_paths_and_the_server_goes_on(
+    srv: Running, channel: grpc.aio.Channel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store is not mocked for the rest: only its read, made to fail as a dying disk
+    would (EIO), to see what a caller is told -- the same on a unary call and in-band."""
+    handle = await attach(srv.address)
+    stream = RawStream(channel, "alice")
+    assert (await stream.ask(swap_out(handle, [1], pattern(1, 1))))[0] == OK
+    (area,) = srv.server.manager._areas.values()
+
+    def dying_disk(slots: object, out: object) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(area.backing, "read", dying_disk)
+    code, message, pages = await stream.ask(swap_in(handle, [1]))
+    assert (code, message, pages) == (
+        grpc.StatusCode.INTERNAL.value[0],
+        "internal error; see the server log",
+        b"",
+    )
+    async with stub_for(srv.address) as stub:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.SwapIn(swap_pb2.SwapInRequest(handle=handle, slots=[1]), metadata=auth("alice"))
+        assert err.value.code() == grpc.StatusCode.INTERNAL
+        assert err.value.details() == "internal error; see the server log"
+    monkeypatch.undo()
+    assert await stream.ask(swap_in(handle, [1])) == (OK, "", pattern(1, 1))  # the same stream, still there
+    assert srv.metric("netswap_rpc_duration_seconds_count", {"method": "SwapIn", "code": "INTERNAL"}) == 2
