@@ -454,17 +454,23 @@ class NbdConnection(asyncio.BufferedProtocol):
             if lease is not None:
                 self._release(lease)
             return
-        if not self._corked:
-            asyncio.get_running_loop().call_soon(self._flush)
+        flush_scheduled = bool(self._corked)
         self._corked.append(p.simple_reply(errno, cookie))
         if data is not None and errno == 0:
             self._corked.append(data)
-        if lease is None:
+        if lease is not None:
+            if data is not None:
+                self._corked_leases.append(lease)  # its pages are in the queue until flushed
+            else:
+                self._release(lease)
+        if flush_scheduled:
             return
-        if data is not None:
-            self._corked_leases.append(lease)  # its pages are in the queue until flushed
+        if len(self._tasks) <= 1:
+            # This is the only request in progress: no other reply can join
+            # it this turn, so waiting a turn would only add latency.
+            self._flush()
         else:
-            self._release(lease)
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         """Send every reply queued this turn; keep read leases until the socket has the data."""
