@@ -104,8 +104,9 @@ class SwapClient:
         """Open a channel to `target` ("HOST:PORT" or "unix:PATH"), over TLS if `tls` is given.
 
         Messages are capped at what batches of `max_batch_pages` need. With
-        `max_rpcs` (the most RPCs the caller keeps in flight), gRPC's flow
-        control is pinned to that much too: no bandwidth-delay probing that
+        `max_rpcs` (the most requests the caller keeps in flight -- on one
+        PageStream, so one stream's window), gRPC's flow control is pinned to
+        that much too: no bandwidth-delay probing that
         grows receive windows -- and the buffers behind them -- with traffic.
         """
         limit = max_message_bytes(max_batch_pages)

@@ -2,12 +2,13 @@
 
 - Byte ranges become slot ranges; writes that do not cover whole pages are
   read-modify-write, serialized against overlapping writes by range locks.
-- Requests are not sent one RPC each: they queue as *parts* (slot ranges with
-  their buffers), and whenever fewer than `max_rpcs` RPCs are in flight the
-  queue is cut into batches of up to max_batch_pages pages -- one SwapOut /
-  SwapIn / Discard each. Requests that arrive together (or while RPCs are
-  busy) share an RPC; nothing waits on a timer.
-- Every RPC retries with bounded backoff while the server is unreachable, up
+- NBD requests are not sent to the server one each: they queue as *parts*
+  (slot ranges with their buffers), and whenever fewer than `max_rpcs` server
+  requests are in flight the queue is cut into batches of up to
+  max_batch_pages pages -- one SwapOut / SwapIn / Discard each, on the
+  client's PageStream. NBD requests that arrive together (or while the
+  server is busy) share a batch; nothing waits on a timer.
+- Every server request retries with bounded backoff while the server is unreachable, up
   to `retry_deadline`; a handle the server no longer knows (it restarted) is
   replaced by re-attaching the area. If re-attaching finds the area gone, the
   device fails every request from then on: serving zeros for swapped-out
