@@ -108,9 +108,10 @@ async def test_keeps_serving_inside_a_memory_limit_next_to_a_hog(
         argv += ["--bs=4k", "--iodepth=32", "--size=128M", "--io_size=256M"]
         argv += ["--verify=crc32c", "--do_verify=1", "--verify_fatal=1"]
         # Warm up every path (write, read, RMW, discard, verify) -- with the
-        # very workload that follows, long enough for gRPC's buffers and the
-        # heap to settle -- then fence it in.
-        await run(*argv, cwd=tmp_path)
+        # very workload that follows, twice: gRPC's buffers and the heap take
+        # ~0.5 GiB of traffic to settle -- then fence it in.
+        for _ in range(2):
+            await run(*argv, cwd=tmp_path)
         await run("qemu-io", "-f", "raw", nbd.uri, "-c", "write -P 2 1000 9000", "-c", "discard 8M 1M")
         fence(cgroup, nbd)  # its docstring has the arithmetic of the margin
         rss_before = nbd.status("VmRSS")
