@@ -94,8 +94,9 @@ class PageStream:
                 # cancels the call when a read is cut short.)
                 raw_reply = await reply
         except TimeoutError:
-            self._break(stream, ConnectionLost(f"no reply on the page stream within {self.timeout:g}s"))
-            raise ConnectionLost(f"no reply on the page stream within {self.timeout:g}s") from None
+            late = ConnectionLost(f"no reply on the page stream within {self.timeout:g}s")
+            self._break(stream, late)
+            raise _fresh(late) from None
         try:
             code, message, pages = decode_page_reply(raw_reply)
         except ValueError as e:

@@ -27,7 +27,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from netswap.common import grpcenv
+from netswap.common import grpcenv, heap
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def status_bytes(field: str, pid: int | str = "self") -> int:
 # and the next request reuses it: after warm-up the footprint stops moving.
 ALLOCATOR_ENV = {
     "PYTHONMALLOC": "malloc",  # Python objects from glibc's heap too, not private arenas
-    "MALLOC_MMAP_THRESHOLD_": str(32 << 20),  # blocks below 32 MiB come from the heap
+    "MALLOC_MMAP_THRESHOLD_": str(heap.MMAP_THRESHOLD),  # blocks below it come from the heap
     "MALLOC_TRIM_THRESHOLD_": str(1 << 40),  # and the heap is never given back
     "MALLOC_ARENA_MAX": "2",  # few arenas: less memory reserved per thread
 }

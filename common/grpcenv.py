@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
 
 ENV = {"GRPC_EXPERIMENTS": "-event_engine_client,-event_engine_listener"}
 
@@ -28,28 +27,17 @@ def apply() -> bool:
     return "grpc" not in sys.modules
 
 
-def _launch(load: Callable[[], Callable[[], int]]) -> int:
-    apply()
-    return load()()
-
-
 def server() -> int:
     """The netswap-server command."""
+    apply()
+    from netswap.server.cli import main  # noqa: PLC0415 (only after apply())
 
-    def load() -> Callable[[], int]:
-        from netswap.server.cli import main  # noqa: PLC0415 (only after apply())
-
-        return main
-
-    return _launch(load)
+    return main()
 
 
 def client() -> int:
     """The netswap command."""
+    apply()
+    from netswap.client.cli import main  # noqa: PLC0415 (only after apply())
 
-    def load() -> Callable[[], int]:
-        from netswap.client.cli import main  # noqa: PLC0415 (only after apply())
-
-        return main
-
-    return _launch(load)
+    return main()

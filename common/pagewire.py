@@ -31,13 +31,20 @@ def varint(n: int) -> bytes:
     return bytes(out)
 
 
-def encode_swap_out(handle: bytes, slots: Sequence[int], pages: Sequence[memoryview]) -> bytes:
-    """A serialized SwapOutRequest whose page blob is the concatenation of `pages`."""
+def _swap_out_parts(
+    handle: bytes, slots: Sequence[int], pages: Sequence[memoryview]
+) -> list[bytes | memoryview]:
+    """The pieces of a serialized SwapOutRequest whose page blob is `pages`, not yet joined."""
     head = swap_pb2.SwapOutRequest(handle=handle, slots=slots).SerializeToString()
     total = sum(len(p) for p in pages)
     if not total:
-        return head
-    return b"".join((head, _PAGES_TAG, varint(total), *pages))
+        return [head]
+    return [head, _PAGES_TAG, varint(total), *pages]
+
+
+def encode_swap_out(handle: bytes, slots: Sequence[int], pages: Sequence[memoryview]) -> bytes:
+    """A serialized SwapOutRequest whose page blob is the concatenation of `pages`."""
+    return b"".join(_swap_out_parts(handle, slots, pages))
 
 
 def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
@@ -122,13 +129,8 @@ _OP_OF_FIELD = {1: "SwapOut", 2: "SwapIn", 3: "Discard"}  # PageRequest's oneof
 
 def encode_page_swap_out(handle: bytes, slots: Sequence[int], pages: Sequence[memoryview]) -> bytes:
     """A serialized PageRequest{swap_out}: as encode_swap_out, wrapped, still one copy of the pages."""
-    head = swap_pb2.SwapOutRequest(handle=handle, slots=slots).SerializeToString()
-    total = sum(len(p) for p in pages)
-    if not total:
-        return b"".join((b"\x0a", varint(len(head)), head))
-    blob = varint(total)
-    inner = len(head) + 1 + len(blob) + total
-    return b"".join((b"\x0a", varint(inner), head, _PAGES_TAG, blob, *pages))
+    parts = _swap_out_parts(handle, slots, pages)
+    return b"".join((b"\x0a", varint(sum(len(p) for p in parts)), *parts))
 
 
 def encode_page_request(op: swap_pb2.SwapInRequest | swap_pb2.DiscardRequest) -> bytes:
