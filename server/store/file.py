@@ -62,6 +62,11 @@ class FileBacking:
         self._fd = data_fd
         self._map_fd = map_fd
         self._size = size_bytes
+        # Swap reads pages one at a time in no order: readahead would only
+        # fetch pages nobody asked for -- and it fills the page cache with
+        # large folios, which make every later 4 KiB write slow (WRITE_CHUNK).
+        # Measured after a cold 1 MiB read: random page write 15.2 -> 2.2 us.
+        os.posix_fadvise(data_fd, 0, 0, os.POSIX_FADV_RANDOM)
         # MAP_SHARED: map updates reach the page cache at once and survive
         # kill -9 like the data they describe. The map file is fallocate'd, so
         # touching it can never fault for lack of space (which would SIGBUS).
@@ -100,9 +105,19 @@ class FileBacking:
         os.close(self._fd)
 
 
+# At most this much per write(2). The kernel sizes page-cache folios by the
+# write that creates them; since Linux 6.x ext4 makes large folios, and every
+# later 4 KiB write into one walks all of its block buffers. Measured on
+# 6.18/ext4: a random 4 KiB page write costs 2.7 us in a file written in
+# 16 KiB pieces and 9.9 us in one written in 1 MiB pieces (server CPU per
+# page at 4k qd32: 56 -> 26 us). Swap rewrites pages one at a time, so small
+# folios win; writing 1 MiB in 16 KiB pieces costs ~0.5 us a page more.
+WRITE_CHUNK = 16 * 1024
+
+
 def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
     while buf:
-        n = os.pwritev(fd, [buf], offset)
+        n = os.pwritev(fd, [buf[:WRITE_CHUNK]], offset)
         buf, offset = buf[n:], offset + n
 
 
