@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -32,11 +32,6 @@ class FrontendMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        self.in_flight = Gauge(
-            "netswap_client_nbd_requests_in_flight",
-            "NBD requests accepted and not yet answered.",
-            registry=registry,
-        )
         self.batch_pages = Histogram(
             "netswap_client_batch_pages",
             "Pages per RPC after coalescing NBD requests, by kind (in, out, discard).",
@@ -45,8 +40,15 @@ class FrontendMetrics:
             registry=registry,
         )
 
+        # labels() takes a lock and builds a key: look each child up once.
+        self._children: dict[tuple[int, bool], Histogram] = {}
+
     def request_done(self, cmd: int, seconds: float, ok: bool) -> None:
-        self.requests.labels(COMMANDS.get(cmd, "other"), "ok" if ok else "error").observe(seconds)
+        child = self._children.get((cmd, ok))
+        if child is None:
+            child = self.requests.labels(COMMANDS.get(cmd, "other"), "ok" if ok else "error")
+            self._children[cmd, ok] = child
+        child.observe(seconds)
 
 
 class NbdCollector(Collector):
@@ -72,6 +74,11 @@ class NbdCollector(Collector):
             "netswap_client_pool_free_pages", "Pool pages not leased right now.", pool.free_pages
         )
         yield GaugeMetricFamily("netswap_client_nbd_connections", "Open NBD connections.", len(s.connections))
+        yield GaugeMetricFamily(
+            "netswap_client_nbd_requests_in_flight",
+            "NBD requests accepted and not yet answered.",
+            sum(c.busy for c in s.connections),
+        )
         rpcs = CounterMetricFamily("netswap_client_rpcs", "Batched RPCs sent, by kind.", labels=["kind"])
         for kind, n in device.rpcs.items():
             rpcs.add_metric([kind], n)

@@ -10,7 +10,7 @@ import pytest
 
 from netswap.client import ConnectionLost, SwapClient
 from netswap.client.nbd import protocol as p
-from netswap.client.nbd.device import AreaDevice, DeviceError
+from netswap.client.nbd.device import AreaDevice, DeviceError, RangeLocks
 from netswap.client.pool import PagePool
 from tests.helpers import PS, TOKENS, pattern, running_server
 from tests.nbdenv import RawClient, nbd_export
@@ -129,3 +129,51 @@ async def test_queued_parts_are_recut_when_the_batch_limit_shrinks(tmp_path: Pat
         assert device.rpcs["in"] == 5
         area.detach()
         await client.close()
+
+
+@pytest.mark.parametrize("big", [8, RangeLocks.SMALL + 1, 10_000])
+async def test_range_locks_exclude_overlaps_of_any_size(big: int) -> None:
+    # Small ranges are indexed by page and long ones listed: every pairing of
+    # the two must still see an overlap, including a long range against a
+    # single page at either end.
+    locks = RangeLocks()
+    held = locks.try_acquire(100, big)
+    assert held is not None
+    for first, count in [(100, 1), (99 + big, 1), (50, 51), (99 + big, 500), (0, 100_000)]:
+        assert locks.try_acquire(first, count) is None, (first, count)
+    for first, count in [(99, 1), (100 + big, 1), (0, 100), (100 + big, 100_000)]:
+        other = locks.try_acquire(first, count)
+        assert other is not None, (first, count)
+        locks.release(other)
+    waiter = asyncio.ensure_future(locks.acquire(99 + big, 2))  # its last page, and one more
+    await asyncio.sleep(0.01)
+    assert not waiter.done()  # waits for the holder
+    locks.release(held)
+    taken = await asyncio.wait_for(waiter, 1)
+    locks.release(taken)
+    assert locks.try_acquire(0, 100_000) is not None  # nothing left held
+
+
+async def test_a_whole_page_write_waits_for_a_read_modify_write_of_its_page() -> None:
+    # A whole-page write skips the task and queues at once -- but not past a
+    # partial write of its page in progress, whose write-back would put the
+    # page's old bytes over it.
+    area = FlakyArea(8, max_batch_pages=4)
+    old = pattern(1, 1)
+    area.data[3 * PS : 4 * PS] = old
+    area.delay = 0.05  # each RPC takes a while: the read-modify-write is slow
+    device = AreaDevice(area)
+    partial_buf = bytearray(2 * PS)  # the page, then scratch for its edge
+    partial_buf[100:600] = b"a" * 500
+    partial = asyncio.ensure_future(device.write(3 * PS + 100, 500, memoryview(partial_buf)))
+    await asyncio.sleep(0.01)  # it holds the page; its read is on the way
+    whole = memoryview(bytearray(b"b" * PS))
+    done: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
+    if device.start_write(3 * PS, PS, whole, done.set_result):
+        assert await done is None
+    else:  # what the NBD connection does then: the general path, which waits
+        await device.write(3 * PS, PS, whole)
+    await partial
+    b_then_a = bytearray(b"b" * PS)
+    b_then_a[100:600] = b"a" * 500
+    assert bytes(area.data[3 * PS : 4 * PS]) in (b"b" * PS, bytes(b_then_a))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -265,6 +266,41 @@ async def test_unaligned_writes_to_one_page_from_two_connections_both_land(expor
         assert data == b"".join(bytes([round_ * 8 + i + 1]) * 500 for i in range(8))
     await a.close()
     await b.close()
+
+
+async def test_a_burst_of_whole_page_and_partial_writes_to_one_page_lands_whole(export: Export) -> None:
+    # Whole-page writes queue at once, partial ones read-modify-write in a
+    # task of their own: mixed on one page, each must still land whole.
+    c = await connected(export)
+    writes = [(100, b"a" * 500), (0, b"b" * PS), (2000, b"c" * 500), (0, b"d" * PS), (3000, b"e" * 96)]
+    for round_ in range(20):
+        base = (300 + round_) * PS
+        old = pattern(round_, 1)
+        c.request(p.CMD_WRITE, 0, base, PS, payload=old)
+        assert (await c.reply())[0] == 0
+        # One burst: all five are in flight together, so any order is allowed,
+        # but each must land whole.
+        c.send(
+            b"".join(
+                p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.CMD_WRITE, i, base + at, len(data)) + data
+                for i, (at, data) in enumerate(writes)
+            )
+        )
+        for _ in writes:
+            assert (await c.reply())[0] == 0
+        c.request(p.CMD_READ, 9, base, PS)
+        _, _, got = await c.reply(PS)
+        # Writes that land whole leave, at each byte, the last writer's byte:
+        # the last whole-page write and the partial writes after it.
+        outcomes = set()
+        for order in itertools.permutations(range(len(writes))):
+            page = bytearray(old)
+            for i in order:
+                at, data = writes[i]
+                page[at : at + len(data)] = data
+            outcomes.add(bytes(page))
+        assert got in outcomes, f"round {round_}: a write was partly undone"
+    await c.close()
 
 
 async def test_disconnect_is_never_answered(export: Export) -> None:

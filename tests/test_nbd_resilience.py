@@ -17,16 +17,21 @@ async def test_fio_verify_survives_kill_9_and_restart_of_the_server(tmp_path: Pa
     try:
         async with nbd_export(server.address, tmp_path / "nbd.sock", size=64 << 20, rpc_timeout=2) as export:
             argv = ["fio", "--name=restart", "--ioengine=nbd", f"--uri={export.uri}", "--rw=randwrite"]
-            argv += ["--bs=4k", "--iodepth=32", "--size=64M", "--io_size=96M"]
+            # Six passes over the export: enough work that the kill lands
+            # in the write phase however fast the frontend is.
+            argv += ["--bs=4k", "--iodepth=32", "--size=64M", "--io_size=384M"]
             argv += ["--verify=crc32c", "--do_verify=1", "--verify_fatal=1"]
             fio = asyncio.ensure_future(run(*argv, cwd=tmp_path))
-            await asyncio.sleep(1.5)  # in the middle of the write phase
+            device = export.server.device
+            for _ in range(300):  # until writes are flowing
+                if device.rpcs["out"] >= 200 or fio.done():
+                    break
+                await asyncio.sleep(0.1)
             assert not fio.done()
             server.kill9()
             await asyncio.sleep(1.0)  # fio's requests wait meanwhile
             await server.astart()
             out = await asyncio.wait_for(fio, 300)
-            device = export.server.device
         assert "err= 0" in out, out
         assert device.retries > 0  # it did wait for the server
         assert device.reattaches == 1  # and took its area back with a fresh handle

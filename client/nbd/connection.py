@@ -26,6 +26,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 from netswap.client.metrics import FrontendMetrics
@@ -72,6 +73,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._sink_lease: Lease | None = None  # whose pages the sink is filling
         self._skip = 0  # payload bytes of a refused write still to throw away
         self._tasks: set[asyncio.Task[None]] = set()
+        self.busy = 0  # requests accepted and not yet answered
         self._unsent: list[Lease] = []  # leases whose data the transport may still hold
         # Replies finished in one turn of the loop leave in one writev: one
         # syscall for many 16-byte headers instead of one each.
@@ -131,8 +133,8 @@ class NbdConnection(asyncio.BufferedProtocol):
         # client's I/O errors have no explanation on this side.
         if exc is not None:
             log.warning("NBD connection from %s lost: %s", self.peer, exc)
-        elif self._phase != "closed" and self._tasks:
-            log.warning("NBD client %s left with %d requests in flight", self.peer, len(self._tasks))
+        elif self._phase != "closed" and self.busy:
+            log.warning("NBD client %s left with %d requests in flight", self.peer, self.busy)
         self._phase = "closed"
         self._pending = None
         if self._sink_lease is not None:  # the client left in the middle of a write payload
@@ -306,8 +308,9 @@ class NbdConnection(asyncio.BufferedProtocol):
         if cmd == p.CMD_READ:
             return self._with_lease(dev.span(offset, length)[1], cookie, offset, length, self._start_read)
         if cmd == p.CMD_WRITE:
-            pages = dev.span(offset, length)[1] + dev.partial_edges(offset, length)
-            return self._with_lease(pages, cookie, offset, length, self._write_payload)
+            return self._with_lease(
+                dev.write_pages(offset, length), cookie, offset, length, self._write_payload
+            )
         if cmd == p.CMD_WRITE_ZEROES:
             return self._with_lease(
                 dev.partial_edges(offset, length), cookie, offset, length, self._start_zeroes
@@ -378,13 +381,17 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._retry_pending()
 
     def _write_payload(self, lease: Lease, cookie: int, offset: int, length: int) -> bool:
-        _, _, skip = self.device.span(offset, length)
+        skip = offset % self.device.page_size
         target = lease.view[skip : skip + length]
         have = min(length, self._available())
         target[:have] = self._take(have)
 
         def received() -> None:
-            self._spawn(cookie, self.device.write(offset, length, lease.view), lease, command=p.CMD_WRITE)
+            done = _Answer(self, cookie, p.CMD_WRITE, time.perf_counter(), lease, None)
+            if self.device.start_write(offset, length, lease.view, done):
+                self.busy += 1
+            else:  # partial pages, or pages another request holds: the general path
+                self._spawn(cookie, self.device.write(offset, length, lease.view), lease, command=p.CMD_WRITE)
 
         if have == length:
             received()
@@ -395,12 +402,13 @@ class NbdConnection(asyncio.BufferedProtocol):
         return False
 
     def _start_read(self, lease: Lease, cookie: int, offset: int, length: int) -> bool:
-        _, _, skip = self.device.span(offset, length)
-
-        async def read() -> None:
-            await self.device.read(offset, length, lease.view)
-
-        self._spawn(cookie, read(), lease, reply_data=lease.view[skip : skip + length], command=p.CMD_READ)
+        skip = offset % self.device.page_size
+        data = lease.view[skip : skip + length]
+        done = _Answer(self, cookie, p.CMD_READ, time.perf_counter(), lease, data)
+        if self.device.start_read(offset, length, lease.view, done):
+            self.busy += 1
+        else:  # the device has failed: read() says how
+            self._spawn(cookie, self.device.read(offset, length, lease.view), lease, data, command=p.CMD_READ)
         return True
 
     def _start_zeroes(self, lease: Lease, cookie: int, offset: int, length: int) -> bool:
@@ -420,32 +428,40 @@ class NbdConnection(asyncio.BufferedProtocol):
         *,
         command: int,
     ) -> None:
-        metrics = self._metrics
+        """Run a request that must await (locks, read-modify-write) as a task of its own."""
+        answer = _Answer(self, cookie, command, time.perf_counter(), lease, reply_data)
+        self.busy += 1
 
         async def run() -> None:
-            start = time.perf_counter()
-            if metrics is not None:
-                metrics.in_flight.inc()
             try:
                 await work
-                errno = 0
-            except DeviceError as e:
-                errno = e.errno
-                log.warning("request %#x failed: %s", cookie, e)
-            except Exception:
-                log.exception("request %#x failed", cookie)
-                errno = p.EIO
-            self._reply(cookie, errno, lease, reply_data)
-            if metrics is not None:
-                metrics.in_flight.dec()
-                metrics.request_done(command, time.perf_counter() - start, errno == 0)
+            except asyncio.CancelledError:  # the frontend is stopping: nobody to answer
+                self.busy -= 1
+                raise
+            except Exception as e:
+                answer(e)
+            else:
+                answer(None)
 
         task = asyncio.ensure_future(run())
         self._tasks.add(task)
-        task.add_done_callback(self._task_done)
+        task.add_done_callback(self._tasks.discard)
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
+    def _finish(self, answer: _Answer, error: BaseException | None) -> None:
+        """A request is over on the device: answer it."""
+        cookie, lease = answer.cookie, answer.lease
+        if error is None:
+            errno = 0
+        elif isinstance(error, DeviceError):
+            errno = error.errno
+            log.warning("request %#x failed: %s", cookie, error)
+        else:
+            errno = p.EIO
+            log.error("request %#x failed", cookie, exc_info=error)
+        self._reply(cookie, errno, lease, answer.data)
+        self.busy -= 1
+        if self._metrics is not None:
+            self._metrics.request_done(answer.command, time.perf_counter() - answer.start, errno == 0)
         self._maybe_finish_disconnect()
 
     def _reply(self, cookie: int, errno: int, lease: Lease | None, data: memoryview | None) -> None:
@@ -465,7 +481,7 @@ class NbdConnection(asyncio.BufferedProtocol):
                 self._release(lease)
         if flush_scheduled:
             return
-        if len(self._tasks) <= 1:
+        if self.busy <= 1:
             # This is the only request in progress: no other reply can join
             # it this turn, so waiting a turn would only add latency.
             self._flush()
@@ -490,7 +506,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._transport.write(data)
 
     def _maybe_finish_disconnect(self) -> None:
-        if self._disconnecting and not self._tasks and self._phase != "closed":
+        if self._disconnecting and not self.busy and self._phase != "closed":
             if self._corked:
                 self._flush()  # the last replies go out before the close
             self._phase = "closed"
@@ -501,3 +517,18 @@ class NbdConnection(asyncio.BufferedProtocol):
         """Stop serving (shutdown): close the socket; requests in progress still finish on the device."""
         if self._transport is not None:
             self._transport.close()
+
+
+@dataclass(slots=True, eq=False)
+class _Answer:
+    """What answering one request takes, and the call that does it: the device's done(error)."""
+
+    conn: NbdConnection
+    cookie: int
+    command: int
+    start: float
+    lease: Lease | None
+    data: memoryview | None  # a read's reply payload
+
+    def __call__(self, error: BaseException | None) -> None:
+        self.conn._finish(self, error)

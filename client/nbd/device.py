@@ -23,7 +23,8 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 from typing import NoReturn, Protocol, TypeVar
 
 from prometheus_client import Histogram
@@ -71,17 +72,17 @@ class DeviceError(Exception):
         self.errno = errno
 
 
-@dataclass
+@dataclass(eq=False)
 class _Request:
     """One caller's operation, possibly split into several parts (and so RPCs).
 
-    It completes only when every part has finished -- also when one failed --
-    so the caller never gets its buffer (or range lock) back while another
-    part still reads into or writes from it.
+    It completes -- `done(error)` -- only when every part has finished, also
+    when one failed, so the caller never gets its buffer (or range lock) back
+    while another part still reads into or writes from it.
     """
 
     parts: int
-    future: asyncio.Future[None]
+    done: Callable[[BaseException | None], None]
     deadline: float  # loop time after which an unreachable server means EIO
     error: BaseException | None = None
 
@@ -89,11 +90,16 @@ class _Request:
         if error is not None and self.error is None:
             self.error = error
         self.parts -= 1
-        if self.parts == 0 and not self.future.done():
-            if self.error is None:
-                self.future.set_result(None)
-            else:
-                self.future.set_exception(self.error)
+        if self.parts == 0:
+            self.done(self.error)
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if not future.done():  # a caller that was cancelled no longer listens
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
 
 
 @dataclass
@@ -104,32 +110,75 @@ class _Part:
     request: _Request
 
 
-@dataclass
+@dataclass(eq=False)
 class _Held:
     first: int
     end: int
-    released: asyncio.Event = field(default_factory=asyncio.Event)
+    waiters: list[asyncio.Future[None]] | None = None  # made only when someone waits
 
 
 class RangeLocks:
-    """Exclusive locks on page ranges: overlapping holders run one after another."""
+    """Exclusive locks on page ranges: overlapping holders run one after another.
+
+    Every NBD request takes one, so finding a conflict must be cheap with
+    dozens held: ranges of up to SMALL pages (the usual request) are indexed
+    by page; the few longer ones are kept in a list and compared one by one.
+    """
+
+    SMALL = 64
 
     def __init__(self) -> None:
-        self._held: list[_Held] = []
+        self._by_page: dict[int, _Held] = {}
+        self._large: list[_Held] = []
+
+    def _busy(self, first: int, end: int) -> _Held | None:
+        for held in self._large:
+            if held.first < end and first < held.end:
+                return held
+        by_page = self._by_page
+        if end - first <= len(by_page):
+            for page in range(first, end):
+                if (found := by_page.get(page)) is not None:
+                    return found
+        else:  # a long range against few held pages: look at those instead
+            for page, holder in by_page.items():
+                if first <= page < end:
+                    return holder
+        return None
+
+    def try_acquire(self, first: int, count: int) -> _Held | None:
+        """The lock on [first, first+count) if nobody holds any of it, else None."""
+        end = first + count
+        if self._busy(first, end) is not None:
+            return None
+        held = _Held(first, end)
+        if count <= self.SMALL:
+            for page in range(first, end):
+                self._by_page[page] = held
+        else:
+            self._large.append(held)
+        return held
 
     async def acquire(self, first: int, count: int) -> _Held:
-        end = first + count
-        while True:
-            busy = next((h for h in self._held if h.first < end and first < h.end), None)
-            if busy is None:
-                held = _Held(first, end)
-                self._held.append(held)
-                return held
-            await busy.released.wait()
+        while (held := self.try_acquire(first, count)) is None:
+            busy = self._busy(first, first + count)
+            assert busy is not None
+            if busy.waiters is None:
+                busy.waiters = []
+            wake = asyncio.get_running_loop().create_future()
+            busy.waiters.append(wake)
+            await wake
+        return held
 
     def release(self, held: _Held) -> None:
-        self._held.remove(held)
-        held.released.set()
+        if held.end - held.first <= self.SMALL:
+            for page in range(held.first, held.end):
+                del self._by_page[page]
+        else:
+            self._large.remove(held)
+        for wake in held.waiters or ():
+            if not wake.done():
+                wake.set_result(None)
 
 
 class AreaDevice:
@@ -189,6 +238,55 @@ class AreaDevice:
     def partial_edges(self, offset: int, length: int) -> int:
         """How many scratch pages a write of this range needs for read-modify-write (0-2)."""
         return len(self.edges(offset, length))
+
+    def write_pages(self, offset: int, length: int) -> int:
+        """Pool pages a write of this range needs: its span, plus scratch for partial edges."""
+        ps = self.page_size
+        if offset % ps == 0 and length % ps == 0:
+            return length // ps
+        return self.span(offset, length)[1] + self.partial_edges(offset, length)
+
+    # -- operations without a task: the common case ---------------------------------
+    #
+    # A task per NBD request (its creation, two wake-ups, a future) cost more
+    # than everything else the frontend does for a 4 KiB request. Whole-page
+    # writes on free pages, and every read, need no awaiting of their own:
+    # they are queued with a callback that the batch's RPC calls.
+
+    def start_write(
+        self, offset: int, length: int, buf: memoryview, done: Callable[[BaseException | None], None]
+    ) -> bool:
+        """Start writing whole pages from buf; done(error) runs once the write has finished.
+
+        False, with nothing started, when the write needs write(): it covers
+        pages only in part, another request holds some of them, or the device
+        has failed.
+        """
+        ps = self.page_size
+        if offset % ps or length % ps or self.failed:
+            return False
+        first, count = offset // ps, length // ps
+        held = self._locks.try_acquire(first, count)
+        if held is None:
+            return False
+
+        def finished(error: BaseException | None) -> None:
+            self._locks.release(held)
+            done(error)
+
+        self._queue("out", first, count, buf[:length], finished)
+        return True
+
+    def start_read(
+        self, offset: int, length: int, pages: memoryview, done: Callable[[BaseException | None], None]
+    ) -> bool:
+        """Start filling `pages` (the span's whole pages), as read() does; done(error) runs once
+        they are filled. False, with nothing started, if the device has failed."""
+        if self.failed:
+            return False
+        first, count, _ = self.span(offset, length)
+        self._queue("in", first, count, pages, done)
+        return True
 
     # -- operations ---------------------------------------------------------------
 
@@ -268,22 +366,36 @@ class AreaDevice:
     async def _submit(self, kind: str, first: int, count: int, view: memoryview | None) -> None:
         if self.failed:
             raise DeviceError(EIO, self.failed)
+        future = asyncio.get_running_loop().create_future()
+        self._queue(kind, first, count, view, partial(_settle, future))
+        await future
+
+    def _queue(
+        self,
+        kind: str,
+        first: int,
+        count: int,
+        view: memoryview | None,
+        done: Callable[[BaseException | None], None],
+    ) -> None:
         step = self.area.max_batch_pages
         loop = asyncio.get_running_loop()
-        request = _Request(-(-count // step), loop.create_future(), loop.time() + self.retry_deadline)
-        ps = self.page_size
+        request = _Request(-(-count // step), done, loop.time() + self.retry_deadline)
         queue = self._queues[kind]
-        for start in range(0, count, step):
-            n = min(step, count - start)
-            part_view = view[start * ps : (start + n) * ps] if view is not None else None
-            queue.append(_Part(first + start, n, part_view, request))
+        if count <= step:
+            queue.append(_Part(first, count, view, request))
+        else:
+            ps = self.page_size
+            for start in range(0, count, step):
+                n = min(step, count - start)
+                part_view = view[start * ps : (start + n) * ps] if view is not None else None
+                queue.append(_Part(first + start, n, part_view, request))
         if not self._kick_scheduled:
             # Not now: once the current callback -- which may be parsing many
             # requests out of one socket read -- has queued them all. call_soon
             # is the next turn of the loop, not a timer.
             self._kick_scheduled = True
             loop.call_soon(self._kick)
-        await request.future
 
     def _kick(self) -> None:
         """Start RPCs for queued parts while fewer than max_rpcs are in flight."""
@@ -351,7 +463,10 @@ class AreaDevice:
             raise
         finally:
             for part in batch:
-                part.request.part_finished(error)
+                try:  # a caller's done() runs here: one that fails must not strand the others
+                    part.request.part_finished(error)
+                except Exception:
+                    log.exception("completing a request failed")
             self._in_flight -= 1
             self._kick()
 

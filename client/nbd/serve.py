@@ -38,7 +38,10 @@ class NbdOptions:
     pool_pages: int = 2048  # 8 MiB of page buffers, allocated at swapon; >= 32
     retry_deadline: float = 60.0
     rpc_timeout: float = 10.0
-    max_rpcs: int = 4
+    # Two: one batch at the server while the next collects requests. More
+    # only cut batches smaller (the server answers a stream in order anyway):
+    # 4k qd32 writes measured 28.5k IOPS with 2, 25k with 1 or 4.
+    max_rpcs: int = 2
     max_connections: int = 4
     mlock: bool = True
     metrics_listen: str = ""  # HOST:PORT for Prometheus, "" for none
