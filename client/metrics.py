@@ -76,8 +76,9 @@ class NbdCollector(Collector):
         yield GaugeMetricFamily("netswap_client_nbd_connections", "Open NBD connections.", len(s.connections))
         yield GaugeMetricFamily(
             "netswap_client_nbd_requests_in_flight",
-            "NBD requests accepted and not yet answered.",
-            sum(c.busy for c in s.connections),
+            "NBD requests accepted on open connections and not yet answered.",
+            # A copy first: this runs in the scrape thread while the loop adds and removes.
+            sum(c.busy for c in list(s.connections)),
         )
         rpcs = CounterMetricFamily("netswap_client_rpcs", "Batched RPCs sent, by kind.", labels=["kind"])
         for kind, n in device.rpcs.items():

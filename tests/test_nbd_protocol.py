@@ -303,6 +303,24 @@ async def test_a_burst_of_whole_page_and_partial_writes_to_one_page_lands_whole(
     await c.close()
 
 
+async def test_a_write_parsed_after_a_trim_of_its_page_lands_after_it(export: Export) -> None:
+    # TRIM takes its pages in a task, a whole-page write would take them at
+    # once: arriving together, the write must still not let the trim pass it.
+    c = await connected(export)
+    for round_ in range(10):
+        base = (400 + round_) * PS
+        data = pattern(round_, 1)
+        c.send(
+            p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.CMD_TRIM, 1, base, PS)
+            + p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.CMD_WRITE, 2, base, PS)
+            + data
+        )
+        assert sorted([(await c.reply())[:2] for _ in range(2)]) == [(0, 1), (0, 2)]
+        c.request(p.CMD_READ, 3, base, PS)
+        assert (await c.reply(PS))[2] == data, f"round {round_}: the trim overtook the write"
+    await c.close()
+
+
 async def test_disconnect_is_never_answered(export: Export) -> None:
     c = await connected(export)
     c.request(p.CMD_DISC, 1, SIZE * 2, 12345)  # nonsense fields: still no reply

@@ -458,8 +458,10 @@ class NbdConnection(asyncio.BufferedProtocol):
         else:
             errno = p.EIO
             log.error("request %#x failed", cookie, exc_info=error)
-        self._reply(cookie, errno, lease, answer.data)
-        self.busy -= 1
+        try:
+            self._reply(cookie, errno, lease, answer.data)
+        finally:  # answered, even if that failed: or a DISC would wait for it forever
+            self.busy -= 1
         if self._metrics is not None:
             self._metrics.request_done(answer.command, time.perf_counter() - answer.start, errno == 0)
         self._maybe_finish_disconnect()

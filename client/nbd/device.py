@@ -22,10 +22,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import NoReturn, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 from prometheus_client import Histogram
 
@@ -187,7 +187,7 @@ class AreaDevice:
         area: BatchArea,
         *,
         retry_deadline: float = 60.0,
-        max_rpcs: int = 4,
+        max_rpcs: int = 2,
         on_batch: Histogram | None = None,
     ) -> None:
         self.area = area
@@ -200,6 +200,7 @@ class AreaDevice:
         self._kick_scheduled = False
         self._in_flight = 0
         self._locks = RangeLocks()
+        self._ordered = 0  # lock-taking requests called and not yet finished (see write())
         self._reattach_lock = asyncio.Lock()
         self._generation = 0  # bumped by every re-attach
         self.failed: str | None = None
@@ -259,11 +260,11 @@ class AreaDevice:
         """Start writing whole pages from buf; done(error) runs once the write has finished.
 
         False, with nothing started, when the write needs write(): it covers
-        pages only in part, another request holds some of them, or the device
-        has failed.
+        pages only in part, another request holds some of them or is waiting
+        to (see write()), or the device has failed.
         """
         ps = self.page_size
-        if offset % ps or length % ps or self.failed:
+        if offset % ps or length % ps or self.failed or self._ordered:
             return False
         first, count = offset // ps, length // ps
         held = self._locks.try_acquire(first, count)
@@ -295,13 +296,43 @@ class AreaDevice:
         first, count, _ = self.span(offset, length)
         await self._submit("in", first, count, pages)
 
-    async def write(self, offset: int, length: int, buf: memoryview) -> None:
-        """Write bytes [offset, offset+length).
+    # write(), write_zeroes() and trim() take range locks, in tasks of their
+    # own. They count from the call -- when the NBD connection parses the
+    # request -- not from their task's first step: while any is pending,
+    # start_write() refuses, so a whole-page write parsed after, say, a TRIM
+    # of its page cannot take the page first; it queues behind in a task.
+
+    def write(self, offset: int, length: int, buf: memoryview) -> Coroutine[Any, Any, None]:
+        """Write bytes [offset, offset+length) (await the result).
 
         `buf` holds span pages followed by partial_edges() scratch pages; the
         payload already sits at buf[skip : skip+length]. Edge bytes outside
         the payload are filled from the area first (read-modify-write).
         """
+        return self._in_order(self._write(offset, length, buf))
+
+    def write_zeroes(self, offset: int, length: int, scratch: memoryview) -> Coroutine[Any, Any, None]:
+        """Zero bytes [offset, offset+length) (await the result): whole pages are discarded (they
+        read as zeros and stay reserved); partial edge pages are read, zeroed in part and written
+        back using `scratch` (partial_edges() pages)."""
+        return self._in_order(self._write_zeroes(offset, length, scratch))
+
+    def trim(self, offset: int, length: int) -> Coroutine[Any, Any, None]:
+        """Discard the whole pages inside the range (await the result); partial pages are left
+        as they are (TRIM only says the client no longer cares about the contents)."""
+        return self._in_order(self._trim(offset, length))
+
+    def _in_order(self, work: Coroutine[Any, Any, None]) -> Coroutine[Any, Any, None]:
+        self._ordered += 1
+        return self._counted(work)
+
+    async def _counted(self, work: Coroutine[Any, Any, None]) -> None:
+        try:
+            await work
+        finally:
+            self._ordered -= 1
+
+    async def _write(self, offset: int, length: int, buf: memoryview) -> None:
         ps = self.page_size
         first, count, _ = self.span(offset, length)
         data = buf[: count * ps]
@@ -326,10 +357,7 @@ class AreaDevice:
         for lo, hi in keep:
             page[lo:hi] = scratch[lo:hi]
 
-    async def write_zeroes(self, offset: int, length: int, scratch: memoryview) -> None:
-        """Zero bytes [offset, offset+length): whole pages are discarded (they read as zeros and
-        stay reserved); partial edge pages are read, zeroed in part and written back using
-        `scratch` (partial_edges() pages)."""
+    async def _write_zeroes(self, offset: int, length: int, scratch: memoryview) -> None:
         ps = self.page_size
         first, count, _ = self.span(offset, length)
         edges = self.edges(offset, length)
@@ -348,9 +376,7 @@ class AreaDevice:
         finally:
             self._locks.release(held)
 
-    async def trim(self, offset: int, length: int) -> None:
-        """Discard the whole pages inside the range; partial pages are left as they are
-        (TRIM only says the client no longer cares about the contents)."""
+    async def _trim(self, offset: int, length: int) -> None:
         ps = self.page_size
         lo = -(-offset // ps)
         hi = (offset + length) // ps

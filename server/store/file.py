@@ -66,7 +66,8 @@ class FileBacking:
         # fetch pages nobody asked for -- and it fills the page cache with
         # large folios, which make every later 4 KiB write slow (WRITE_CHUNK).
         # Measured after a cold 1 MiB read: random page write 15.2 -> 2.2 us.
-        os.posix_fadvise(data_fd, 0, 0, os.POSIX_FADV_RANDOM)
+        with contextlib.suppress(OSError):  # advice: a file system may not take it
+            os.posix_fadvise(data_fd, 0, 0, os.POSIX_FADV_RANDOM)
         # MAP_SHARED: map updates reach the page cache at once and survive
         # kill -9 like the data they describe. The map file is fallocate'd, so
         # touching it can never fault for lack of space (which would SIGBUS).
