@@ -74,7 +74,7 @@ async def serve_echo(address: str) -> None:
     async def page_stream(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
         async for request in requests:
             op, head, _ = decode_page_request(request)
-            yield encode_page_reply(blob[: len(head.slots) * PAGE_SIZE] if op == "SwapIn" else b"")
+            yield encode_page_reply([blob[: len(head.slots) * PAGE_SIZE]] if op == "SwapIn" else ())
 
     handlers = {
         "SwapOut": grpc.unary_unary_rpc_method_handler(swap_out),

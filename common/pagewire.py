@@ -104,14 +104,19 @@ def decode_swap_in_pages(raw: bytes) -> memoryview:
     return split_bytes_field(raw, 1, "SwapInResponse")[0]
 
 
-def _bytes_field(tag: bytes, value: bytes | bytearray | memoryview) -> bytes:
-    if not len(value):
+Pieces = Sequence[bytes | bytearray | memoryview]
+
+
+def _bytes_field(tag: bytes, pieces: Pieces) -> bytes:
+    """A length-delimited field whose value is the concatenation of `pieces` (one copy)."""
+    total = sum(len(p) for p in pieces)
+    if not total:
         return b""  # proto3 leaves an empty bytes field out
-    return b"".join((tag, varint(len(value)), value))
+    return b"".join((tag, varint(total), *pieces))
 
 
-def encode_swap_in_reply(pages: bytes | bytearray | memoryview) -> bytes:
-    """A serialized SwapInResponse carrying `pages` (one copy, into the message)."""
+def encode_swap_in_reply(pages: Pieces) -> bytes:
+    """A serialized SwapInResponse whose pages are the concatenation of `pages` (one copy)."""
     return _bytes_field(b"\x0a", pages)
 
 
@@ -171,8 +176,9 @@ def decode_page_request(raw: bytes) -> PageOp:
     return op, request.FromString(bytes(inner)), buf[0:0]  # slots only: a small copy
 
 
-def encode_page_reply(pages: bytes | bytearray | memoryview = b"") -> bytes:
-    """A serialized PageReply for a request that succeeded (SwapIn: with its pages, one copy)."""
+def encode_page_reply(pages: Pieces = ()) -> bytes:
+    """A serialized PageReply for a request that succeeded (SwapIn: the concatenation of
+    `pages`, one copy)."""
     return _bytes_field(_PAGES_TAG, pages)
 
 

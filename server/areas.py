@@ -227,12 +227,11 @@ class AreaManager:
             )
         area.backing.write(slots, pages)
 
-    def swap_in(self, principal: str, handle: bytes, slots: Sequence[int]) -> bytearray:
+    def swap_in(self, principal: str, handle: bytes, slots: Sequence[int]) -> list[bytes | memoryview]:
+        """The pages of `slots`, as pieces to join at once (see Backing.read)."""
         area = self._attached(principal, handle, "SwapIn")
         self._check_slots(area, slots)
-        out = bytearray(len(slots) * PAGE_SIZE)
-        area.backing.read(slots, memoryview(out))
-        return out
+        return area.backing.read(slots)
 
     def discard(self, principal: str, handle: bytes, slots: Sequence[int]) -> None:
         area = self._attached(principal, handle, "Discard")

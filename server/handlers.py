@@ -52,7 +52,7 @@ class SwapServicer:
         slots = request.slots
         pages = self._manager.swap_in(current_principal(), request.handle, slots)
         self._metrics.pages_moved("swap_in", len(slots))
-        return encode_swap_in_reply(pages)  # a serialized SwapInResponse, one copy of the pages
+        return encode_swap_in_reply(pages)  # a serialized SwapInResponse: the pages' only copy
 
     async def Discard(self, request: swap_pb2.DiscardRequest, context: Context) -> swap_pb2.DiscardResponse:
         slots = request.slots

@@ -275,7 +275,7 @@ async def test_a_failing_medium_is_internal_on_both_paths_and_the_server_goes_on
     assert (await stream.ask(swap_out(handle, [1], pattern(1, 1))))[0] == OK
     (area,) = srv.server.manager._areas.values()
 
-    def dying_disk(slots: object, out: object) -> None:
+    def dying_disk(slots: object) -> None:
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(area.backing, "read", dying_disk)

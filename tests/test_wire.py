@@ -68,4 +68,7 @@ def test_server_side_swap_out_decoding_matches_protobuf(
 
 @given(pages=st.binary(max_size=20000))
 def test_swap_in_reply_encoding_matches_protobuf(pages: bytes) -> None:
-    assert encode_swap_in_reply(pages) == swap_pb2.SwapInResponse(pages=pages).SerializeToString()
+    expected = swap_pb2.SwapInResponse(pages=pages).SerializeToString()
+    assert encode_swap_in_reply([pages]) == expected
+    cut = len(pages) // 3  # pieces joined are the same field
+    assert encode_swap_in_reply([pages[:cut], memoryview(pages)[cut:]]) == expected

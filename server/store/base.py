@@ -25,8 +25,10 @@ class Backing(Protocol):
     def write(self, slots: Sequence[int], pages: memoryview) -> None:
         """Store pages[i*PAGE_SIZE:(i+1)*PAGE_SIZE] at slots[i]."""
 
-    def read(self, slots: Sequence[int], out: memoryview) -> None:
-        """Fill out[i*PAGE_SIZE:...] with slot slots[i]; never-written/discarded reads as zeros."""
+    def read(self, slots: Sequence[int]) -> list[bytes | memoryview]:
+        """The pages of `slots` in order, as pieces to concatenate; never-written/discarded slots
+        read as zeros. Pieces may be views into the store, valid until its next write or
+        discard: join them at once (the reply encoders do -- one copy, into the message)."""
 
     def discard(self, slots: Sequence[int]) -> None:
         """Make the slots read as zeros, keeping their reservation."""

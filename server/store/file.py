@@ -27,7 +27,7 @@ from pathlib import Path
 
 from netswap.common.limits import NAME_PATTERN, PAGE_SIZE
 from netswap.server.errors import Exhausted, FailedPrecondition
-from netswap.server.store.base import AreaKey, Backing, SlotMap, blob_runs, runs, zero_fill
+from netswap.server.store.base import AreaKey, Backing, SlotMap, blob_runs, runs
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +85,23 @@ class FileBacking:
             # reading as its old contents, never as garbage.
             self._map.mark(first, count)
 
-    def read(self, slots: Sequence[int], out: memoryview) -> None:
-        for first, count, dst in blob_runs(slots, out):
-            _pread_all(self._fd, dst, first * PAGE_SIZE)
+    def read(self, slots: Sequence[int]) -> list[bytes | memoryview]:
+        # os.pread's bytes are the read's only buffer: no zeroed buffer filled
+        # and then copied again into the reply.
+        pieces: list[bytes | memoryview] = []
+        for _, first, count in runs(slots):
             # Discarded slots keep their old bytes on disk (discard writes
             # nothing); the map says to show zeros instead.
-            for off in self._map.empty_in(first, count):
-                zero_fill(dst[off * PAGE_SIZE : (off + 1) * PAGE_SIZE])
+            start = 0
+            for off in [*self._map.empty_in(first, count), count]:
+                if off > start:  # stored pages [start, off) of the run
+                    pieces.append(
+                        _pread_exact(self._fd, (off - start) * PAGE_SIZE, (first + start) * PAGE_SIZE)
+                    )
+                if off < count:
+                    pieces.append(_ZERO_PAGE)
+                start = off + 1
+        return pieces
 
     def discard(self, slots: Sequence[int]) -> None:
         for _, first, count in runs(slots):
@@ -122,12 +132,22 @@ def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
         buf, offset = buf[n:], offset + n
 
 
-def _pread_all(fd: int, buf: memoryview, offset: int) -> None:
-    while buf:
-        n = os.preadv(fd, [buf], offset)
-        if n == 0:  # the file is fallocate'd to its full size; EOF means it was truncated
-            raise OSError(errno.EIO, f"short read at offset {offset}: area file truncated")
-        buf, offset = buf[n:], offset + n
+_ZERO_PAGE = bytes(PAGE_SIZE)
+
+
+def _pread_exact(fd: int, size: int, offset: int) -> bytes:
+    data = os.pread(fd, size, offset)
+    if len(data) == size:
+        return data
+    pieces = [data]
+    got = len(data)
+    while got < size:
+        more = os.pread(fd, size - got, offset + got)
+        if not more:  # the file is fallocate'd to its full size; EOF means it was truncated
+            raise OSError(errno.EIO, f"short read at offset {offset + got}: area file truncated")
+        pieces.append(more)
+        got += len(more)
+    return b"".join(pieces)
 
 
 def _rmdir_if_empty(owner_dir: Path) -> None:

@@ -52,10 +52,12 @@ class MemoryBacking:
             self._data[first * PAGE_SIZE : (first + count) * PAGE_SIZE] = src
             self._map.mark(first, count)
 
-    def read(self, slots: Sequence[int], out: memoryview) -> None:
-        # Discard zeroes the memory itself, so reads need not consult the map.
-        for first, count, dst in blob_runs(slots, out):
-            dst[:] = self._data[first * PAGE_SIZE : (first + count) * PAGE_SIZE]
+    def read(self, slots: Sequence[int]) -> list[bytes | memoryview]:
+        # Views: the reply encoder's join is the only copy. Discard zeroes the
+        # memory itself, so reads need not consult the map.
+        return [
+            self._data[first * PAGE_SIZE : (first + count) * PAGE_SIZE] for _, first, count in runs(slots)
+        ]
 
     def discard(self, slots: Sequence[int]) -> None:
         for _, first, count in runs(slots):
