@@ -13,16 +13,17 @@ For each batch size it measures, with servers in separate processes:
   memory   netswap.client -> netswap-server --store memory
   file     netswap.client -> netswap-server --store file:<tmpdir>
 and prints pages/s and p50/p99 latency per request (one in flight, so
-latency is the round trip), plus each store's ratio to both echoes. Medians
-of --runs repetitions; the machine is shared, so compare ratios, not
-absolutes.
+latency is the round trip), plus each store's ratio to both echoes. Every
+client runs on netswap's event loop (uvloop, as netswap's own processes do)
+and makes a few untimed calls first. Medians of --runs repetitions; the
+machine is shared, so compare ratios, not absolutes.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
+import functools
 import json
 import os
 import statistics
@@ -101,7 +102,12 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
+WARMUP = 5  # calls per measurement not timed: the stream opening, first buffers
+
+
 async def timed(calls: int, one: Callable[[int], Awaitable[None]]) -> tuple[float, list[float]]:
+    for i in range(WARMUP):
+        await one(i)
     lat: list[float] = []
     t0 = time.perf_counter()
     for i in range(calls):
@@ -215,7 +221,8 @@ def main() -> int:
                     calls = max(20, int(args.seconds * 20000 / batch))
                     for name, (_, sock) in targets.items():
                         fn = {"echo": bench_echo, "stream": bench_stream_echo}.get(name, bench_netswap)
-                        res = asyncio.run(fn(f"unix:{sock}", batch, calls))
+                        # netswap's loop (uvloop), as its own processes run the client
+                        res = loop.run(functools.partial(fn, f"unix:{sock}", batch, calls))
                         for op, (elapsed, lat) in res.items():
                             results.setdefault((name, batch, op), []).append(
                                 (calls * batch / elapsed, percentile(lat, 0.5), percentile(lat, 0.99))
