@@ -121,7 +121,7 @@ class FileBacking:
 # later 4 KiB write into one walks all of its block buffers. Measured on
 # 6.18/ext4: a random 4 KiB page write costs 2.7 us in a file written in
 # 16 KiB pieces and 9.9 us in one written in 1 MiB pieces (server CPU per
-# page at 4k qd32: 56 -> 26 us). Swap rewrites pages one at a time, so small
+# page at 4k qd32: 56 -> 25 us). Swap rewrites pages one at a time, so small
 # folios win; writing 1 MiB in 16 KiB pieces costs ~0.5 us a page more.
 WRITE_CHUNK = 16 * 1024
 
