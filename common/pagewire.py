@@ -107,12 +107,14 @@ def decode_swap_in_pages(raw: bytes) -> memoryview:
 Pieces = Sequence[bytes | bytearray | memoryview]
 
 
-def _bytes_field(tag: bytes, pieces: Pieces) -> bytes:
+def _field(tag: bytes, pieces: Pieces) -> bytes:
     """A length-delimited field whose value is the concatenation of `pieces` (one copy)."""
-    total = sum(len(p) for p in pieces)
-    if not total:
-        return b""  # proto3 leaves an empty bytes field out
-    return b"".join((tag, varint(total), *pieces))
+    return b"".join((tag, varint(sum(len(p) for p in pieces)), *pieces))
+
+
+def _bytes_field(tag: bytes, pieces: Pieces) -> bytes:
+    """As _field, but left out when empty, as proto3 leaves an empty bytes field out."""
+    return _field(tag, pieces) if any(len(p) for p in pieces) else b""
 
 
 def encode_swap_in_reply(pages: Pieces) -> bytes:
@@ -134,8 +136,8 @@ _OP_OF_FIELD = {1: "SwapOut", 2: "SwapIn", 3: "Discard"}  # PageRequest's oneof
 
 def encode_page_swap_out(handle: bytes, slots: Sequence[int], pages: Sequence[memoryview]) -> bytes:
     """A serialized PageRequest{swap_out}: as encode_swap_out, wrapped, still one copy of the pages."""
-    parts = _swap_out_parts(handle, slots, pages)
-    return b"".join((b"\x0a", varint(sum(len(p) for p in parts)), *parts))
+    # Always present, even empty: it says which operation this is.
+    return _field(b"\x0a", _swap_out_parts(handle, slots, pages))
 
 
 def encode_page_request(op: swap_pb2.SwapInRequest | swap_pb2.DiscardRequest) -> bytes:
