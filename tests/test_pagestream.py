@@ -234,25 +234,25 @@ async def test_a_cancelled_waiter_drops_out_and_a_cancelled_reader_ends_the_stre
             def read() -> asyncio.Task[None]:
                 return asyncio.ensure_future(area.read_batch([0], [memoryview(bytearray(PS))]))
 
+            async def two_reads_one_cancelled(cancel_reader: bool) -> tuple[asyncio.Task[None], ...]:
+                """Two reads sent to a stopped server, one cancelled, then the server resumes."""
+                os.kill(pid, signal.SIGSTOP)
+                reader, waiter = read(), read()
+                await asyncio.sleep(0.2)
+                (reader if cancel_reader else waiter).cancel()
+                await asyncio.sleep(0.1)
+                os.kill(pid, signal.SIGCONT)
+                return reader, waiter
+
             # The first request reads for both; the second only waits, and may go.
-            os.kill(pid, signal.SIGSTOP)
-            reader, waiter = read(), read()
-            await asyncio.sleep(0.2)
-            waiter.cancel()
-            await asyncio.sleep(0.1)
-            os.kill(pid, signal.SIGCONT)
+            reader, waiter = await two_reads_one_cancelled(cancel_reader=False)
             await reader
             with pytest.raises(asyncio.CancelledError):
                 await waiter
             await asyncio.sleep(0.5)  # the dropped request's reply comes and is thrown away
             # The reader may go too, but that ends the stream: the other fails
             # retryably, and the next request gets a new stream.
-            os.kill(pid, signal.SIGSTOP)
-            reader, waiter = read(), read()
-            await asyncio.sleep(0.2)
-            reader.cancel()
-            await asyncio.sleep(0.1)
-            os.kill(pid, signal.SIGCONT)
+            reader, waiter = await two_reads_one_cancelled(cancel_reader=True)
             with pytest.raises(asyncio.CancelledError):
                 await reader
             with pytest.raises(ConnectionLost, match="cancelled"):
