@@ -65,7 +65,7 @@ class FileBacking:
         # Swap reads pages one at a time in no order: readahead would only
         # fetch pages nobody asked for -- and it fills the page cache with
         # large folios, which make every later 4 KiB write slow (WRITE_CHUNK).
-        # Measured after a cold 1 MiB read: random page write 15.2 -> 2.2 us.
+        # bench/pagecache.py, after cold 1 MiB reads: random page write ~20 -> ~2.5 us.
         with contextlib.suppress(OSError):  # advice: a file system may not take it
             os.posix_fadvise(data_fd, 0, 0, os.POSIX_FADV_RANDOM)
         # MAP_SHARED: map updates reach the page cache at once and survive
@@ -118,11 +118,11 @@ class FileBacking:
 
 # At most this much per write(2). The kernel sizes page-cache folios by the
 # write that creates them; since Linux 6.x ext4 makes large folios, and every
-# later 4 KiB write into one walks all of its block buffers. Measured on
-# 6.18/ext4: a random 4 KiB page write costs 2.7 us in a file written in
-# 16 KiB pieces and 9.9 us in one written in 1 MiB pieces (server CPU per
-# page at 4k qd32: 56 -> 25 us). Swap rewrites pages one at a time, so small
-# folios win; writing 1 MiB in 16 KiB pieces costs ~0.5 us a page more.
+# later 4 KiB write into one walks all of its block buffers. bench/pagecache.py
+# on 6.18/ext4: a random 4 KiB page write costs 2.6-2.9 us in a file written
+# in 16 KiB pieces and 9.9-11.8 us in one written in 1 MiB pieces, and the
+# 16 KiB pieces showed no clear cost of their own (server CPU per page at 4k
+# qd32: 56 -> 25 us). Swap rewrites pages one at a time, so small folios win.
 WRITE_CHUNK = 16 * 1024
 
 
