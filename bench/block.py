@@ -6,14 +6,15 @@ Workloads: 4k random read and write at iodepth 1 and 32, 64k sequential write
 and read. netswap runs as deployed (netswap-server with a file store, `netswap
 nbd` locked in memory, unix sockets); nbdkit's memory plugin is what a user
 would otherwise run. Prints medians of --runs, the ratio netswap/nbdkit, and
-the CPU seconds the netswap server and frontend spend per GB moved.
+the CPU seconds the netswap server and frontend spend per GB moved, and how
+often per request the frontend sleeps and is woken (its threads' voluntary
+context switches).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -21,9 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from procs import netswap_nbd, started
+from procs import cpu_seconds, netswap_nbd, started, voluntary_switches
 
-TICK = os.sysconf("SC_CLK_TCK")
 WORKLOADS = [
     # name, fio arguments, direction
     ("4k randread qd1", ["--rw=randread", "--bs=4k", "--iodepth=1"], "read"),
@@ -33,11 +33,6 @@ WORKLOADS = [
     ("64k seq write", ["--rw=write", "--bs=64k", "--iodepth=8"], "write"),
     ("64k seq read", ["--rw=read", "--bs=64k", "--iodepth=8"], "read"),
 ]
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
 
 
 def fio(uri: str, args: list[str], seconds: float, tmp: Path) -> dict[str, Any]:
@@ -61,8 +56,10 @@ def measure(uri: str, tmp: Path, runs: int, seconds: float, pids: list[int]) -> 
     for _ in range(runs):
         for name, args, direction in WORKLOADS:
             cpu0 = [cpu_seconds(p) for p in pids]
+            sleeps0 = voluntary_switches(pids[-1])
             job = fio(uri, args, seconds, tmp)[direction]
             cpu1 = [cpu_seconds(p) for p in pids]
+            sleeps = voluntary_switches(pids[-1]) - sleeps0
             moved_gb = job["io_bytes"] / 1e9
             r = results.setdefault(name, {})
             r.setdefault("iops", []).append(job["iops"])
@@ -73,6 +70,10 @@ def measure(uri: str, tmp: Path, runs: int, seconds: float, pids: list[int]) -> 
                 ("cpu_s_per_gb_server", "cpu_s_per_gb_frontend"), cpu0, cpu1, strict=False
             ):
                 r.setdefault(label, []).append((b - a) / moved_gb if moved_gb else 0.0)
+            # How often the frontend (the last pid) slept and was woken per request.
+            r.setdefault("sleeps_per_request", []).append(
+                sleeps / job["total_ios"] if job["total_ios"] else 0.0
+            )
     return {name: {k: statistics.median(v) for k, v in r.items()} for name, r in results.items()}
 
 
@@ -92,6 +93,7 @@ def table(result: dict[str, Any]) -> str:
     lines = [
         f"{'workload':18} {'netswap IOPS':>12} {'MB/s':>7} {'p50 us':>7} {'p99 us':>7}"
         f" {'nbdkit IOPS':>12} {'MB/s':>7} {'p50 us':>7} {'ratio':>6} {'srv s/GB':>8} {'nbd s/GB':>8}"
+        f" {'nbd sleeps/req':>14}"
     ]
     for name, _, _ in WORKLOADS:
         n, k = result["netswap"][name], result["nbdkit"][name]
@@ -99,6 +101,7 @@ def table(result: dict[str, Any]) -> str:
             f"{name:18} {n['iops']:12.0f} {n['mbps']:7.1f} {n['lat_p50_us']:7.0f} {n['lat_p99_us']:7.0f}"
             f" {k['iops']:12.0f} {k['mbps']:7.1f} {k['lat_p50_us']:7.0f} {n['iops'] / k['iops']:6.2f}"
             f" {n['cpu_s_per_gb_server']:8.2f} {n['cpu_s_per_gb_frontend']:8.2f}"
+            f" {n['sleeps_per_request']:14.2f}"
         )
     return "\n".join(lines)
 

@@ -12,8 +12,11 @@ For each batch size it measures, with servers in separate processes:
            the transport netswap.client uses
   memory   netswap.client -> netswap-server --store memory
   file     netswap.client -> netswap-server --store file:<tmpdir>
-and prints pages/s and p50/p99 latency per request (one in flight, so
-latency is the round trip), plus each store's ratio to both echoes. Every
+and prints pages/s, p50/p99 latency per request (one in flight, so latency
+is the round trip) and the CPU time per request of the server process and
+of this (client) process, plus each store's ratio to both echoes. A last
+line gives what one 1 MiB copy costs here: a store makes one on each side of
+a 256-page request that the echoes do not. Every
 client runs on netswap's event loop (uvloop, as netswap's own processes do)
 and makes a few untimed calls first. Medians of --runs repetitions; the
 machine is shared, so compare ratios, not absolutes.
@@ -31,6 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +43,7 @@ from netswap.common import grpcenv
 grpcenv.apply()  # as netswap's processes do; the echo and the clients here alike
 
 import grpc
-from procs import TOKEN, started, write_tokens
+from procs import TOKEN, cpu_seconds, started, write_tokens
 
 from netswap.client import SwapClient
 from netswap.common import loop
@@ -105,19 +109,40 @@ def percentile(xs: list[float], q: float) -> float:
 WARMUP = 5  # calls per measurement not timed: the stream opening, first buffers
 
 
-async def timed(calls: int, one: Callable[[int], Awaitable[None]]) -> tuple[float, list[float]]:
+@dataclass
+class Timing:
+    elapsed: float  # seconds for all calls
+    latencies: list[float]
+    server_cpu: float  # CPU seconds of the server process over all calls
+    client_cpu: float  # and of this one
+
+
+async def timed(calls: int, one: Callable[[int], Awaitable[None]], server_pid: int) -> Timing:
     for i in range(WARMUP):
         await one(i)
     lat: list[float] = []
+    srv0, cli0 = cpu_seconds(server_pid), time.process_time()
     t0 = time.perf_counter()
     for i in range(calls):
         s = time.perf_counter()
         await one(i)
         lat.append(time.perf_counter() - s)
-    return time.perf_counter() - t0, lat
+    elapsed = time.perf_counter() - t0
+    return Timing(elapsed, lat, cpu_seconds(server_pid) - srv0, time.process_time() - cli0)
 
 
-async def bench_echo(address: str, batch: int, calls: int) -> dict[str, tuple[float, list[float]]]:
+def copy_cost_us(size: int = 1 << 20, rounds: int = 200) -> float:
+    """Median microseconds to copy `size` bytes into a new bytes object (as a reply's join does)."""
+    src = memoryview(bytearray(size))
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        b"".join((src,))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+async def bench_echo(address: str, server_pid: int, batch: int, calls: int) -> dict[str, Timing]:
     limit = max_message_bytes(256)
     opts = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
     async with grpc.aio.insecure_channel(address, options=opts) as ch:
@@ -135,10 +160,10 @@ async def bench_echo(address: str, batch: int, calls: int) -> dict[str, tuple[fl
         async def r(i: int) -> None:
             await inn(body_in, metadata=md)
 
-        return {"out": await timed(calls, w), "in": await timed(calls, r)}
+        return {"out": await timed(calls, w, server_pid), "in": await timed(calls, r, server_pid)}
 
 
-async def bench_stream_echo(address: str, batch: int, calls: int) -> dict[str, tuple[float, list[float]]]:
+async def bench_stream_echo(address: str, server_pid: int, batch: int, calls: int) -> dict[str, Timing]:
     limit = max_message_bytes(256)
     opts = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
     async with grpc.aio.insecure_channel(address, options=opts) as ch:
@@ -158,12 +183,12 @@ async def bench_stream_echo(address: str, batch: int, calls: int) -> dict[str, t
             await call.write(body_in)
             await call.read()
 
-        result = {"out": await timed(calls, w), "in": await timed(calls, r)}
+        result = {"out": await timed(calls, w, server_pid), "in": await timed(calls, r, server_pid)}
         call.cancel()
         return result
 
 
-async def bench_netswap(address: str, batch: int, calls: int) -> dict[str, tuple[float, list[float]]]:
+async def bench_netswap(address: str, server_pid: int, batch: int, calls: int) -> dict[str, Timing]:
     async with await SwapClient.connect(address, TOKEN) as client:
         area = await client.swapon(f"bench{batch}", 64 << 20)
         span = area.slot_count - batch
@@ -178,7 +203,7 @@ async def bench_netswap(address: str, batch: int, calls: int) -> dict[str, tuple
             first = (i * batch) % span
             await area.swap_in(range(first, first + batch), into=buf)
 
-        result = {"out": await timed(calls, w), "in": await timed(calls, r)}
+        result = {"out": await timed(calls, w, server_pid), "in": await timed(calls, r, server_pid)}
         await area.swapoff()
         return result
 
@@ -211,22 +236,25 @@ def main() -> int:
                 tmp / "file.sock",
             ),
         }
-        results: dict[tuple[str, int, str], list[tuple[float, float, float]]] = {}
+        results: dict[tuple[str, int, str], list[tuple[float, ...]]] = {}
         with contextlib.ExitStack() as stack:
+            pids: dict[str, int] = {}
             for name, (argv, sock) in targets.items():
                 if name != "stream":  # the echo server serves both
-                    stack.enter_context(started(argv, tmp / f"{name}.log", sock))
+                    pids[name] = stack.enter_context(started(argv, tmp / f"{name}.log", sock)).pid
+            pids["stream"] = pids["echo"]
             for run in range(args.runs):
                 for batch in BATCHES:
                     calls = max(20, int(args.seconds * 20000 / batch))
                     for name, (_, sock) in targets.items():
                         fn = {"echo": bench_echo, "stream": bench_stream_echo}.get(name, bench_netswap)
                         # netswap's loop (uvloop), as its own processes run the client
-                        res = loop.run(functools.partial(fn, f"unix:{sock}", batch, calls))
-                        for op, (elapsed, lat) in res.items():
+                        res = loop.run(functools.partial(fn, f"unix:{sock}", pids[name], batch, calls))
+                        for op, t in res.items():
                             results.setdefault((name, batch, op), []).append(
-                                (calls * batch / elapsed, percentile(lat, 0.5), percentile(lat, 0.99))
-                            )
+                                (calls * batch / t.elapsed, percentile(t.latencies, 0.5),
+                                 percentile(t.latencies, 0.99), t.server_cpu / calls, t.client_cpu / calls)
+                            )  # fmt: skip
                 print(f"run {run + 1}/{args.runs} done", file=sys.stderr)
 
     def med(key: tuple[str, int, str], i: int) -> float:
@@ -235,7 +263,7 @@ def main() -> int:
     print(f"\nnetswap library vs gRPC echo ceilings -- medians of {args.runs} runs, one request in flight")
     print(
         f"{'op':4} {'batch':>5} {'target':7} {'pages/s':>9} {'MB/s':>7} {'p50 us':>8} {'p99 us':>8}"
-        f" {'vs stream':>9} {'vs echo':>8}"
+        f" {'vs stream':>9} {'vs echo':>8} {'srv cpu us':>10} {'cli cpu us':>10}"
     )
     for op in ("out", "in"):
         for batch in BATCHES:
@@ -247,12 +275,17 @@ def main() -> int:
                     f"{op:4} {batch:5d} {name:7} {pps:9.0f} {pps * PAGE_SIZE / 1e6:7.1f}"
                     f" {med((name, batch, op), 1) * 1e6:8.0f} {med((name, batch, op), 2) * 1e6:8.0f}"
                     f" {vs_stream:9.2f} {vs_echo:8.2f}"
+                    f" {med((name, batch, op), 3) * 1e6:10.0f} {med((name, batch, op), 4) * 1e6:10.0f}"
                 )
-    print(f"\n{os.cpu_count()} CPUs; python {sys.version.split()[0]}; grpcio {grpc.__version__}")
+    copy_us = copy_cost_us()
+    print(f"\none 1 MiB copy: {copy_us:.0f} us")
+    print(f"{os.cpu_count()} CPUs; python {sys.version.split()[0]}; grpcio {grpc.__version__}")
     if args.json:
         out = [
             {"op": op, "batch": batch, "target": name, "pages_per_s": med((name, batch, op), 0),
-             "p50_s": med((name, batch, op), 1), "p99_s": med((name, batch, op), 2)}
+             "p50_s": med((name, batch, op), 1), "p99_s": med((name, batch, op), 2),
+             "server_cpu_s": med((name, batch, op), 3), "client_cpu_s": med((name, batch, op), 4),
+             "copy_1mib_s": copy_us / 1e6}
             for (name, batch, op) in results
         ]  # fmt: skip
         args.json.write_text(json.dumps(out, indent=2))
