@@ -43,7 +43,7 @@ from netswap.common import grpcenv
 grpcenv.apply()  # as netswap's processes do; the echo and the clients here alike
 
 import grpc
-from procs import TOKEN, cpu_seconds, started, write_tokens
+from procs import TOKEN, runtime_between, started, thread_runtimes, write_tokens
 
 from netswap.client import SwapClient
 from netswap.common import loop
@@ -121,14 +121,16 @@ async def timed(calls: int, one: Callable[[int], Awaitable[None]], server_pid: i
     for i in range(WARMUP):
         await one(i)
     lat: list[float] = []
-    srv0, cli0 = cpu_seconds(server_pid), time.process_time()
+    srv0, cli0 = thread_runtimes(server_pid), time.process_time()
     t0 = time.perf_counter()
     for i in range(calls):
         s = time.perf_counter()
         await one(i)
         lat.append(time.perf_counter() - s)
     elapsed = time.perf_counter() - t0
-    return Timing(elapsed, lat, cpu_seconds(server_pid) - srv0, time.process_time() - cli0)
+    return Timing(
+        elapsed, lat, runtime_between(srv0, thread_runtimes(server_pid)), time.process_time() - cli0
+    )
 
 
 def copy_cost_us(size: int = 1 << 20, rounds: int = 200) -> float:
