@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Histogram, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from netswap.client import reserve
@@ -25,13 +26,8 @@ class FrontendMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.requests = Histogram(
-            "netswap_client_nbd_request_duration_seconds",
-            "NBD requests by command and outcome: time from the request being in hand to its reply.",
-            ["command", "outcome"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
+        self.requests = RequestTimes()
+        registry.register(self.requests)
         self.batch_pages = Histogram(
             "netswap_client_batch_pages",
             "Pages per RPC after coalescing NBD requests, by kind (in, out, discard).",
@@ -40,15 +36,47 @@ class FrontendMetrics:
             registry=registry,
         )
 
-        # labels() takes a lock and builds a key: look each child up once.
-        self._children: dict[tuple[int, bool], Histogram] = {}
-
     def request_done(self, cmd: int, seconds: float, ok: bool) -> None:
-        child = self._children.get((cmd, ok))
-        if child is None:
-            child = self.requests.labels(COMMANDS.get(cmd, "other"), "ok" if ok else "error")
-            self._children[cmd, ok] = child
-        child.observe(seconds)
+        self.requests.observe(cmd, ok, seconds)
+
+
+class RequestTimes(Collector):
+    """The NBD request latency histogram, kept in plain lists and exposed at scrape time.
+
+    Every NBD request is observed. prometheus_client's Histogram takes a lock
+    and increments two values per observation: measured with fio against the
+    frontend on an in-memory area (no gRPC), about 2 us of its ~19 us per
+    4 KiB request. Only the event loop's thread observes; the scrape thread
+    reads a copy, which may lag a single observation behind (sum vs count).
+    """
+
+    NAME = "netswap_client_nbd_request_duration_seconds"
+
+    def __init__(self) -> None:
+        # (command, ok) -> [count per bucket (le each bound), count over the last, sum of seconds]
+        self._series: dict[tuple[int, bool], list[float]] = {}
+
+    def observe(self, cmd: int, ok: bool, seconds: float) -> None:
+        series = self._series.get((cmd, ok))
+        if series is None:
+            series = self._series[cmd, ok] = [0.0] * (len(LATENCY_BUCKETS) + 2)
+        series[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        series[-1] += seconds
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(
+            self.NAME,
+            "NBD requests by command and outcome: time from the request being in hand to its reply.",
+            labels=["command", "outcome"],
+        )
+        for (cmd, ok), series in list(self._series.items()):
+            counts = list(series)
+            cumulative, buckets = 0.0, []
+            for bound, n in zip((*map(str, LATENCY_BUCKETS), "+Inf"), counts[:-1], strict=True):
+                cumulative += n
+                buckets.append((bound, cumulative))
+            family.add_metric([COMMANDS.get(cmd, "other"), "ok" if ok else "error"], buckets, counts[-1])
+        yield family
 
 
 class NbdCollector(Collector):

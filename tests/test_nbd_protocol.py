@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import struct
 from collections.abc import AsyncIterator
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from netswap.client.metrics import COMMANDS, RequestTimes
 from netswap.client.nbd import protocol as p
 from tests.helpers import PS, pattern
 from tests.nbdenv import Export, RawClient, server_and_export
@@ -128,6 +130,18 @@ async def test_request_errors_keep_the_connection(export: Export) -> None:
     c.request(p.CMD_READ, 2, 5000, 4)
     assert await c.reply(4) == (0, 2, b"okay")
     await c.close()
+    # every request is in the latency histogram, by command and outcome
+    expected = collections.Counter(
+        (COMMANDS.get(cmd, "other"), "error" if errno else "ok") for cmd, *_, errno in cases
+    )
+    expected["write", "ok"] += 1
+    expected["read", "ok"] += 1
+    registry = export.server.registry
+    for (command, outcome), n in expected.items():
+        labels = {"command": command, "outcome": outcome}
+        assert registry.get_sample_value(f"{RequestTimes.NAME}_count", labels) == n, labels
+        assert registry.get_sample_value(f"{RequestTimes.NAME}_bucket", {**labels, "le": "+Inf"}) == n
+        assert registry.get_sample_value(f"{RequestTimes.NAME}_bucket", {**labels, "le": "5.0"}) == n
 
 
 @pytest.mark.parametrize(

@@ -455,10 +455,13 @@ class AreaDevice:
                 )
             ]
         batch: list[_Part] = []
+        seen: set[int] = set()  # linear in the batch's pages: pairwise checks were quadratic
         while queue and queue[0].count <= room:
             part = queue[0]
-            if any(p.first < part.first + part.count and part.first < p.first + p.count for p in batch):
+            slots = range(part.first, part.first + part.count)
+            if not seen.isdisjoint(slots):
                 break  # the server refuses a slot twice in one call: next batch
+            seen.update(slots)
             batch.append(queue.popleft())
             room -= part.count
         return batch
