@@ -9,6 +9,11 @@ would otherwise run. Prints medians of --runs, the ratio netswap/nbdkit, and
 the CPU seconds the netswap server and frontend spend per GB moved, and how
 often per request the frontend sleeps and is woken (its threads' voluntary
 context switches).
+
+A second table takes netswap apart by layers (bench/nbdlayers.py): the same
+workloads against a bare Python NBD server (the ceiling of any frontend in
+Python here) and against netswap's frontend on an in-process memory area (no
+gRPC, no server), with the CPU time per request of each process.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ def fio(uri: str, args: list[str], seconds: float, tmp: Path) -> dict[str, Any]:
 
 
 def measure(uri: str, tmp: Path, runs: int, seconds: float, pids: list[int]) -> dict[str, dict[str, float]]:
+    """Medians per workload; CPU figures are of `pids` in the order server, frontend."""
     # Fill the export once so reads return written data, not holes.
     subprocess.run(
         ["fio", "--name=fill", "--ioengine=nbd", f"--uri={uri}", "--rw=write", "--bs=1M", "--iodepth=4",
@@ -55,10 +61,11 @@ def measure(uri: str, tmp: Path, runs: int, seconds: float, pids: list[int]) -> 
     results: dict[str, dict[str, list[float]]] = {}
     for _ in range(runs):
         for name, args, direction in WORKLOADS:
-            cpu0 = [cpu_seconds(p) for p in pids]
+            cpu0 = [cpu_seconds(p) if p else 0.0 for p in pids]
             sleeps0 = voluntary_switches(pids[-1])
-            job = fio(uri, args, seconds, tmp)[direction]
-            cpu1 = [cpu_seconds(p) for p in pids]
+            whole = fio(uri, args, seconds, tmp)
+            job = whole[direction]
+            cpu1 = [cpu_seconds(p) if p else 0.0 for p in pids]
             sleeps = voluntary_switches(pids[-1]) - sleeps0
             moved_gb = job["io_bytes"] / 1e9
             r = results.setdefault(name, {})
@@ -66,10 +73,16 @@ def measure(uri: str, tmp: Path, runs: int, seconds: float, pids: list[int]) -> 
             r.setdefault("mbps", []).append(job["bw_bytes"] / 1e6)
             r.setdefault("lat_p50_us", []).append(job["clat_ns"]["percentile"]["50.000000"] / 1e3)
             r.setdefault("lat_p99_us", []).append(job["clat_ns"]["percentile"]["99.000000"] / 1e3)
-            for label, a, b in zip(
-                ("cpu_s_per_gb_server", "cpu_s_per_gb_frontend"), cpu0, cpu1, strict=False
-            ):
-                r.setdefault(label, []).append((b - a) / moved_gb if moved_gb else 0.0)
+            for label, a, b in zip(("server", "frontend"), cpu0, cpu1, strict=False):
+                r.setdefault(f"cpu_s_per_gb_{label}", []).append((b - a) / moved_gb if moved_gb else 0.0)
+                r.setdefault(f"cpu_us_per_request_{label}", []).append(
+                    (b - a) / job["total_ios"] * 1e6 if job["total_ios"] else 0.0
+                )
+            # fio's own CPU: what is left of two cores for the NBD server's side.
+            fio_cpu = (whole["usr_cpu"] + whole["sys_cpu"]) / 100 * whole["job_runtime"] / 1e3
+            r.setdefault("cpu_us_per_request_fio", []).append(
+                fio_cpu / job["total_ios"] * 1e6 if job["total_ios"] else 0.0
+            )
             # How often the frontend (the last pid) slept and was woken per request.
             r.setdefault("sleeps_per_request", []).append(
                 sleeps / job["total_ios"] if job["total_ios"] else 0.0
@@ -86,7 +99,14 @@ def run_block(runs: int, seconds: float) -> dict[str, Any]:
         kit_argv = ["nbdkit", "--foreground", "--unix", str(kit_sock), "memory", "512M"]
         with started(kit_argv, tmp / "kit.log", kit_sock) as kit:
             nbdkit = measure(f"nbd+unix:///?socket={kit_sock}", tmp, runs, seconds, [kit.pid])
-    return {"netswap": netswap, "nbdkit": nbdkit}
+        layers = {}
+        for kind in ("floor", "frontend"):
+            sock = tmp / f"{kind}.sock"
+            argv = [sys.executable, str(Path(__file__).with_name("nbdlayers.py")), kind, str(sock)]
+            with started(argv, tmp / f"{kind}.log", sock) as proc:
+                # one process: its CPU is reported as the "frontend"'s
+                layers[kind] = measure(f"nbd+unix:///?socket={sock}", tmp, runs, seconds, [0, proc.pid])
+    return {"netswap": netswap, "nbdkit": nbdkit, **layers}
 
 
 def table(result: dict[str, Any]) -> str:
@@ -106,6 +126,24 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def layers_table(result: dict[str, Any]) -> str:
+    """IOPS with layers taken away, and the CPU each process spends per request."""
+    lines = [
+        f"{'workload':18} {'nbdkit':>8} {'py floor':>8} {'frontend':>8} {'netswap':>8}"
+        f" {'fio us/req':>10} {'floor us/req':>12} {'frontend us/req':>15} {'netswap nbd us/req':>18}"
+        f" {'srv us/req':>10}"
+    ]
+    for name, _, _ in WORKLOADS:
+        k, f, e, n = (result[t][name] for t in ("nbdkit", "floor", "frontend", "netswap"))
+        lines.append(
+            f"{name:18} {k['iops']:8.0f} {f['iops']:8.0f} {e['iops']:8.0f} {n['iops']:8.0f}"
+            f" {n['cpu_us_per_request_fio']:10.1f}"
+            f" {f['cpu_us_per_request_frontend']:12.1f} {e['cpu_us_per_request_frontend']:15.1f}"
+            f" {n['cpu_us_per_request_frontend']:18.1f} {n['cpu_us_per_request_server']:10.1f}"
+        )
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
@@ -114,6 +152,10 @@ def main() -> int:
     args = ap.parse_args()
     result = run_block(args.runs, args.seconds)
     print(f"block path, medians of {args.runs} runs of {args.seconds:g} s each\n" + table(result))
+    print(
+        "\nIOPS by layers: a bare Python NBD server, netswap's frontend without gRPC, netswap\n"
+        + layers_table(result)
+    )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0
