@@ -144,6 +144,24 @@ def layers_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def zero_cost_frontend_bound(result: dict[str, Any], name: str) -> dict[str, float]:
+    """IOPS two CPUs would allow if netswap's frontend did no work of its own.
+
+    What each request would still cost: fio's CPU, the frontend's gRPC client
+    (netswap's frontend minus the same frontend on an in-process area), and the
+    server. Assumes both cores fully used and nothing else running: a ceiling.
+    """
+    n, e = result["netswap"][name], result["frontend"][name]
+    fio = n["cpu_us_per_request_fio"]
+    client = n["cpu_us_per_request_frontend"] - e["cpu_us_per_request_frontend"]
+    server = n["cpu_us_per_request_server"]
+    iops = 2 / ((fio + client + server) / 1e6)
+    return {
+        "fio_us": fio, "grpc_client_us": client, "server_us": server, "iops": iops,
+        "vs_nbdkit": iops / result["nbdkit"][name]["iops"],
+    }  # fmt: skip
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
@@ -156,6 +174,14 @@ def main() -> int:
         "\nIOPS by layers: a bare Python NBD server, netswap's frontend without gRPC, netswap\n"
         + layers_table(result)
     )
+    result["bounds"] = {}
+    for name in ("4k randwrite qd32", "4k randread qd32"):
+        b = result["bounds"][name] = zero_cost_frontend_bound(result, name)
+        print(
+            f"{name}, if the frontend's own work cost nothing: fio {b['fio_us']:.1f} + gRPC client"
+            f" {b['grpc_client_us']:.1f} + server {b['server_us']:.1f} us/request on 2 CPUs"
+            f" <= {b['iops']:.0f} IOPS = {b['vs_nbdkit']:.2f} x nbdkit"
+        )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0
