@@ -15,8 +15,9 @@ For each batch size it measures, with servers in separate processes:
 and prints pages/s, p50/p99 latency per request (one in flight, so latency
 is the round trip) and the CPU time per request of the server process and
 of this (client) process, plus each store's ratio to both echoes. A last
-line gives what one 1 MiB copy costs here: a store makes one on each side of
-a 256-page request that the echoes do not. Every
+line gives what one 1 MiB copy costs here, in cache and from a random place
+in a 64 MiB area: a store makes one on each side of a 256-page request that
+the echoes do not, from or into memory its caches do not hold. Every
 client runs on netswap's event loop (uvloop, as netswap's own processes do)
 and makes a few untimed calls first. Medians of --runs repetitions; the
 machine is shared, so compare ratios, not absolutes.
@@ -28,7 +29,9 @@ import argparse
 import contextlib
 import functools
 import json
+import mmap
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -133,15 +136,26 @@ async def timed(calls: int, one: Callable[[int], Awaitable[None]], server_pid: i
     )
 
 
-def copy_cost_us(size: int = 1 << 20, rounds: int = 200) -> float:
-    """Median microseconds to copy `size` bytes into a new bytes object (as a reply's join does)."""
+def copy_cost_us(size: int = 1 << 20, rounds: int = 200, area: int = 64 << 20) -> tuple[float, float]:
+    """Median microseconds to copy `size` bytes into a new bytes object (as a reply's join
+    does): (from one buffer, in cache; from a random place in an `area`-byte mapping, as a
+    store's copies are -- each touches memory the CPU's caches do not hold)."""
     src = memoryview(bytearray(size))
-    times = []
+    store = mmap.mmap(-1, area)
+    view = memoryview(store)
+    view[:] = bytes(area)  # fault every page in first
+    hot, cold = [], []
     for _ in range(rounds):
         start = time.perf_counter()
         b"".join((src,))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
+        hot.append(time.perf_counter() - start)
+        at = random.randrange(area // size) * size
+        start = time.perf_counter()
+        b"".join((view[at : at + size],))
+        cold.append(time.perf_counter() - start)
+    view.release()
+    store.close()
+    return statistics.median(hot) * 1e6, statistics.median(cold) * 1e6
 
 
 async def bench_echo(address: str, server_pid: int, batch: int, calls: int) -> dict[str, Timing]:
@@ -279,15 +293,15 @@ def main() -> int:
                     f" {vs_stream:9.2f} {vs_echo:8.2f}"
                     f" {med((name, batch, op), 3) * 1e6:10.0f} {med((name, batch, op), 4) * 1e6:10.0f}"
                 )
-    copy_us = copy_cost_us()
-    print(f"\none 1 MiB copy: {copy_us:.0f} us")
+    copy_us, copy_cold_us = copy_cost_us()
+    print(f"\none 1 MiB copy: {copy_us:.0f} us in cache, {copy_cold_us:.0f} us from a random place in 64 MiB")
     print(f"{os.cpu_count()} CPUs; python {sys.version.split()[0]}; grpcio {grpc.__version__}")
     if args.json:
         out = [
             {"op": op, "batch": batch, "target": name, "pages_per_s": med((name, batch, op), 0),
              "p50_s": med((name, batch, op), 1), "p99_s": med((name, batch, op), 2),
              "server_cpu_s": med((name, batch, op), 3), "client_cpu_s": med((name, batch, op), 4),
-             "copy_1mib_s": copy_us / 1e6}
+             "copy_1mib_s": copy_us / 1e6, "copy_1mib_cold_s": copy_cold_us / 1e6}
             for (name, batch, op) in results
         ]  # fmt: skip
         args.json.write_text(json.dumps(out, indent=2))
