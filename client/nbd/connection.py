@@ -177,6 +177,14 @@ class NbdConnection(asyncio.BufferedProtocol):
         return out
 
     def _parse(self) -> None:
+        # Requests parsed together go to the server together (see AreaDevice.hold).
+        self.device.hold()
+        try:
+            self._parse_all()
+        finally:
+            self.device.release()
+
+    def _parse_all(self) -> None:
         while self._phase != "closed" and not self._paused and self._sink is None and not self._disconnecting:
             if self._skip:
                 n = min(self._skip, self._available())

@@ -198,6 +198,8 @@ class AreaDevice:
         self._queues: dict[str, deque[_Part]] = {"in": deque(), "out": deque(), "discard": deque()}
         self._next_kind = 0
         self._kick_scheduled = False
+        self._holding = False  # see hold()
+        self._kick_wanted = False
         self._in_flight = 0
         self._locks = RangeLocks()
         self._ordered = 0  # lock-taking requests called and not yet finished (see write())
@@ -205,7 +207,10 @@ class AreaDevice:
         self._generation = 0  # bumped by every re-attach
         self.failed: str | None = None
         self.server_up = True  # did the last RPC reach the server?
-        self._on_batch = on_batch
+        # labels() takes a lock and builds a key: each kind's child, looked up once.
+        self._on_batch = (
+            {k: on_batch.labels(k) for k in ("in", "out", "discard")} if on_batch is not None else None
+        )
         self.rpcs: dict[str, int] = {"in": 0, "out": 0, "discard": 0}  # RPCs sent, for stats/tests
         self.retries = 0
 
@@ -416,12 +421,30 @@ class AreaDevice:
                 n = min(step, count - start)
                 part_view = view[start * ps : (start + n) * ps] if view is not None else None
                 queue.append(_Part(first + start, n, part_view, request))
-        if not self._kick_scheduled:
+        if self._holding:
+            self._kick_wanted = True
+        elif not self._kick_scheduled:
             # Not now: once the current callback -- which may be parsing many
             # requests out of one socket read -- has queued them all. call_soon
             # is the next turn of the loop, not a timer.
             self._kick_scheduled = True
             loop.call_soon(self._kick)
+
+    def hold(self) -> None:
+        """Queue without starting RPCs until release().
+
+        The NBD connection holds while it parses one socket read: all its
+        requests are queued, then release() cuts their batches at once -- a
+        turn of the event loop sooner than the call_soon a lone request waits
+        for (at queue depth 1, one of the few turns a request takes).
+        """
+        self._holding = True
+
+    def release(self) -> None:
+        self._holding = False
+        if self._kick_wanted:
+            self._kick_wanted = False
+            self._kick()
 
     def _kick(self) -> None:
         """Start RPCs for queued parts while fewer than max_rpcs are in flight."""
@@ -482,7 +505,7 @@ class AreaDevice:
                 await self._with_retry(lambda: self.area.discard_batch(slots), deadline)
             self.rpcs[kind] += 1
             if self._on_batch is not None:
-                self._on_batch.labels(kind).observe(len(slots))
+                self._on_batch[kind].observe(len(slots))
         except DeviceError as e:
             error = e
         except Exception as e:
