@@ -77,6 +77,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         help="RPCs in flight at once (default %(default)s)",
     )
     nbd.add_argument(
+        "--readahead-pages",
+        type=int,
+        default=NbdOptions.readahead_pages,
+        help="pages read ahead for sequential reads, in each of two windows; 0: off (default %(default)s)",
+    )
+    nbd.add_argument(
         "--no-mlock",
         dest="mlock",
         action="store_false",
@@ -197,6 +203,8 @@ async def run_demo(client: SwapClient, args: argparse.Namespace) -> int:
 async def run(args: argparse.Namespace, token: str | None) -> int:
     if args.command == "nbd" and args.pool_pages < 32:  # before connecting to anything
         raise SystemExit("netswap nbd: --pool-pages must be at least 32")
+    if args.command == "nbd" and not 0 <= args.readahead_pages <= NBD_MAX_BATCH:
+        raise SystemExit(f"netswap nbd: --readahead-pages must be 0-{NBD_MAX_BATCH}")
     if args.command == "nbd":
         # Bounded: the frontend keeps at most NbdOptions.max_rpcs RPCs in flight,
         # each of at most NBD_MAX_BATCH pages (servers default to 256).
@@ -222,6 +230,7 @@ async def run(args: argparse.Namespace, token: str | None) -> int:
                 rpc_timeout=args.rpc_timeout,
                 mlock=args.mlock,
                 max_rpcs=args.max_rpcs,
+                readahead_pages=args.readahead_pages,
                 metrics_listen=args.metrics_listen,
             )
             return await run_nbd(client, opts)

@@ -112,6 +112,17 @@ class NbdCollector(Collector):
         for kind, n in device.rpcs.items():
             rpcs.add_metric([kind], n)
         yield rpcs
+        readahead = CounterMetricFamily(
+            "netswap_client_readahead_pages",
+            "Pages read ahead for sequential reads (fetched), answered from them (hit), and dropped"
+            " unread because a write overlapped them (dropped).",
+            labels=["outcome"],
+        )
+        if device.readahead is not None:
+            ra = device.readahead
+            for outcome, n in (("fetched", ra.fetched), ("hit", ra.hits), ("dropped", ra.dropped)):
+                readahead.add_metric([outcome], n)
+        yield readahead
         yield CounterMetricFamily(
             "netswap_client_retries",
             "RPC attempts retried because the server was unreachable.",

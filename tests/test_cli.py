@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from netswap.server.auth import TokenTable
 from tests.helpers import TOKENS, server_process
 
@@ -103,16 +105,16 @@ def test_gen_token_appends_a_working_principal(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "principal name 'a/b' must be" in bad.stderr
 
 
-def test_nbd_pool_too_small_is_refused_before_connecting() -> None:
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--pool-pages", "8", "--pool-pages must be at least 32"),
+        ("--readahead-pages", "-1", "--readahead-pages must be 0-1024"),
+        ("--readahead-pages", "4096", "--readahead-pages must be 0-1024"),
+    ],
+)
+def test_nbd_bad_sizes_are_refused_before_connecting(flag: str, value: str, message: str) -> None:
     out = netswap(
-        "unix:/nonexistent.sock",
-        "nbd",
-        "vm1",
-        "--size",
-        "1MiB",
-        "--socket",
-        "/tmp/x.sock",
-        "--pool-pages",
-        "8",
+        "unix:/nonexistent.sock", "nbd", "vm1", "--size", "1MiB", "--socket", "/tmp/x.sock", flag, value
     )
-    assert out.returncode == 1 and "--pool-pages must be at least 32" in out.stderr
+    assert out.returncode == 1 and message in out.stderr

@@ -31,6 +31,7 @@ from prometheus_client import Histogram
 
 from netswap.client.errors import AreaNotFound, ConnectionLost, InvalidRequest, NetswapError
 from netswap.client.nbd.protocol import EINVAL, EIO
+from netswap.client.nbd.readahead import Readahead
 from netswap.client.pool import PagePool
 from netswap.common.limits import PAGE_SIZE
 
@@ -189,6 +190,7 @@ class AreaDevice:
         retry_deadline: float = 60.0,
         max_rpcs: int = 2,
         on_batch: Histogram | None = None,
+        readahead_pages: int = 0,
     ) -> None:
         self.area = area
         self.page_size = area.page_size
@@ -213,6 +215,19 @@ class AreaDevice:
         )
         self.rpcs: dict[str, int] = {"in": 0, "out": 0, "discard": 0}  # RPCs sent, for stats/tests
         self.retries = 0
+        # Windows of at most one batch: each is one SwapIn.
+        window = min(readahead_pages, area.max_batch_pages)
+        self.readahead = (
+            Readahead(
+                self.page_size,
+                self.size // self.page_size,
+                window,
+                fetch=lambda first, count, into, done: self._queue("in", first, count, into, done),
+                schedule=lambda done: asyncio.get_running_loop().call_soon(done, None),
+            )
+            if window > 0
+            else None
+        )
 
     @property
     def reattaches(self) -> int:
@@ -291,7 +306,8 @@ class AreaDevice:
         if self.failed:
             return False
         first, count, _ = self.span(offset, length)
-        self._queue("in", first, count, pages, done)
+        if self.readahead is None or not self.readahead.read(first, count, pages, done):
+            self._queue("in", first, count, pages, done)
         return True
 
     # -- operations ---------------------------------------------------------------
@@ -515,6 +531,10 @@ class AreaDevice:
             raise
         finally:
             for part in batch:
+                if kind != "in" and self.readahead is not None:
+                    # Before the writer hears back: from now on no read may see
+                    # what a window holds of these pages (see readahead.py).
+                    self.readahead.invalidate(part.first, part.count)
                 try:  # a caller's done() runs here: one that fails must not strand the others
                     part.request.part_finished(error)
                 except Exception:

@@ -42,6 +42,8 @@ class NbdOptions:
     # only cut batches smaller (the server answers a stream in order anyway):
     # 4k qd32 writes measured 28.5k IOPS with 2, 25k with 1 or 4.
     max_rpcs: int = 2
+    # Two windows of this many pages (see readahead.py): 512 KiB, allocated at start.
+    readahead_pages: int = 64
     max_connections: int = 4
     mlock: bool = True
     metrics_listen: str = ""  # HOST:PORT for Prometheus, "" for none
@@ -75,6 +77,7 @@ class NbdServer:
             retry_deadline=opts.retry_deadline,
             max_rpcs=opts.max_rpcs,
             on_batch=self.metrics.batch_pages,
+            readahead_pages=opts.readahead_pages,
         )
         self.registry.register(NbdCollector(self))
         ps = area.page_size
