@@ -114,8 +114,8 @@ class NbdCollector(Collector):
         yield rpcs
         readahead = CounterMetricFamily(
             "netswap_client_readahead_pages",
-            "Pages read ahead for sequential reads (fetched), answered from them (hit), and dropped"
-            " unread because a write overlapped them (dropped).",
+            "Pages read ahead for sequential reads (fetched), pages of reads answered from them (hit),"
+            " and pages of windows dropped because a write overlapped them (dropped).",
             labels=["outcome"],
         )
         if device.readahead is not None:

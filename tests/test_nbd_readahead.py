@@ -34,7 +34,7 @@ class ServerLikeArea:
         self.pool = PagePool(8)
         self.read_delay = 0.0
         self.write_delay = 0.0
-        self.refuse_next_read = False
+        self.refuse_slot = -1  # a read that includes it is refused (INVALID_ARGUMENT)
         self.reads: list[list[int]] = []
 
     async def write_batch(self, slots: Sequence[int], pages: Sequence[memoryview]) -> None:
@@ -47,8 +47,7 @@ class ServerLikeArea:
         self.reads.append(list(slots))
         blob = b"".join(bytes(self.data[s * PS : (s + 1) * PS]) for s in slots)
         await asyncio.sleep(self.read_delay)
-        if self.refuse_next_read:
-            self.refuse_next_read = False
+        if self.refuse_slot in slots:
             raise InvalidRequest("refused")
         pos = 0
         for view in into:
@@ -56,6 +55,7 @@ class ServerLikeArea:
             pos += len(view)
 
     async def discard_batch(self, slots: Sequence[int]) -> None:
+        await asyncio.sleep(self.write_delay)
         for s in slots:
             self.data[s * PS : (s + 1) * PS] = bytes(PS)
 
@@ -143,36 +143,82 @@ async def test_a_write_sent_while_a_window_is_read_drops_the_window() -> None:
     assert got[4 * PS : 5 * PS] == new
 
 
-async def test_a_window_read_while_a_write_is_on_its_way_is_dropped_when_it_is_answered() -> None:
-    area = filled(256)
-    area.write_delay = 0.1  # the server lands the write only after the window was read
-    device = AreaDevice(area, readahead_pages=32)
-    new = pattern(3, 1)
-    write = started_write(device, 20, new)
-    await read(device, 0, 8)
-    await read(device, 8, 8)  # the window [16, 48) is read now, with page 20 still old
-    await asyncio.sleep(0.02)
-    await write
-    got = await read(device, 16, 8)
-    assert got[4 * PS : 5 * PS] == new
-
-
-async def test_a_failed_window_read_lets_its_waiters_read_for_themselves() -> None:
+async def test_a_failed_window_read_fails_its_waiters_and_frees_its_buffer() -> None:
     area = filled(256)
     device = AreaDevice(area, readahead_pages=32)
     await read(device, 0, 8)
     area.read_delay = 0.05
-    area.refuse_next_read = True
-    second, _ = started_read(device, 8, 8)  # and the window [16, 48): one SwapIn, refused
+    area.refuse_slot = 40  # the window [16, 48) will be refused; the reads themselves not
+    second, _ = started_read(device, 8, 8)
     await asyncio.sleep(0.01)
-    waiting, buf = started_read(device, 16, 8)  # waits for the window
-    with pytest.raises(DeviceError):
-        await second
-    await waiting  # read afresh once the window failed
-    assert bytes(buf) == bytes(area.data[16 * PS : 24 * PS])
+    waiting, _ = started_read(device, 16, 8)  # waits for the window
+    await second
+    with pytest.raises(DeviceError):  # as its own read would have failed
+        await waiting
     ra = device.readahead
     assert ra is not None
     assert len(ra._free) + len(ra._windows) == 2  # the failed window's buffer is back
+    assert await read(device, 16, 8) == bytes(area.data[16 * PS : 24 * PS])
+
+
+async def test_a_failing_completion_does_not_strand_the_other_readers_of_a_window() -> None:
+    area = filled(256)
+    device = AreaDevice(area, readahead_pages=32)
+    await read(device, 0, 8)
+    area.read_delay = 0.05
+    second, _ = started_read(device, 8, 8)  # and the window [16, 48)
+    await asyncio.sleep(0.01)
+
+    def raising(error: BaseException | None) -> None:
+        raise RuntimeError("a caller's completion failed")
+
+    assert device.start_read(16 * PS, 8 * PS, memoryview(bytearray(8 * PS)), raising)
+    waiting, buf = started_read(device, 24, 8)  # waits for the window too
+    await second
+    await asyncio.wait_for(waiting, 5)
+    assert bytes(buf) == bytes(area.data[24 * PS : 32 * PS])
+
+
+async def test_the_read_that_starts_a_window_does_not_wait_for_it() -> None:
+    area = filled(256)
+    device = AreaDevice(area, readahead_pages=32)
+    await read(device, 0, 8)
+    await read(device, 8, 8)
+    assert list(range(8, 16)) in area.reads  # a SwapIn of its own, answered first
+    assert list(range(16, 48)) in area.reads  # the window, another
+
+
+@pytest.mark.parametrize("how", ["whole-page write", "partial write", "write-zeroes", "trim"])
+async def test_every_kind_of_write_drops_windows_read_while_it_was_on_its_way(how: str) -> None:
+    area = filled(256)
+    area.write_delay = 0.1  # the server lands the write only after the window was read
+    device = AreaDevice(area, readahead_pages=32)
+    page = 20
+    expect = bytearray(area.data[page * PS : (page + 1) * PS])
+    write: asyncio.Future[None]
+    if how == "whole-page write":
+        expect[:] = pattern(3, 1)
+        write = started_write(device, page, bytes(expect))
+    elif how == "partial write":
+        buf = bytearray(2 * PS)  # the page, then scratch for its edges
+        buf[100:600] = b"a" * 500
+        expect[100:600] = b"a" * 500
+        write = asyncio.ensure_future(device.write(page * PS + 100, 500, memoryview(buf)))
+    elif how == "write-zeroes":
+        expect[:] = bytes(PS)
+        write = asyncio.ensure_future(device.write_zeroes(page * PS, PS, memoryview(bytearray(2 * PS))))
+    else:
+        expect[:] = bytes(PS)
+        write = asyncio.ensure_future(device.trim(page * PS, PS))
+    await asyncio.sleep(0.02)
+    await read(device, 0, 8)
+    await read(device, 8, 8)  # the window [16, 48) goes next, with the page still old
+    await asyncio.sleep(0.02)
+    assert any(16 in r for r in area.reads)
+    assert not write.done()
+    await write
+    got = await read(device, 16, 8)
+    assert got[4 * PS : 5 * PS] == bytes(expect)
 
 
 def test_windows_stay_inside_the_area_and_within_their_number() -> None:
@@ -183,7 +229,7 @@ def test_windows_stay_inside_the_area_and_within_their_number() -> None:
         fetched.append((first, count))
         pending.append(done)
 
-    ra = Readahead(PS, 100, 32, fetch=fetch, schedule=lambda done: None)
+    ra = Readahead(PS, 100, 32, fetch=lambda *a: None, fetch_ahead=fetch, schedule=lambda done: None)
     buf = memoryview(bytearray(8 * PS))
     for first in range(0, 96, 8):
         ra.read(first, 8, buf, lambda error: None)

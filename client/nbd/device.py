@@ -109,6 +109,7 @@ class _Part:
     count: int  # pages
     view: memoryview | None  # count pages of data (None for discard)
     request: _Request
+    alone: bool = False  # sent in a batch of its own (read-ahead: no read waits for it)
 
 
 @dataclass(eq=False)
@@ -223,6 +224,9 @@ class AreaDevice:
                 self.size // self.page_size,
                 window,
                 fetch=lambda first, count, into, done: self._queue("in", first, count, into, done),
+                fetch_ahead=lambda first, count, into, done: self._queue(
+                    "in", first, count, into, done, alone=True
+                ),
                 schedule=lambda done: asyncio.get_running_loop().call_soon(done, None),
             )
             if window > 0
@@ -306,7 +310,9 @@ class AreaDevice:
         if self.failed:
             return False
         first, count, _ = self.span(offset, length)
-        if self.readahead is None or not self.readahead.read(first, count, pages, done):
+        if self.readahead is not None:
+            self.readahead.read(first, count, pages, done)
+        else:
             self._queue("in", first, count, pages, done)
         return True
 
@@ -424,19 +430,21 @@ class AreaDevice:
         count: int,
         view: memoryview | None,
         done: Callable[[BaseException | None], None],
+        *,
+        alone: bool = False,
     ) -> None:
         step = self.area.max_batch_pages
         loop = asyncio.get_running_loop()
         request = _Request(-(-count // step), done, loop.time() + self.retry_deadline)
         queue = self._queues[kind]
         if count <= step:
-            queue.append(_Part(first, count, view, request))
+            queue.append(_Part(first, count, view, request, alone))
         else:
             ps = self.page_size
             for start in range(0, count, step):
                 n = min(step, count - start)
                 part_view = view[start * ps : (start + n) * ps] if view is not None else None
-                queue.append(_Part(first + start, n, part_view, request))
+                queue.append(_Part(first + start, n, part_view, request, alone))
         if self._holding:
             self._kick_wanted = True
         elif not self._kick_scheduled:
@@ -486,17 +494,23 @@ class AreaDevice:
         if head.count > room:  # the server now allows less than when this was queued
             ps = self.page_size
             rest_view = head.view[room * ps :] if head.view is not None else None
-            queue[0] = _Part(head.first + room, head.count - room, rest_view, head.request)
+            queue[0] = _Part(head.first + room, head.count - room, rest_view, head.request, head.alone)
             head.request.parts += 1
             return [
                 _Part(
-                    head.first, room, head.view[: room * ps] if head.view is not None else None, head.request
+                    head.first,
+                    room,
+                    head.view[: room * ps] if head.view is not None else None,
+                    head.request,
+                    head.alone,
                 )
             ]
         batch: list[_Part] = []
         seen: set[int] = set()  # linear in the batch's pages: pairwise checks were quadratic
         while queue and queue[0].count <= room:
             part = queue[0]
+            if batch and (part.alone or batch[0].alone):
+                break
             slots = range(part.first, part.first + part.count)
             if not seen.isdisjoint(slots):
                 break  # the server refuses a slot twice in one call: next batch

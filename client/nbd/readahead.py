@@ -21,8 +21,11 @@ dropped window go to the server like any other.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
 
 Done = Callable[[BaseException | None], None]
 # (first page, pages, buffer to fill, done) -> queue an ordinary read
@@ -58,16 +61,20 @@ class Readahead:
         window_pages: int,
         *,
         fetch: Fetch,
+        fetch_ahead: Fetch,
         schedule: Callable[[Done], object],
         windows: int = 2,
     ) -> None:
         self.page_size = page_size
         self.total_pages = total_pages
         self.window_pages = window_pages
-        self._fetch = fetch
+        self._fetch = fetch  # an ordinary read
+        self._fetch_ahead = fetch_ahead  # a window's read: a request of its own, after those queued
         self._schedule = schedule  # runs done(None) on a later turn of the loop
         size = window_pages * page_size
         buffer = memoryview(bytearray(windows * size))
+        for at in range(0, len(buffer), page_size):
+            buffer[at] = 0  # touch every page now: serving from it must not fault in fresh memory
         self._slots = [buffer[i * size : (i + 1) * size] for i in range(windows)]
         self._free = list(range(windows))
         self._windows: list[_Window] = []
@@ -75,27 +82,29 @@ class Readahead:
         self._clock = 0  # counts reads, to find the window used longest ago
         self.hits = 0  # pages answered from a window
         self.fetched = 0  # pages read ahead
-        self.dropped = 0  # pages read ahead and dropped unread by an overlapping write
+        self.dropped = 0  # pages of windows dropped because a write overlapped them
 
-    def read(self, first: int, count: int, into: memoryview, done: Done) -> bool:
-        """Answer a read from a window (now, or once its data arrives); False to read it normally."""
+    def read(self, first: int, count: int, into: memoryview, done: Done) -> None:
+        """Answer a read: from a window (now, or once its data arrives), or from the server."""
         sequential = first == self._next
         self._next = first + count
         self._clock += 1
-        for window in self._windows:
-            if window.covers(first, count):
-                window.used = self._clock
+        window = next((w for w in self._windows if w.covers(first, count)), None)
+        if window is not None:
+            window.used = self._clock
+            if window.ready:
                 self.hits += count
-                if window.ready:
-                    self._copy(window, first, count, into)
-                    self._schedule(done)
-                else:
-                    window.waiters.append((first, count, into, done))
-                self._ahead(first + count)
-                return True
+                self._copy(window, first, count, into)
+                self._schedule(done)
+            else:
+                window.waiters.append((first, count, into, done))
+            self._ahead(first + count)
+            return
+        # The read itself first: a window queued after it goes in a request of
+        # its own (fetch_ahead), so this read does not wait for 64 more pages.
+        self._fetch(first, count, into, done)
         if sequential:
             self._ahead(first + count)
-        return False
 
     def invalidate(self, first: int, count: int) -> None:
         """A write to [first, first+count) was answered: drop every window it overlaps."""
@@ -126,7 +135,7 @@ class Readahead:
         window = _Window(start, count, slot, self._slots[slot][: count * self.page_size], self._clock)
         self._windows.append(window)
         self.fetched += count
-        self._fetch(start, count, window.view, lambda error: self._arrived(window, error))
+        self._fetch_ahead(start, count, window.view, lambda error: self._arrived(window, error))
 
     def _evict(self, start: int) -> bool:
         """Free the ready window used longest ago, unless it is the one the reader is in."""
@@ -140,20 +149,34 @@ class Readahead:
 
     def _arrived(self, window: _Window, error: BaseException | None) -> None:
         waiters, window.waiters = window.waiters, []
-        if error is not None and not window.dropped:  # readers will ask the server themselves
-            window.dropped = True
-            self._windows.remove(window)
-        if window.dropped:
+        if window.dropped:  # a write overlapped it: its data must not be used
             self._free.append(window.slot)
-            for first, count, into, done in waiters:  # read them like any other read
-                self._fetch(first, count, into, done)
+            for first, count, into, done in waiters:
+                if error is None:
+                    self._fetch(first, count, into, done)  # read them like any other read
+                else:  # failed anyway (the server unreachable, the frontend stopping)
+                    _complete(done, error)
+            return
+        if error is not None:  # its readers fail as their own reads would have
+            self._windows.remove(window)
+            self._free.append(window.slot)
+            for *_, done in waiters:
+                _complete(done, error)
             return
         window.ready = True
         for first, count, into, done in waiters:
+            self.hits += count
             self._copy(window, first, count, into)
-            done(None)
+            _complete(done, None)
 
     def _copy(self, window: _Window, first: int, count: int, into: memoryview) -> None:
         ps = self.page_size
         at = (first - window.first) * ps
         into[: count * ps] = window.view[at : at + count * ps]
+
+
+def _complete(done: Done, error: BaseException | None) -> None:
+    try:  # one reader whose completion fails must not strand the others
+        done(error)
+    except Exception:
+        log.exception("completing a request failed")
