@@ -10,11 +10,16 @@ For each batch size it measures, with servers in separate processes:
            on a unary service of this shape
   stream   the same echo as messages on one PageStream call: the ceiling of
            the transport netswap.client uses
+  stored   the stream echo doing the copies any store must and nothing else:
+           SwapOut's pages into a populated 64 MiB area, SwapIn's out of it,
+           and the client copying them into its buffer, with slots moving
+           through the area as the library bench's do: the ceiling of a
+           store on this transport
   memory   netswap.client -> netswap-server --store memory
   file     netswap.client -> netswap-server --store file:<tmpdir>
 and prints pages/s, p50/p99 latency per request (one in flight, so latency
 is the round trip) and the CPU time per request of the server process and
-of this (client) process, plus each store's ratio to both echoes. A last
+of this (client) process, plus each store's ratio to the echoes. A last
 line gives what one 1 MiB copy costs here, in cache and from a random place
 in a 64 MiB area: a store makes one on each side of a 256-page request that
 the echoes do not, from or into memory its caches do not hold. Every
@@ -39,7 +44,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from netswap.common import grpcenv
 
@@ -53,6 +58,7 @@ from netswap.common import loop
 from netswap.common.heap import keep_heap
 from netswap.common.limits import PAGE_SIZE, max_message_bytes
 from netswap.common.pagewire import (  # the same encoders the library uses
+    decode_page_reply,
     decode_page_request,
     encode_page_reply,
     encode_page_request,
@@ -67,9 +73,23 @@ BATCHES = (1, 8, 64, 256)
 # -- the echo ceiling: same shapes, no storage --------------------------------
 
 
-async def serve_echo(address: str) -> None:
-    """Parses requests like netswap does, stores nothing: the gRPC + protobuf ceiling."""
+STORED_AREA = 64 << 20  # the `stored` echo's area: as big as the library's bench areas
+
+
+async def serve_echo(address: str, stores: bool = False) -> None:
+    """Parses requests like netswap does, stores nothing: the gRPC + protobuf ceiling.
+
+    With `stores`, PageStream instead does the copies any store must: SwapOut's
+    pages into a populated 64 MiB area at their slots, SwapIn's out of it into
+    the reply -- and nothing else (no handles, checks, metrics).
+    """
     blob = bytes(256 * PAGE_SIZE)
+    populate = getattr(mmap, "MAP_POPULATE", 0)
+    area = memoryview(
+        mmap.mmap(
+            -1, STORED_AREA if stores else PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate
+        )
+    )
 
     async def swap_out(request: bytes, context: Any) -> bytes:
         swap_pb2.SwapOutRequest.FromString(request)
@@ -84,10 +104,21 @@ async def serve_echo(address: str) -> None:
             op, head, _ = decode_page_request(request)
             yield encode_page_reply([blob[: len(head.slots) * PAGE_SIZE]] if op == "SwapIn" else ())
 
+    async def stored_stream(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+        async for request in requests:
+            op, head, pages = decode_page_request(request)
+            # The bench sends runs of consecutive slots: one copy each way.
+            at, size = head.slots[0] * PAGE_SIZE, len(head.slots) * PAGE_SIZE
+            if op == "SwapOut":
+                area[at : at + size] = pages
+                yield encode_page_reply(())
+            else:
+                yield encode_page_reply([area[at : at + size]])
+
     handlers = {
         "SwapOut": grpc.unary_unary_rpc_method_handler(swap_out),
         "SwapIn": grpc.unary_unary_rpc_method_handler(swap_in),
-        "PageStream": grpc.stream_stream_rpc_method_handler(page_stream),
+        "PageStream": grpc.stream_stream_rpc_method_handler(stored_stream if stores else page_stream),
     }
     limit = max_message_bytes(256)
     server = grpc.aio.server(
@@ -204,6 +235,37 @@ async def bench_stream_echo(address: str, server_pid: int, batch: int, calls: in
         return result
 
 
+async def bench_stored_echo(address: str, server_pid: int, batch: int, calls: int) -> dict[str, Timing]:
+    """The stream echo that stores, driven as bench_netswap drives an area: slots moving
+    through the area, SwapIn's pages copied into the caller's buffer."""
+    limit = max_message_bytes(256)
+    opts = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+    async with grpc.aio.insecure_channel(address, options=opts) as ch:
+        call = ch.stream_stream("/netswap.v1.SwapService/PageStream", None, None)(
+            None, metadata=(("authorization", f"Bearer {TOKEN}"),)
+        )
+        pages = memoryview(bytes(batch * PAGE_SIZE))
+        buf = bytearray(batch * PAGE_SIZE)
+        handle = os.urandom(16)
+        span = STORED_AREA // PAGE_SIZE - batch
+
+        async def w(i: int) -> None:
+            first = (i * batch) % span
+            await call.write(encode_page_swap_out(handle, range(first, first + batch), [pages]))
+            await call.read()
+
+        async def r(i: int) -> None:
+            first = (i * batch) % span
+            await call.write(
+                encode_page_request(swap_pb2.SwapInRequest(handle=handle, slots=range(first, first + batch)))
+            )
+            buf[:] = decode_page_reply(cast(bytes, await call.read()))[2]
+
+        result = {"out": await timed(calls, w, server_pid), "in": await timed(calls, r, server_pid)}
+        call.cancel()
+        return result
+
+
 async def bench_netswap(address: str, server_pid: int, batch: int, calls: int) -> dict[str, Timing]:
     async with await SwapClient.connect(address, TOKEN) as client:
         area = await client.swapon(f"bench{batch}", 64 << 20)
@@ -230,12 +292,13 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=0.5, help="target time per measurement")
     ap.add_argument("--json", type=Path, help="also write the medians here")
     ap.add_argument("--serve-echo", metavar="ADDRESS", help=argparse.SUPPRESS)
+    ap.add_argument("--echo-stores", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     # Every process here keeps its heap, as netswap's own do (netswap.common.heap):
     # the clients of all targets share this one, the echo server runs this file.
     keep_heap()
     if args.serve_echo:
-        loop.run(lambda: serve_echo(args.serve_echo))
+        loop.run(lambda: serve_echo(args.serve_echo, args.echo_stores))
         return 0
 
     with tempfile.TemporaryDirectory(prefix="netswap-bench-") as tmp_s:
@@ -243,9 +306,11 @@ def main() -> int:
         tokens = write_tokens(tmp)
         server = [sys.executable, "-m", "netswap.server", "--tokens", str(tokens), "--metrics-listen", ""]
         echo = ([sys.executable, __file__, "--serve-echo", f"unix:{tmp}/echo.sock"], tmp / "echo.sock")
+        stored = [sys.executable, __file__, "--serve-echo", f"unix:{tmp}/stored.sock", "--echo-stores"]
         targets = {
             "echo": echo,
             "stream": echo,
+            "stored": (stored, tmp / "stored.sock"),
             "memory": ([*server, "--listen", f"unix:{tmp}/mem.sock", "--store", "memory"], tmp / "mem.sock"),
             "file": (
                 [*server, "--listen", f"unix:{tmp}/file.sock", "--store", f"file:{tmp}/store"],
@@ -263,7 +328,11 @@ def main() -> int:
                 for batch in BATCHES:
                     calls = max(20, int(args.seconds * 20000 / batch))
                     for name, (_, sock) in targets.items():
-                        fn = {"echo": bench_echo, "stream": bench_stream_echo}.get(name, bench_netswap)
+                        fn = {
+                            "echo": bench_echo,
+                            "stream": bench_stream_echo,
+                            "stored": bench_stored_echo,
+                        }.get(name, bench_netswap)
                         # netswap's loop (uvloop), as its own processes run the client
                         res = loop.run(functools.partial(fn, f"unix:{sock}", pids[name], batch, calls))
                         for op, t in res.items():
@@ -279,18 +348,19 @@ def main() -> int:
     print(f"\nnetswap library vs gRPC echo ceilings -- medians of {args.runs} runs, one request in flight")
     print(
         f"{'op':4} {'batch':>5} {'target':7} {'pages/s':>9} {'MB/s':>7} {'p50 us':>8} {'p99 us':>8}"
-        f" {'vs stream':>9} {'vs echo':>8} {'srv cpu us':>10} {'cli cpu us':>10}"
+        f" {'vs stream':>9} {'vs stored':>9} {'vs echo':>8} {'srv cpu us':>10} {'cli cpu us':>10}"
     )
     for op in ("out", "in"):
         for batch in BATCHES:
             for name in targets:
                 pps = med((name, batch, op), 0)
                 vs_stream = pps / med(("stream", batch, op), 0)
+                vs_stored = pps / med(("stored", batch, op), 0)
                 vs_echo = pps / med(("echo", batch, op), 0)
                 print(
                     f"{op:4} {batch:5d} {name:7} {pps:9.0f} {pps * PAGE_SIZE / 1e6:7.1f}"
                     f" {med((name, batch, op), 1) * 1e6:8.0f} {med((name, batch, op), 2) * 1e6:8.0f}"
-                    f" {vs_stream:9.2f} {vs_echo:8.2f}"
+                    f" {vs_stream:9.2f} {vs_stored:9.2f} {vs_echo:8.2f}"
                     f" {med((name, batch, op), 3) * 1e6:10.0f} {med((name, batch, op), 4) * 1e6:10.0f}"
                 )
     copy_us, copy_cold_us = copy_cost_us()
