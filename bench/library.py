@@ -210,13 +210,23 @@ async def bench_echo(address: str, server_pid: int, batch: int, calls: int) -> d
         return {"out": await timed(calls, w, server_pid), "in": await timed(calls, r, server_pid)}
 
 
-async def bench_stream_echo(address: str, server_pid: int, batch: int, calls: int) -> dict[str, Timing]:
+@contextlib.asynccontextmanager
+async def echo_stream(address: str) -> AsyncIterator[Any]:
+    """A PageStream call on a channel of its own, sized for 256-page messages."""
     limit = max_message_bytes(256)
     opts = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
     async with grpc.aio.insecure_channel(address, options=opts) as ch:
         call = ch.stream_stream("/netswap.v1.SwapService/PageStream", None, None)(
             None, metadata=(("authorization", f"Bearer {TOKEN}"),)
         )
+        try:
+            yield call
+        finally:
+            call.cancel()
+
+
+async def bench_stream_echo(address: str, server_pid: int, batch: int, calls: int) -> dict[str, Timing]:
+    async with echo_stream(address) as call:
         pages = memoryview(bytes(batch * PAGE_SIZE))
         handle = os.urandom(16)
         slots = list(range(batch))
@@ -230,20 +240,13 @@ async def bench_stream_echo(address: str, server_pid: int, batch: int, calls: in
             await call.write(body_in)
             await call.read()
 
-        result = {"out": await timed(calls, w, server_pid), "in": await timed(calls, r, server_pid)}
-        call.cancel()
-        return result
+        return {"out": await timed(calls, w, server_pid), "in": await timed(calls, r, server_pid)}
 
 
 async def bench_stored_echo(address: str, server_pid: int, batch: int, calls: int) -> dict[str, Timing]:
     """The stream echo that stores, driven as bench_netswap drives an area: slots moving
     through the area, SwapIn's pages copied into the caller's buffer."""
-    limit = max_message_bytes(256)
-    opts = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
-    async with grpc.aio.insecure_channel(address, options=opts) as ch:
-        call = ch.stream_stream("/netswap.v1.SwapService/PageStream", None, None)(
-            None, metadata=(("authorization", f"Bearer {TOKEN}"),)
-        )
+    async with echo_stream(address) as call:
         pages = memoryview(bytes(batch * PAGE_SIZE))
         buf = bytearray(batch * PAGE_SIZE)
         handle = os.urandom(16)
@@ -256,14 +259,11 @@ async def bench_stored_echo(address: str, server_pid: int, batch: int, calls: in
 
         async def r(i: int) -> None:
             first = (i * batch) % span
-            await call.write(
-                encode_page_request(swap_pb2.SwapInRequest(handle=handle, slots=range(first, first + batch)))
-            )
+            request = swap_pb2.SwapInRequest(handle=handle, slots=range(first, first + batch))
+            await call.write(encode_page_request(request))
             buf[:] = decode_page_reply(cast(bytes, await call.read()))[2]
 
-        result = {"out": await timed(calls, w, server_pid), "in": await timed(calls, r, server_pid)}
-        call.cancel()
-        return result
+        return {"out": await timed(calls, w, server_pid), "in": await timed(calls, r, server_pid)}
 
 
 async def bench_netswap(address: str, server_pid: int, batch: int, calls: int) -> dict[str, Timing]:
