@@ -13,8 +13,11 @@
   replaced by re-attaching the area. If re-attaching finds the area gone, the
   device fails every request from then on: serving zeros for swapped-out
   pages would corrupt the client's memory.
+- Sequential reads are read ahead (readahead.py): windows of pages fetched
+  in SwapIns of their own and dropped by every write that overlaps them.
 - Buffers are the caller's (leased from the area's page pool by the NBD
-  connection); this module never allocates page memory.
+  connection), or read-ahead windows allocated at start; this module never
+  allocates page memory while serving.
 """
 
 from __future__ import annotations
