@@ -40,7 +40,7 @@ class _Window:
     view: memoryview
     used: int = 0  # when a read last used it (Readahead._clock)
     ready: bool = False  # its data arrived
-    dropped: bool = False  # a write overlapped it, or its read failed: never to be used
+    dropped: bool = False  # a write overlapped it: its data must never be used
     waiters: list[tuple[int, int, memoryview, Done]] = field(default_factory=list)
 
     def covers(self, first: int, count: int) -> bool:
