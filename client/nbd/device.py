@@ -34,7 +34,7 @@ from prometheus_client import Histogram
 
 from netswap.client.errors import AreaNotFound, ConnectionLost, InvalidRequest, NetswapError
 from netswap.client.nbd.protocol import EINVAL, EIO
-from netswap.client.nbd.readahead import Readahead
+from netswap.client.nbd.readahead import Readahead, complete
 from netswap.client.pool import PagePool
 from netswap.common.limits import PAGE_SIZE
 
@@ -552,10 +552,7 @@ class AreaDevice:
                     # Before the writer hears back: from now on no read may see
                     # what a window holds of these pages (see readahead.py).
                     self.readahead.invalidate(part.first, part.count)
-                try:  # a caller's done() runs here: one that fails must not strand the others
-                    part.request.part_finished(error)
-                except Exception:
-                    log.exception("completing a request failed")
+                complete(part.request.part_finished, error)  # a caller's done() runs here
             self._in_flight -= 1
             self._kick()
 

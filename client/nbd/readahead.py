@@ -155,19 +155,19 @@ class Readahead:
                 if error is None:
                     self._fetch(first, count, into, done)  # read them like any other read
                 else:  # failed anyway (the server unreachable, the frontend stopping)
-                    _complete(done, error)
+                    complete(done, error)
             return
         if error is not None:  # its readers fail as their own reads would have
             self._windows.remove(window)
             self._free.append(window.slot)
             for *_, done in waiters:
-                _complete(done, error)
+                complete(done, error)
             return
         window.ready = True
         for first, count, into, done in waiters:
             self.hits += count
             self._copy(window, first, count, into)
-            _complete(done, None)
+            complete(done, None)
 
     def _copy(self, window: _Window, first: int, count: int, into: memoryview) -> None:
         ps = self.page_size
@@ -175,8 +175,10 @@ class Readahead:
         into[: count * ps] = window.view[at : at + count * ps]
 
 
-def _complete(done: Done, error: BaseException | None) -> None:
-    try:  # one reader whose completion fails must not strand the others
+def complete(done: Done, error: BaseException | None) -> None:
+    """done(error), logged if it raises: one caller whose completion fails must not strand
+    the others completed after it (here and in the device's batches)."""
+    try:
         done(error)
     except Exception:
         log.exception("completing a request failed")
