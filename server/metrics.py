@@ -1,6 +1,7 @@
 """Server metrics, all on an injected registry (tests pass a fresh CollectorRegistry).
 
-Counters and histograms are updated on the hot path; values that already exist
+Counters and histograms are updated on the hot path (those of every request
+lock-free, see netswap.common.loopmetrics); values that already exist
 as state (areas, reserved bytes, stored pages) are read at scrape time by a
 collector instead of being mirrored into gauges on every write.
 """
@@ -10,10 +11,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from netswap.common import loopmetrics
 from netswap.common.limits import PAGE_SIZE
 
 if TYPE_CHECKING:
@@ -29,43 +31,37 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 class ServerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.rpc_duration = Histogram(
+        # Updated on every data-plane request: lock-free (netswap.common.loopmetrics).
+        self.rpc_duration = loopmetrics.Histogram(
             "netswap_rpc_duration_seconds",
             "Time to handle a SwapService RPC, by method and status code.",
             ["method", "code"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        self.batch_pages = Histogram(
+        batch_pages = loopmetrics.Histogram(
             "netswap_batch_pages",
             "Pages carried by one SwapOut, SwapIn or Discard.",
             ["method"],
             buckets=BATCH_BUCKETS,
             registry=registry,
         )
-        self._pages = {
-            method: Counter(
-                f"netswap_{method}_pages_total",
-                f"Pages moved by successful {title}.",
-                registry=registry,
+        titles = {"swap_out": "SwapOut", "swap_in": "SwapIn", "discard": "Discard"}
+        # method -> (its pages counter, its bytes counter or None, its batch size series)
+        self._moved = {
+            method: (
+                loopmetrics.Counter(
+                    f"netswap_{method}_pages_total", f"Pages moved by successful {title}.", registry
+                ),
+                loopmetrics.Counter(
+                    f"netswap_{method}_bytes_total", f"Page bytes moved by successful {title}.", registry
+                )
+                if method != "discard"
+                else None,
+                batch_pages.labels(method),
             )
-            for method, title in (
-                ("swap_out", "SwapOut"),
-                ("swap_in", "SwapIn"),
-                ("discard", "Discard"),
-            )
+            for method, title in titles.items()
         }
-        self._bytes = {
-            method: Counter(
-                f"netswap_{method}_bytes_total",
-                f"Page bytes moved by successful {title}.",
-                registry=registry,
-            )
-            for method, title in (("swap_out", "SwapOut"), ("swap_in", "SwapIn"))
-        }
-        # labels() looks the child up under a lock on every call; the hot
-        # path takes it from here instead.
-        self._batch = {m: self.batch_pages.labels(m) for m in ("swap_out", "swap_in", "discard")}
         self.auth_failures = Counter(
             "netswap_auth_failures_total",
             "Calls refused before reaching a handler, by reason.",
@@ -75,10 +71,11 @@ class ServerMetrics:
 
     def pages_moved(self, method: str, pages: int) -> None:
         """Count a successful data-plane call: method is swap_out, swap_in or discard."""
-        self._pages[method].inc(pages)
-        if method in self._bytes:
-            self._bytes[method].inc(pages * PAGE_SIZE)
-        self._batch[method].observe(pages)
+        counted, in_bytes, batch = self._moved[method]
+        counted.value += pages
+        if in_bytes is not None:
+            in_bytes.value += pages * PAGE_SIZE
+        batch.observe(pages)
 
     def watch(self, manager: AreaManager) -> None:
         self.registry.register(_AreaCollector(manager))

@@ -7,8 +7,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from netswap.client import InvalidRequest, SwapClient
+from netswap.common import loopmetrics
 from tests.helpers import PS, TOKENS, Running, pattern, running_server, server_process
 
 
@@ -56,3 +58,32 @@ def test_server_process_serves_metrics_over_http(tmp_path: Path) -> None:
     assert "netswap_reserved_bytes 0.0" in text
     assert "# TYPE netswap_rpc_duration_seconds histogram" in text
     assert "process_resident_memory_bytes" in text
+
+
+def test_lock_free_histogram_and_counter_expose_what_prometheus_client_would() -> None:
+    """netswap.common.loopmetrics stands in for prometheus_client's Counter and Histogram on
+    the data path: a scrape must not tell them apart (bucket bounds, values on a bound,
+    cumulative counts, sums, counter names)."""
+    bounds = (0.00005, 0.001, 1.0, 4096)
+    values = [0.0, 0.00005, 0.00007, 0.001, 0.5, 1.0, 2.0, 4096, 5000.0]
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    mine = loopmetrics.Histogram("h_seconds", "doc", ["a", "b"], bounds, ours)
+    ref = Histogram("h_seconds", "doc", ["a", "b"], buckets=bounds, registry=theirs)
+    for i, v in enumerate(values):
+        mine.labels("x", str(i % 2)).observe(v)
+        ref.labels("x", str(i % 2)).observe(v)
+    loopmetrics.Counter("c_total", "doc", ours).value += 7
+    Counter("c_total", "doc", registry=theirs).inc(7)
+
+    def samples(registry: CollectorRegistry) -> set[tuple[str, tuple[tuple[str, str], ...], float]]:
+        return {
+            (s.name, tuple(sorted(s.labels.items())), s.value)
+            for family in registry.collect()
+            for s in family.samples
+            if not s.name.endswith("_created")  # when a series began: prometheus_client's extra
+        }
+
+    assert samples(ours) == samples(theirs)
+    assert len(samples(ours)) == 2 * (len(bounds) + 3) + 1
+    with pytest.raises(ValueError, match="takes labels"):
+        mine.labels("only one")

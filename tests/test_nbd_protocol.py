@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from netswap.client.metrics import COMMANDS, RequestTimes
+from netswap.client.metrics import COMMANDS, REQUESTS
 from netswap.client.nbd import protocol as p
 from tests.helpers import PS, pattern
 from tests.nbdenv import Export, RawClient, server_and_export
@@ -139,9 +139,9 @@ async def test_request_errors_keep_the_connection(export: Export) -> None:
     registry = export.server.registry
     for (command, outcome), n in expected.items():
         labels = {"command": command, "outcome": outcome}
-        assert registry.get_sample_value(f"{RequestTimes.NAME}_count", labels) == n, labels
-        assert registry.get_sample_value(f"{RequestTimes.NAME}_bucket", {**labels, "le": "+Inf"}) == n
-        assert registry.get_sample_value(f"{RequestTimes.NAME}_bucket", {**labels, "le": "5.0"}) == n
+        assert registry.get_sample_value(f"{REQUESTS}_count", labels) == n, labels
+        assert registry.get_sample_value(f"{REQUESTS}_bucket", {**labels, "le": "+Inf"}) == n
+        assert registry.get_sample_value(f"{REQUESTS}_bucket", {**labels, "le": "5.0"}) == n
 
 
 @pytest.mark.parametrize(

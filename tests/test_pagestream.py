@@ -203,6 +203,28 @@ async def test_a_stuck_stream_is_abandoned_and_the_next_request_opens_a_new_one(
         server.stop_quietly()
 
 
+async def test_the_timeout_bounds_each_request_not_the_stream(srv: Running) -> None:
+    """One watchdog timer per stream: requests that each finish in time keep the stream, however
+    long it is busy or idle, and a request after an idle spell is bounded again."""
+    async with await SwapClient.connect(srv.address, TOKENS["alice"], timeout=0.5) as client:
+        area = await client.swapon("vm1", 8 * PS)
+        loop = asyncio.get_running_loop()
+        await area.write_batch([0], [memoryview(pattern(0, 1))])
+        stream = client._pages._stream
+        await asyncio.sleep(0.8)  # idle past the first request's deadline
+        end, n = loop.time() + 1.6, 1
+        while loop.time() < end:  # busy past several deadlines
+            await asyncio.gather(
+                area.write_batch([n % 8], [memoryview(pattern(n, 1))]),
+                area.read_batch([(n - 1) % 8], [memoryview(bytearray(PS))]),
+            )
+            n += 1
+        assert client._pages._stream is stream  # never abandoned
+        into = bytearray(PS)
+        await area.read_batch([(n - 1) % 8], [memoryview(into)])
+        assert into == pattern(n - 1, 1)
+
+
 async def test_a_stream_to_a_server_that_never_answers_the_handshake_times_out(tmp_path: Path) -> None:
     """The connection is accepted (by the kernel) but the server never speaks: the stream
     cannot even send its headers. The request must still end at the timeout."""

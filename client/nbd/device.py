@@ -30,12 +30,11 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, NoReturn, Protocol, TypeVar
 
-from prometheus_client import Histogram
-
 from netswap.client.errors import AreaNotFound, ConnectionLost, InvalidRequest, NetswapError
 from netswap.client.nbd.protocol import EINVAL, EIO
 from netswap.client.nbd.readahead import Readahead, complete
 from netswap.client.pool import PagePool
+from netswap.common import loopmetrics
 from netswap.common.limits import PAGE_SIZE
 
 log = logging.getLogger(__name__)
@@ -193,7 +192,7 @@ class AreaDevice:
         *,
         retry_deadline: float = 60.0,
         max_rpcs: int = 2,
-        on_batch: Histogram | None = None,
+        on_batch: loopmetrics.Histogram | None = None,
         readahead_pages: int = 0,
     ) -> None:
         self.area = area
