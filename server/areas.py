@@ -220,7 +220,7 @@ class AreaManager:
 
     def swap_out(self, principal: str, handle: bytes, slots: Sequence[int], pages: memoryview) -> None:
         area = self._attached(principal, handle, "SwapOut")
-        self._check_slots(area, slots)
+        slots = self._checked_slots(area, slots)
         if len(pages) != len(slots) * PAGE_SIZE:
             raise InvalidArgument(
                 f"pages is {len(pages)} bytes; {len(slots)} slots need exactly {len(slots) * PAGE_SIZE}"
@@ -230,13 +230,11 @@ class AreaManager:
     def swap_in(self, principal: str, handle: bytes, slots: Sequence[int]) -> list[bytes | memoryview]:
         """The pages of `slots`, as pieces to join at once (see Backing.read)."""
         area = self._attached(principal, handle, "SwapIn")
-        self._check_slots(area, slots)
-        return area.backing.read(slots)
+        return area.backing.read(self._checked_slots(area, slots))
 
     def discard(self, principal: str, handle: bytes, slots: Sequence[int]) -> None:
         area = self._attached(principal, handle, "Discard")
-        self._check_slots(area, slots)
-        area.backing.discard(slots)
+        area.backing.discard(self._checked_slots(area, slots))
 
     # -- checks -----------------------------------------------------------------
 
@@ -257,7 +255,10 @@ class AreaManager:
             raise NotFound("unknown handle (expired by SwapOff, re-attach, or a server restart)")
         return area
 
-    def _check_slots(self, area: Area, slots: Sequence[int]) -> None:
+    def _checked_slots(self, area: Area, slots: Sequence[int]) -> list[int]:
+        """`slots` as a list, once checked. A request's slots arrive as protobuf's repeated
+        field, slow to walk from Python; the checks and the store walk this copy instead."""
+        slots = list(slots)
         n = len(slots)
         if n == 0:
             raise InvalidArgument("slots is empty")
@@ -272,6 +273,7 @@ class AreaManager:
                 if slot in seen:
                     raise InvalidArgument(f"slot {slot} appears more than once")
                 seen.add(slot)
+        return slots
 
     async def close(self) -> None:
         async with self._control:  # let a creation in progress finish first
