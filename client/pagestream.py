@@ -46,7 +46,8 @@ class _Stream:
     def __init__(self, call: Any) -> None:
         self.call = call
         self.waiting: deque[asyncio.Future[bytes]] = deque()
-        self.write_lock = asyncio.Lock()
+        self.writing = False  # a caller holds the write (see PageStream.request)
+        self.write_queue: deque[asyncio.Future[None]] = deque()  # callers waiting for it, in order
         self.broken: NetswapError | None = None
         self.reading = False  # someone is reading replies (set before it starts, so never two)
         self.reader: asyncio.Task[None] | None = None  # the task that reads when no caller does
@@ -75,27 +76,47 @@ class PageStream:
         Raises the NetswapError of a failed request, or of the stream breaking
         before its reply came (ConnectionLost, mostly).
         """
+        # Every request of the client passes here: the common path is kept
+        # short and inline, each step a few us when the caches are cold (as
+        # they are between round trips that run gRPC's threads and another
+        # process). Waiting for the write and failures take calls aside.
         if self._closed:
             raise ConnectionLost("the client is closed")
         stream = self._current()
         loop = asyncio.get_running_loop()
         reply: asyncio.Future[bytes] = loop.create_future()
+        task = asyncio.current_task()
         # Cancellations of this task already pending (and swallowed) before
         # this request: only more than these mean *it* is being cancelled.
-        base = _cancelling()
-        # The whole request -- waiting for the lock, a write held up by flow
+        base = task.cancelling() if task is not None else 0
+        # The whole request -- waiting for the write, a write held up by flow
         # control or by a connection still being made, the reply -- is
         # bounded by the stream's watchdog, which breaks the stream once any
         # request is late, and that ends every wait here.
-        stream.deadlines[reply] = loop.time() + self.timeout
+        stream.deadlines[reply] = deadline = loop.time() + self.timeout
         if stream.watchdog is None and stream.broken is None:
-            stream.watchdog = loop.call_at(stream.deadlines[reply], self._watch, stream)
+            stream.watchdog = loop.call_at(deadline, self._watch, stream)
         try:
-            async with stream.write_lock:  # one write at a time, and the FIFO in write order
+            # One write at a time, and the FIFO in write order: a flag when
+            # nobody else writes, a queue when someone does.
+            if stream.writing:
+                await self._queue_to_write(stream)
+            else:
+                stream.writing = True
+            try:
                 if stream.broken is not None:
                     raise _fresh(stream.broken)
                 stream.waiting.append(reply)
-                await self._write(stream, raw, base)
+                stream.writer = task
+                try:
+                    await stream.call.write(raw)
+                except BaseException as e:
+                    if self._write_failed(stream, e, base, task):
+                        raise
+                finally:
+                    stream.writer = None
+            finally:
+                self._next_writer(stream)
             if not stream.reading:
                 stream.reading = True
                 await self._read(stream, base, until=reply)
@@ -105,21 +126,39 @@ class PageStream:
             raw_reply = await reply
         finally:
             del stream.deadlines[reply]
-        try:
-            code, message, pages = decode_page_reply(raw_reply)
-        except ValueError as e:
-            raise ServerError(f"malformed reply on the page stream: {e}") from None
-        if code:
-            raise error_from_status(_STATUS.get(code, grpc.StatusCode.UNKNOWN), message)
-        return pages
+        return _pages_of(raw_reply)
 
-    async def _write(self, stream: _Stream, raw: bytes, base: int) -> None:
-        writer = stream.writer = asyncio.current_task()
+    async def _queue_to_write(self, stream: _Stream) -> None:
+        """Wait for our turn to write (someone is writing): first come, first served."""
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        stream.write_queue.append(turn)
         try:
-            await stream.call.write(raw)
-        except grpc.aio.AioRpcError as e:  # the call ended, with a status worth passing on
-            self._break(stream, _stream_error(e))
+            await turn
         except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self._next_writer(stream)  # the turn came with the cancellation: pass it on
+            else:
+                stream.write_queue.remove(turn)
+            raise
+
+    def _next_writer(self, stream: _Stream) -> None:
+        """The write is done: hand it to the next caller queued for it, if any."""
+        queue = stream.write_queue
+        while queue:
+            turn = queue.popleft()
+            if not turn.done():
+                turn.set_result(None)  # stream.writing stays set: it is theirs now
+                return
+        stream.writing = False
+
+    def _write_failed(
+        self, stream: _Stream, error: BaseException, base: int, writer: asyncio.Task[Any] | None
+    ) -> bool:
+        """Break the stream for a write that failed; True if the caller must re-raise
+        (it was cancelled itself, or `error` is no failure of the write)."""
+        if isinstance(error, grpc.aio.AioRpcError):  # the call ended, with a status worth passing on
+            self._break(stream, _stream_error(error))
+        elif isinstance(error, asyncio.CancelledError):
             if stream.writer_cut and writer is not None:
                 writer.uncancel()  # _break's cancellation, not the caller's: see there
             if _cancelling() > base:
@@ -130,14 +169,15 @@ class PageStream:
                     stream,
                     ConnectionLost("a request on the page stream was cancelled or timed out mid-write"),
                 )
-                raise
+                return True
             # gRPC reports a write on a call we cancelled (_break) as a
             # cancellation; for this caller it is the stream breaking.
             self._break(stream, ConnectionLost("the page stream was abandoned"))
-        except Exception as e:  # e.g. a call that is already over
-            self._break(stream, ConnectionLost(f"the page stream broke while sending: {e}"))
-        finally:
-            stream.writer = None
+        elif isinstance(error, Exception):  # e.g. a call that is already over
+            self._break(stream, ConnectionLost(f"the page stream broke while sending: {error}"))
+        else:
+            return True
+        return False
 
     def _current(self) -> _Stream:
         stream = self._stream
@@ -243,6 +283,17 @@ _FINAL = {
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.INVALID_ARGUMENT,
 }
+
+
+def _pages_of(raw_reply: bytes) -> memoryview:
+    """A PageReply's pages; or the error it carries, raised."""
+    try:
+        code, message, pages = decode_page_reply(raw_reply)
+    except ValueError as e:
+        raise ServerError(f"malformed reply on the page stream: {e}") from None
+    if code:
+        raise error_from_status(_STATUS.get(code, grpc.StatusCode.UNKNOWN), message)
+    return pages
 
 
 def _stream_error(e: grpc.aio.AioRpcError) -> NetswapError:
