@@ -1,12 +1,13 @@
-"""Counters and histograms for the data path: plain numbers, exposed at scrape time.
+"""Histograms for the data path: plain numbers, exposed at scrape time.
 
 prometheus_client's Counter and Histogram take a lock on every update. In
-netswap-server a 1-page SwapOut on PageStream makes four updates; measured
+netswap-server a 1-page SwapOut on PageStream made four such updates; measured
 with bench/library.py's shapes (one request in flight, A/B against the same
 server without them), they cost ~10 us of the server's ~130 us of CPU per
-request, where a tight loop puts them at ~2 us. These keep plain Python
-numbers instead. Only the event loop's thread updates them; a scrape runs in
-another thread and reads a copy of each series, so a histogram's sum may lag
+request, where a tight loop puts them at ~2 us. These histograms keep plain
+Python numbers instead (and the server derives its page counters from one of
+them at scrape time). Only the event loop's thread updates them; a scrape runs
+in another thread and reads a copy of each series, so a histogram's sum may lag
 its count by the one observation in progress, never more.
 """
 
@@ -16,7 +17,7 @@ import bisect
 from collections.abc import Iterator, Sequence
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -74,16 +75,3 @@ class Histogram(Collector):
                 buckets.append((bound, cumulative))
             family.add_metric(list(values), buckets, counts[-1])
         yield family
-
-
-class Counter(Collector):
-    """An unlabelled counter, like prometheus_client's, without its lock: add to .value."""
-
-    def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
-        self.name = name.removesuffix("_total")
-        self._documentation = documentation
-        self.value = 0.0
-        registry.register(self)
-
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        yield CounterMetricFamily(self.name, self._documentation, value=self.value)

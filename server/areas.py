@@ -264,10 +264,10 @@ class AreaManager:
             raise InvalidArgument("slots is empty")
         if n > self.max_batch_pages:
             raise InvalidArgument(f"{n} slots exceed max_batch_pages {self.max_batch_pages}")
-        top = max(slots)
+        top = max(slots) if n > 1 else slots[0]
         if top >= area.slot_count:
             raise InvalidArgument(f"slot {top} out of range: slot_count is {area.slot_count}")
-        if len(set(slots)) != n:
+        if n > 1 and len(set(slots)) != n:
             seen: set[int] = set()
             for slot in slots:
                 if slot in seen:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from netswap.common import loopmetrics
@@ -26,6 +26,7 @@ LATENCY_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+_TITLES = {"swap_out": "SwapOut", "swap_in": "SwapIn", "discard": "Discard"}
 
 
 class ServerMetrics:
@@ -46,22 +47,10 @@ class ServerMetrics:
             buckets=BATCH_BUCKETS,
             registry=registry,
         )
-        titles = {"swap_out": "SwapOut", "swap_in": "SwapIn", "discard": "Discard"}
-        # method -> (its pages counter, its bytes counter or None, its batch size series)
-        self._moved = {
-            method: (
-                loopmetrics.Counter(
-                    f"netswap_{method}_pages_total", f"Pages moved by successful {title}.", registry
-                ),
-                loopmetrics.Counter(
-                    f"netswap_{method}_bytes_total", f"Page bytes moved by successful {title}.", registry
-                )
-                if method != "discard"
-                else None,
-                batch_pages.labels(method),
-            )
-            for method, title in titles.items()
-        }
+        # One update per request: the pages and bytes counters are this
+        # histogram's sums, read at scrape time (_MovedCollector).
+        self._batch = {method: batch_pages.labels(method) for method in _TITLES}
+        registry.register(_MovedCollector(self._batch))
         self.auth_failures = Counter(
             "netswap_auth_failures_total",
             "Calls refused before reaching a handler, by reason.",
@@ -71,11 +60,7 @@ class ServerMetrics:
 
     def pages_moved(self, method: str, pages: int) -> None:
         """Count a successful data-plane call: method is swap_out, swap_in or discard."""
-        counted, in_bytes, batch = self._moved[method]
-        counted.value += pages
-        if in_bytes is not None:
-            in_bytes.value += pages * PAGE_SIZE
-        batch.observe(pages)
+        self._batch[method].observe(pages)
 
     def watch(self, manager: AreaManager) -> None:
         self.registry.register(_AreaCollector(manager))
@@ -94,3 +79,19 @@ class _AreaCollector(Collector):
             "netswap_free_bytes", "Capacity not yet reserved.", m.capacity - m.reserved_bytes
         )
         yield GaugeMetricFamily("netswap_stored_pages", "Pages holding data in all areas.", m.stored_pages())
+
+
+class _MovedCollector(Collector):
+    """netswap_{method}_pages_total and _bytes_total: the sums of the batch size histogram."""
+
+    def __init__(self, batches: dict[str, loopmetrics.Series]) -> None:
+        self._batches = batches
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        for method, title in _TITLES.items():
+            pages = self._batches[method].counts[-1]
+            yield CounterMetricFamily(f"netswap_{method}_pages", f"Pages moved by successful {title}.", pages)
+            if method != "discard":
+                yield CounterMetricFamily(
+                    f"netswap_{method}_bytes", f"Page bytes moved by successful {title}.", pages * PAGE_SIZE
+                )

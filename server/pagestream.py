@@ -25,6 +25,7 @@ from netswap.server.metrics import ServerMetrics
 from netswap.server.status import status_for
 
 _METRIC = {"SwapOut": "swap_out", "SwapIn": "swap_in", "Discard": "discard"}
+_DONE = encode_page_reply()  # the reply of every SwapOut and Discard that succeeded
 
 
 class PageStreams:
@@ -61,11 +62,11 @@ class PageStreams:
         manager = self._manager
         if op == "SwapOut":
             manager.swap_out(principal, head.handle, head.slots, pages)
-            reply = encode_page_reply()
+            reply = _DONE
         elif op == "SwapIn":
             reply = encode_page_reply(manager.swap_in(principal, head.handle, head.slots))
         else:
             manager.discard(principal, head.handle, head.slots)
-            reply = encode_page_reply()
+            reply = _DONE
         self._metrics.pages_moved(_METRIC[op], len(head.slots))
         return reply
