@@ -252,6 +252,9 @@ class Area:
         """Write pages (a buffer of len(slots) * page_size bytes) to slots."""
         view = memoryview(pages).cast("B")
         self._pages_for(slots, view, "pages")
+        if len(slots) <= self.max_batch_pages:  # one request, as most are: no batching machinery
+            await self.write_batch(slots, [view])
+            return
         ps = self.page_size
 
         async def one(start: int, end: int) -> None:
@@ -277,12 +280,15 @@ class Area:
         view = lease.view
         try:
             self._pages_for(slots, view, "into")
-            ps = self.page_size
+            if len(slots) <= self.max_batch_pages:  # one request: as in swap_out
+                await self.read_batch(slots, [view])
+            else:
+                ps = self.page_size
 
-            async def one(start: int, end: int) -> None:
-                await self.read_batch(slots[start:end], [view[start * ps : end * ps]])
+                async def one(start: int, end: int) -> None:
+                    await self.read_batch(slots[start:end], [view[start * ps : end * ps]])
 
-            await self._batches(len(slots), one)
+                await self._batches(len(slots), one)
         except BaseException:
             lease.release()
             raise
@@ -306,7 +312,7 @@ class Area:
         """One SwapIn: the pages of `slots`, in order, fill the buffers of `into` one after another."""
         request = swap_pb2.SwapInRequest(handle=self._handle, slots=slots)
         got = await self._client._pages.request(encode_page_request(request))
-        if len(got) != len(slots) * self.page_size or len(got) != sum(len(v) for v in into):
+        if len(got) != len(slots) * self.page_size or len(got) != sum(map(len, into)):
             raise ServerError(f"server returned {len(got)} bytes for {len(slots)} pages")
         pos = 0
         for view in into:
