@@ -55,6 +55,7 @@ class _Stream:
         # in arrival order; and the one timer that watches them (see _watch).
         self.deadlines: dict[asyncio.Future[bytes], float] = {}
         self.watchdog: asyncio.TimerHandle | None = None
+        self.watch_at = 0.0  # when it fires (loop time)
         self.writer: asyncio.Task[Any] | None = None  # the task in call.write(), if any
         self.writer_cut = False  # _break cancelled it
 
@@ -94,8 +95,8 @@ class PageStream:
         # bounded by the stream's watchdog, which breaks the stream once any
         # request is late, and that ends every wait here.
         stream.deadlines[reply] = deadline = loop.time() + self.timeout
-        if stream.watchdog is None and stream.broken is None:
-            stream.watchdog = loop.call_at(deadline, self._watch, stream)
+        if stream.broken is None and (stream.watchdog is None or deadline < stream.watch_at):
+            self._arm(stream, deadline)  # the first request, or the timeout was lowered
         try:
             # One write at a time, and the FIFO in write order: a flag when
             # nobody else writes, a queue when someone does.
@@ -135,10 +136,10 @@ class PageStream:
         try:
             await turn
         except asyncio.CancelledError:
+            # A turn cancelled while queued stays queued: _next_writer skips
+            # it (and may have popped it already, in this very loop turn).
             if turn.done() and not turn.cancelled():
                 self._next_writer(stream)  # the turn came with the cancellation: pass it on
-            else:
-                stream.write_queue.remove(turn)
             raise
 
     def _next_writer(self, stream: _Stream) -> None:
@@ -175,7 +176,8 @@ class PageStream:
             self._break(stream, ConnectionLost("the page stream was abandoned"))
         elif isinstance(error, Exception):  # e.g. a call that is already over
             self._break(stream, ConnectionLost(f"the page stream broke while sending: {error}"))
-        else:
+        else:  # KeyboardInterrupt and the like: whether the request left is unknown
+            self._break(stream, ConnectionLost(f"the page stream was interrupted while sending: {error!r}"))
             return True
         return False
 
@@ -231,12 +233,17 @@ class PageStream:
         stream.watchdog = None
         if stream.broken is not None or not stream.deadlines:
             return
-        loop = asyncio.get_running_loop()
         earliest = min(stream.deadlines.values())  # in arrival order unless the timeout changed
-        if earliest <= loop.time():
+        if earliest <= asyncio.get_running_loop().time():
             self._break(stream, ConnectionLost(f"no reply on the page stream within {self.timeout:g}s"))
         else:
-            stream.watchdog = loop.call_at(earliest, self._watch, stream)
+            self._arm(stream, earliest)
+
+    def _arm(self, stream: _Stream, deadline: float) -> None:
+        if stream.watchdog is not None:
+            stream.watchdog.cancel()
+        stream.watch_at = deadline
+        stream.watchdog = asyncio.get_running_loop().call_at(deadline, self._watch, stream)
 
     def _break(self, stream: _Stream, error: NetswapError) -> None:
         """Fail every request waiting on `stream` and retire it (the next request opens a new one)."""

@@ -52,16 +52,19 @@ class Histogram(Collector):
         self._documentation = documentation
         self._labelnames = list(labelnames)
         self._bounds = tuple(float(b) for b in buckets)
+        if list(self._bounds) != sorted(set(self._bounds)):
+            raise ValueError(f"{name}: buckets must be distinct and in increasing order")
         self._series: dict[tuple[str, ...], Series] = {}
         registry.register(self)
 
-    def labels(self, *values: str) -> Series:
+    def labels(self, *values: object) -> Series:
         """The series of these label values (callers on the hot path keep it)."""
-        series = self._series.get(values)
+        key = tuple(map(str, values))  # as prometheus_client: 1 and "1" are one series
+        series = self._series.get(key)
         if series is None:
-            if len(values) != len(self._labelnames):
+            if len(key) != len(self._labelnames):
                 raise ValueError(f"{self.name} takes labels {self._labelnames}, got {values}")
-            series = self._series[values] = Series(self._bounds)
+            series = self._series[key] = Series(self._bounds)
         return series
 
     def collect(self) -> Iterator[HistogramMetricFamily]:

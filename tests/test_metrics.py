@@ -85,3 +85,6 @@ def test_lock_free_histogram_exposes_what_prometheus_client_would() -> None:
     assert len(samples(ours)) == 2 * (len(bounds) + 3)
     with pytest.raises(ValueError, match="takes labels"):
         mine.labels("only one")
+    assert mine.labels("x", 1) is mine.labels("x", "1")  # label values are strings, as there
+    with pytest.raises(ValueError, match="increasing"):
+        loopmetrics.Histogram("bad", "doc", [], (1.0, 0.5), CollectorRegistry())

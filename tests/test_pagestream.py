@@ -225,6 +225,27 @@ async def test_the_timeout_bounds_each_request_not_the_stream(srv: Running) -> N
         assert into == pattern(n - 1, 1)
 
 
+async def test_a_lowered_timeout_bounds_the_next_request(tmp_path: Path) -> None:
+    """The stream's watchdog was armed for the old timeout; a shorter one must still hold."""
+    server = ServerProcess(tmp_path, tmp_path / "store")
+    await server.astart()
+    assert server.proc is not None
+    try:
+        async with await SwapClient.connect(server.address, TOKENS["alice"], timeout=60.0) as client:
+            area = await client.swapon("vm1", 8 * PS)
+            os.kill(server.proc.pid, signal.SIGSTOP)
+            first = asyncio.ensure_future(area.discard_batch([0]))
+            await asyncio.sleep(0.2)
+            client.timeout = 0.5
+            with pytest.raises(ConnectionLost, match=r"within 0\.5s"):
+                await asyncio.wait_for(area.discard_batch([1]), 10)
+            with pytest.raises(ConnectionLost):
+                await first  # the same stream, abandoned with it
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+        server.stop_quietly()
+
+
 async def test_a_stream_to_a_server_that_never_answers_the_handshake_times_out(tmp_path: Path) -> None:
     """The connection is accepted (by the kernel) but the server never speaks: the stream
     cannot even send its headers. The request must still end at the timeout."""
@@ -282,6 +303,45 @@ async def test_a_cancelled_waiter_drops_out_and_a_cancelled_reader_ends_the_stre
             into = bytearray(PS)
             await area.read_batch([0], [memoryview(into)])
             assert into == pattern(5, 1)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        server.stop_quietly()
+
+
+async def test_callers_queued_to_write_may_be_cancelled_as_the_write_ends(tmp_path: Path) -> None:
+    """A writer held up by flow control, callers queued behind it, and the writer and the
+    first of them cancelled in one go: the writer's exit hands the write on past the
+    cancelled caller in the same loop turn. Each cancelled caller must see exactly its
+    cancellation, the next one the stream's end, and the client must go on working."""
+    server = ServerProcess(tmp_path, tmp_path / "store")
+    await server.astart()
+    assert server.proc is not None
+    pid = server.proc.pid
+    try:
+        async with await SwapClient.connect(server.address, TOKENS["alice"], timeout=30.0) as client:
+            area = await client.swapon("vm1", 8 * PS)
+            await area.write_batch([0], [memoryview(pattern(6, 1))])
+            os.kill(pid, signal.SIGSTOP)
+            # 4 MiB: more than HTTP/2 lets out unacknowledged, so the write waits.
+            writer = asyncio.ensure_future(
+                area.write_batch(list(range(8)), [memoryview(bytes(8 * PS))] * 128)
+            )
+            await asyncio.sleep(0.2)
+            queued = [asyncio.ensure_future(area.discard_batch([i])) for i in (1, 2)]
+            await asyncio.sleep(0.2)
+            assert not writer.done() and not any(q.done() for q in queued)
+            writer.cancel()
+            queued[0].cancel()
+            results = await asyncio.gather(writer, *queued, return_exceptions=True)
+            os.kill(pid, signal.SIGCONT)
+            assert [type(r) for r in results] == [
+                asyncio.CancelledError,
+                asyncio.CancelledError,
+                ConnectionLost,
+            ]
+            into = bytearray(PS)
+            await area.read_batch([0], [memoryview(into)])
+            assert into == pattern(6, 1)
     finally:
         os.kill(pid, signal.SIGCONT)
         server.stop_quietly()
