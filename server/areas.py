@@ -255,19 +255,26 @@ class AreaManager:
             raise NotFound("unknown handle (expired by SwapOff, re-attach, or a server restart)")
         return area
 
-    def _checked_slots(self, area: Area, slots: Sequence[int]) -> list[int]:
-        """`slots` as a list, once checked. A request's slots arrive as protobuf's repeated
-        field, slow to walk from Python; the checks and the store walk this copy instead."""
+    def _checked_slots(self, area: Area, slots: Sequence[int]) -> Sequence[int]:
+        """`slots`, checked: as a range when they are one ascending run (most requests are;
+        the store then takes them as one piece without looking again), else as a list. A
+        request's slots arrive as protobuf's repeated field, slow to walk from Python:
+        they are copied out of it once."""
         slots = list(slots)
         n = len(slots)
         if n == 0:
             raise InvalidArgument("slots is empty")
         if n > self.max_batch_pages:
             raise InvalidArgument(f"{n} slots exceed max_batch_pages {self.max_batch_pages}")
-        top = max(slots) if n > 1 else slots[0]
+        first, last = slots[0], slots[-1]
+        if last - first == n - 1 and (n == 1 or slots == list(range(first, last + 1))):  # at C speed
+            if last >= area.slot_count:
+                raise InvalidArgument(f"slot {last} out of range: slot_count is {area.slot_count}")
+            return range(first, last + 1)
+        top = max(slots)
         if top >= area.slot_count:
             raise InvalidArgument(f"slot {top} out of range: slot_count is {area.slot_count}")
-        if n > 1 and len(set(slots)) != n:
+        if len(set(slots)) != n:
             seen: set[int] = set()
             for slot in slots:
                 if slot in seen:

@@ -62,10 +62,11 @@ def runs(slots: Sequence[int]) -> Iterator[tuple[int, int, int]]:
     one pwritev/preadv or one memory copy per run, never one per page.
     """
     n = len(slots)
-    if n and slots[-1] - slots[0] == n - 1 and (n == 1 or slots == list(range(slots[0], slots[0] + n))):
+    if isinstance(slots, range) and slots.step == 1:
         # One run, as a kernel's swap-out clusters and the NBD frontend's
-        # coalesced batches mostly are: compared at C speed, not slot by slot.
-        yield 0, slots[0], n
+        # coalesced batches mostly are (AreaManager hands those over as a range).
+        if n:
+            yield 0, slots.start, n
         return
     i = 0
     while i < n:
