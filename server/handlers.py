@@ -76,11 +76,12 @@ class SwapServicer:
             server_id=self._manager.server_id,
         )
 
-    async def PageStream(
+    def PageStream(
         self, requests: AsyncIterator[PageOp | Malformed], context: Context
     ) -> AsyncIterator[bytes]:
-        async for reply in self._streams.serve(current_principal(), requests):
-            yield reply
+        # The replies themselves, not a generator around them: one layer less
+        # for every message (the interceptors call this, never gRPC itself).
+        return self._streams.serve(current_principal(), requests)
 
 
 def register(servicer: SwapServicer, server: grpc.aio.Server) -> None:
