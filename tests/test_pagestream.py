@@ -8,6 +8,7 @@ caller's stream ends; a stuck stream is abandoned and replaced.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from collections.abc import AsyncIterator, Awaitable
@@ -63,6 +64,20 @@ NOT_FOUND = grpc.StatusCode.NOT_FOUND.value[0]
 async def channel(srv: Running) -> AsyncIterator[grpc.aio.Channel]:
     async with grpc.aio.insecure_channel(srv.address) as ch:
         yield ch
+
+
+@contextlib.asynccontextmanager
+async def stoppable_server(tmp_path: Path) -> AsyncIterator[tuple[str, int]]:
+    """A server subprocess the test may stop (SIGSTOP): (its address, its pid). It is resumed
+    and stopped afterwards, whatever happened."""
+    server = ServerProcess(tmp_path, tmp_path / "store")
+    await server.astart()
+    assert server.proc is not None
+    try:
+        yield server.address, server.proc.pid
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+        server.stop_quietly()
 
 
 async def attach(address: str, who: str = "alice", name: str = "vm1") -> bytes:
@@ -167,40 +182,37 @@ async def test_client_errors_from_the_stream_are_the_unary_ones(srv: Running) ->
 
 
 async def test_a_stuck_stream_is_abandoned_and_the_next_request_opens_a_new_one(tmp_path: Path) -> None:
-    server = ServerProcess(tmp_path, tmp_path / "store")
-    await server.astart()
-    assert server.proc is not None
-    try:
-        async with await SwapClient.connect(server.address, TOKENS["alice"], timeout=1.0) as client:
-            area = await client.swapon("vm1", 8 * PS)
-            data = pattern(9, 2)
-            await area.write_batch([0, 1], [memoryview(data)])
-            os.kill(server.proc.pid, signal.SIGSTOP)  # alive, connected, and silent
+    async with (
+        stoppable_server(tmp_path) as (address, pid),
+        await SwapClient.connect(address, TOKENS["alice"], timeout=1.0) as client,
+    ):
+        area = await client.swapon("vm1", 8 * PS)
+        data = pattern(9, 2)
+        await area.write_batch([0, 1], [memoryview(data)])
+        os.kill(pid, signal.SIGSTOP)  # alive, connected, and silent
 
-            async def later(request: Awaitable[None]) -> None:
-                await asyncio.sleep(0.5)
-                await request
+        async def later(request: Awaitable[None]) -> None:
+            await asyncio.sleep(0.5)
+            await request
 
-            try:
-                results = await asyncio.gather(
-                    area.write_batch([2], [memoryview(data[:PS])]),
-                    area.read_batch([0], [memoryview(bytearray(PS))]),
-                    # Half a timeout later, 4 MiB: more than HTTP/2 lets out
-                    # unacknowledged, so it is still being sent when the first
-                    # requests' time is up and the stream is given up.
-                    later(area.write_batch(list(range(8)), [memoryview(bytes(8 * PS))] * 128)),
-                    later(area.discard_batch([3])),
-                    return_exceptions=True,
-                )
-            finally:
-                os.kill(server.proc.pid, signal.SIGCONT)
-            # every one fails, and as retryable -- not as a cancellation nobody asked for
-            assert [type(r) for r in results] == [ConnectionLost] * 4, results
-            into = bytearray(2 * PS)
-            await area.read_batch([0, 1], [memoryview(into)])
-            assert into == data
-    finally:
-        server.stop_quietly()
+        try:
+            results = await asyncio.gather(
+                area.write_batch([2], [memoryview(data[:PS])]),
+                area.read_batch([0], [memoryview(bytearray(PS))]),
+                # Half a timeout later, 4 MiB: more than HTTP/2 lets out
+                # unacknowledged, so it is still being sent when the first
+                # requests' time is up and the stream is given up.
+                later(area.write_batch(list(range(8)), [memoryview(bytes(8 * PS))] * 128)),
+                later(area.discard_batch([3])),
+                return_exceptions=True,
+            )
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        # every one fails, and as retryable -- not as a cancellation nobody asked for
+        assert [type(r) for r in results] == [ConnectionLost] * 4, results
+        into = bytearray(2 * PS)
+        await area.read_batch([0, 1], [memoryview(into)])
+        assert into == data
 
 
 async def test_the_timeout_bounds_each_request_not_the_stream(srv: Running) -> None:
@@ -227,85 +239,70 @@ async def test_the_timeout_bounds_each_request_not_the_stream(srv: Running) -> N
 
 async def test_a_lowered_timeout_bounds_the_next_request(tmp_path: Path) -> None:
     """The stream's watchdog was armed for the old timeout; a shorter one must still hold."""
-    server = ServerProcess(tmp_path, tmp_path / "store")
-    await server.astart()
-    assert server.proc is not None
-    try:
-        async with await SwapClient.connect(server.address, TOKENS["alice"], timeout=60.0) as client:
-            area = await client.swapon("vm1", 8 * PS)
-            os.kill(server.proc.pid, signal.SIGSTOP)
-            first = asyncio.ensure_future(area.discard_batch([0]))
-            await asyncio.sleep(0.2)
-            client.timeout = 0.5
-            with pytest.raises(ConnectionLost, match=r"within 0\.5s"):
-                await asyncio.wait_for(area.discard_batch([1]), 10)
-            with pytest.raises(ConnectionLost):
-                await first  # the same stream, abandoned with it
-    finally:
-        os.kill(server.proc.pid, signal.SIGCONT)
-        server.stop_quietly()
+    async with (
+        stoppable_server(tmp_path) as (address, pid),
+        await SwapClient.connect(address, TOKENS["alice"], timeout=60.0) as client,
+    ):
+        area = await client.swapon("vm1", 8 * PS)
+        os.kill(pid, signal.SIGSTOP)
+        first = asyncio.ensure_future(area.discard_batch([0]))
+        await asyncio.sleep(0.2)
+        client.timeout = 0.5
+        with pytest.raises(ConnectionLost, match=r"within 0\.5s"):
+            await asyncio.wait_for(area.discard_batch([1]), 10)
+        with pytest.raises(ConnectionLost):
+            await first  # the same stream, abandoned with it
 
 
 async def test_a_stream_to_a_server_that_never_answers_the_handshake_times_out(tmp_path: Path) -> None:
     """The connection is accepted (by the kernel) but the server never speaks: the stream
     cannot even send its headers. The request must still end at the timeout."""
-    server = ServerProcess(tmp_path, tmp_path / "store")
-    await server.astart()
-    assert server.proc is not None
-    os.kill(server.proc.pid, signal.SIGSTOP)
-    try:
-        async with await SwapClient.connect(server.address, TOKENS["alice"], timeout=1.0) as client:
+    async with stoppable_server(tmp_path) as (address, pid):
+        os.kill(pid, signal.SIGSTOP)
+        async with await SwapClient.connect(address, TOKENS["alice"], timeout=1.0) as client:
             raw = encode_page_request(swap_pb2.DiscardRequest(handle=b"h" * 16, slots=[0]))
             for _ in range(2):  # and again, on a new stream
                 with pytest.raises(ConnectionLost, match="within 1s"):
                     await asyncio.wait_for(client._pages.request(raw), 10)
-    finally:
-        os.kill(server.proc.pid, signal.SIGCONT)
-        server.stop_quietly()
 
 
 async def test_a_cancelled_waiter_drops_out_and_a_cancelled_reader_ends_the_stream(tmp_path: Path) -> None:
-    server = ServerProcess(tmp_path, tmp_path / "store")
-    await server.astart()
-    assert server.proc is not None
-    pid = server.proc.pid
-    try:
-        async with await SwapClient.connect(server.address, TOKENS["alice"], timeout=30.0) as client:
-            area = await client.swapon("vm1", 8 * PS)
-            await area.write_batch([0], [memoryview(pattern(5, 1))])
+    async with (
+        stoppable_server(tmp_path) as (address, pid),
+        await SwapClient.connect(address, TOKENS["alice"], timeout=30.0) as client,
+    ):
+        area = await client.swapon("vm1", 8 * PS)
+        await area.write_batch([0], [memoryview(pattern(5, 1))])
 
-            def read() -> asyncio.Task[None]:
-                return asyncio.ensure_future(area.read_batch([0], [memoryview(bytearray(PS))]))
+        def read() -> asyncio.Task[None]:
+            return asyncio.ensure_future(area.read_batch([0], [memoryview(bytearray(PS))]))
 
-            async def two_reads_one_cancelled(cancel_reader: bool) -> tuple[asyncio.Task[None], ...]:
-                """Two reads sent to a stopped server, one cancelled, then the server resumes."""
-                os.kill(pid, signal.SIGSTOP)
-                reader, waiter = read(), read()
-                await asyncio.sleep(0.2)
-                (reader if cancel_reader else waiter).cancel()
-                await asyncio.sleep(0.1)
-                os.kill(pid, signal.SIGCONT)
-                return reader, waiter
+        async def two_reads_one_cancelled(cancel_reader: bool) -> tuple[asyncio.Task[None], ...]:
+            """Two reads sent to a stopped server, one cancelled, then the server resumes."""
+            os.kill(pid, signal.SIGSTOP)
+            reader, waiter = read(), read()
+            await asyncio.sleep(0.2)
+            (reader if cancel_reader else waiter).cancel()
+            await asyncio.sleep(0.1)
+            os.kill(pid, signal.SIGCONT)
+            return reader, waiter
 
-            # The first request reads for both; the second only waits, and may go.
-            reader, waiter = await two_reads_one_cancelled(cancel_reader=False)
+        # The first request reads for both; the second only waits, and may go.
+        reader, waiter = await two_reads_one_cancelled(cancel_reader=False)
+        await reader
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        await asyncio.sleep(0.5)  # the dropped request's reply comes and is thrown away
+        # The reader may go too, but that ends the stream: the other fails
+        # retryably, and the next request gets a new stream.
+        reader, waiter = await two_reads_one_cancelled(cancel_reader=True)
+        with pytest.raises(asyncio.CancelledError):
             await reader
-            with pytest.raises(asyncio.CancelledError):
-                await waiter
-            await asyncio.sleep(0.5)  # the dropped request's reply comes and is thrown away
-            # The reader may go too, but that ends the stream: the other fails
-            # retryably, and the next request gets a new stream.
-            reader, waiter = await two_reads_one_cancelled(cancel_reader=True)
-            with pytest.raises(asyncio.CancelledError):
-                await reader
-            with pytest.raises(ConnectionLost, match="cancelled"):
-                await waiter
-            into = bytearray(PS)
-            await area.read_batch([0], [memoryview(into)])
-            assert into == pattern(5, 1)
-    finally:
-        os.kill(pid, signal.SIGCONT)
-        server.stop_quietly()
+        with pytest.raises(ConnectionLost, match="cancelled"):
+            await waiter
+        into = bytearray(PS)
+        await area.read_batch([0], [memoryview(into)])
+        assert into == pattern(5, 1)
 
 
 async def test_callers_queued_to_write_may_be_cancelled_as_the_write_ends(tmp_path: Path) -> None:
@@ -313,38 +310,31 @@ async def test_callers_queued_to_write_may_be_cancelled_as_the_write_ends(tmp_pa
     first of them cancelled in one go: the writer's exit hands the write on past the
     cancelled caller in the same loop turn. Each cancelled caller must see exactly its
     cancellation, the next one the stream's end, and the client must go on working."""
-    server = ServerProcess(tmp_path, tmp_path / "store")
-    await server.astart()
-    assert server.proc is not None
-    pid = server.proc.pid
-    try:
-        async with await SwapClient.connect(server.address, TOKENS["alice"], timeout=30.0) as client:
-            area = await client.swapon("vm1", 8 * PS)
-            await area.write_batch([0], [memoryview(pattern(6, 1))])
-            os.kill(pid, signal.SIGSTOP)
-            # 4 MiB: more than HTTP/2 lets out unacknowledged, so the write waits.
-            writer = asyncio.ensure_future(
-                area.write_batch(list(range(8)), [memoryview(bytes(8 * PS))] * 128)
-            )
-            await asyncio.sleep(0.2)
-            queued = [asyncio.ensure_future(area.discard_batch([i])) for i in (1, 2)]
-            await asyncio.sleep(0.2)
-            assert not writer.done() and not any(q.done() for q in queued)
-            writer.cancel()
-            queued[0].cancel()
-            results = await asyncio.gather(writer, *queued, return_exceptions=True)
-            os.kill(pid, signal.SIGCONT)
-            assert [type(r) for r in results] == [
-                asyncio.CancelledError,
-                asyncio.CancelledError,
-                ConnectionLost,
-            ]
-            into = bytearray(PS)
-            await area.read_batch([0], [memoryview(into)])
-            assert into == pattern(6, 1)
-    finally:
+    async with (
+        stoppable_server(tmp_path) as (address, pid),
+        await SwapClient.connect(address, TOKENS["alice"], timeout=30.0) as client,
+    ):
+        area = await client.swapon("vm1", 8 * PS)
+        await area.write_batch([0], [memoryview(pattern(6, 1))])
+        os.kill(pid, signal.SIGSTOP)
+        # 4 MiB: more than HTTP/2 lets out unacknowledged, so the write waits.
+        writer = asyncio.ensure_future(area.write_batch(list(range(8)), [memoryview(bytes(8 * PS))] * 128))
+        await asyncio.sleep(0.2)
+        queued = [asyncio.ensure_future(area.discard_batch([i])) for i in (1, 2)]
+        await asyncio.sleep(0.2)
+        assert not writer.done() and not any(q.done() for q in queued)
+        writer.cancel()
+        queued[0].cancel()
+        results = await asyncio.gather(writer, *queued, return_exceptions=True)
         os.kill(pid, signal.SIGCONT)
-        server.stop_quietly()
+        assert [type(r) for r in results] == [
+            asyncio.CancelledError,
+            asyncio.CancelledError,
+            ConnectionLost,
+        ]
+        into = bytearray(PS)
+        await area.read_batch([0], [memoryview(into)])
+        assert into == pattern(6, 1)
 
 
 async def test_a_failing_medium_is_internal_on_both_paths_and_the_server_goes_on(
