@@ -27,6 +27,10 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
 def test_runs_split_on_gaps_and_reversals() -> None:
     assert list(runs([4, 5, 6, 1, 2, 9, 8])) == [(0, 4, 3), (3, 1, 2), (5, 9, 1), (6, 8, 1)]
     assert list(runs([])) == []
+    # AreaManager hands one ascending run over as a range: taken whole, as the list would be
+    assert list(runs(range(7, 11))) == list(runs([7, 8, 9, 10])) == [(0, 7, 4)]
+    assert list(runs(range(3, 3))) == []
+    assert list(runs(range(9, 5, -1))) == list(runs([9, 8, 7, 6]))  # any other range: slot by slot
 
 
 def test_write_read_discard(store: Store) -> None:
