@@ -55,7 +55,9 @@ class _Stream:
         # in arrival order; and the one timer that watches them (see _watch).
         self.deadlines: dict[asyncio.Future[bytes], float] = {}
         self.watchdog: asyncio.TimerHandle | None = None
-        self.watch_at = 0.0  # when it fires (loop time)
+        # When it fires, exactly as armed (loop time): uvloop's TimerHandle.when() is
+        # rounded to the millisecond, and comparing against it could re-arm needlessly.
+        self.watch_at = 0.0
         self.writer: asyncio.Task[Any] | None = None  # the task in call.write(), if any
         self.writer_cut = False  # _break cancelled it
 
