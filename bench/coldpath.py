@@ -43,6 +43,7 @@ from netswap.common.pagewire import (
     encode_page_reply,
     encode_page_request,
     encode_page_swap_out,
+    slot_fields,
 )
 from netswap.server.areas import AreaManager
 from netswap.server.metrics import ServerMetrics
@@ -115,8 +116,8 @@ async def server_pair(batch: int, op: str) -> dict[str, Callable[[int], Awaitabl
     def request(i: int) -> bytes:
         slots = range((i * batch) % span, (i * batch) % span + batch)
         if op == "out":
-            return encode_page_swap_out(handle, slots, [pages])
-        return encode_page_request(swap_pb2.SwapInRequest(handle=handle, slots=slots))
+            return encode_page_swap_out(handle, slots, [pages], True)
+        return encode_page_request(swap_pb2.SwapInRequest(handle=handle, **slot_fields(slots, True)))
 
     raws = [request(i) for i in range(64)]  # built beforehand: the client's work, not the server's
 
@@ -126,7 +127,7 @@ async def server_pair(batch: int, op: str) -> dict[str, Callable[[int], Awaitabl
 
     async def stored(i: int) -> None:
         op_name, head, blob = decode_page_request(raws[i % 64])
-        at, size = head.slots[0] * PAGE_SIZE, len(head.slots) * PAGE_SIZE
+        at, size = head.run_start * PAGE_SIZE, head.run_count * PAGE_SIZE
         if op_name == "SwapOut":
             area[at : at + size] = blob
             encode_page_reply(())
@@ -143,7 +144,7 @@ async def client_pair(batch: int, op: str) -> dict[str, Callable[[int], Awaitabl
     handle = os.urandom(16)
     area = Area(
         client, "bench", handle=handle, slot_count=SLOTS, page_size=PAGE_SIZE, max_batch_pages=256,
-        created=True, pool=PagePool(256),
+        created=True, pool=PagePool(256), takes_runs=True,
     )  # fmt: skip
     pages = bytes(batch * PAGE_SIZE)
     buf = memoryview(bytearray(batch * PAGE_SIZE))  # as bench/library.py's stored client copies
@@ -159,10 +160,12 @@ async def client_pair(batch: int, op: str) -> dict[str, Callable[[int], Awaitabl
     async def stored(i: int) -> None:  # bench/library.py's bench_stored_echo
         first = (i * batch) % span
         if op == "out":
-            await call.write(encode_page_swap_out(handle, range(first, first + batch), [memoryview(pages)]))
+            await call.write(
+                encode_page_swap_out(handle, range(first, first + batch), [memoryview(pages)], True)
+            )
             await call.read()
         else:
-            request = swap_pb2.SwapInRequest(handle=handle, slots=range(first, first + batch))
+            request = swap_pb2.SwapInRequest(handle=handle, **slot_fields(range(first, first + batch), True))
             await call.write(encode_page_request(request))
             buf[:] = decode_page_reply(await call.read())[2]
 

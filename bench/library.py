@@ -5,7 +5,8 @@
 
 For each batch size it measures, with servers in separate processes:
   echo     a minimal gRPC service with netswap's message shapes (one page blob
-           + packed slots) that parses them and stores nothing, one unary
+           + the slots, as a run: netswap.client names a range of slots by
+           its first and count) that parses them and stores nothing, one unary
            call per request: the ceiling that gRPC + protobuf in Python put
            on a unary service of this shape
   stream   the same echo as messages on one PageStream call: the ceiling of
@@ -64,6 +65,7 @@ from netswap.common.pagewire import (  # the same encoders the library uses
     encode_page_request,
     encode_page_swap_out,
     encode_swap_out,
+    slot_fields,
 )
 from netswap.v1 import swap_pb2
 
@@ -96,19 +98,19 @@ async def serve_echo(address: str, stores: bool = False) -> None:
         return b""
 
     async def swap_in(request: bytes, context: Any) -> bytes:
-        n = len(swap_pb2.SwapInRequest.FromString(request).slots)
+        n = swap_pb2.SwapInRequest.FromString(request).run_count
         return swap_pb2.SwapInResponse(pages=blob[: n * PAGE_SIZE]).SerializeToString()
 
     async def page_stream(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
         async for request in requests:
             op, head, _ = decode_page_request(request)
-            yield encode_page_reply([blob[: len(head.slots) * PAGE_SIZE]] if op == "SwapIn" else ())
+            yield encode_page_reply([blob[: head.run_count * PAGE_SIZE]] if op == "SwapIn" else ())
 
     async def stored_stream(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
         async for request in requests:
             op, head, pages = decode_page_request(request)
             # The bench sends runs of consecutive slots: one copy each way.
-            at, size = head.slots[0] * PAGE_SIZE, len(head.slots) * PAGE_SIZE
+            at, size = head.run_start * PAGE_SIZE, head.run_count * PAGE_SIZE
             if op == "SwapOut":
                 area[at : at + size] = pages
                 yield encode_page_reply(())
@@ -198,11 +200,11 @@ async def bench_echo(address: str, server_pid: int, batch: int, calls: int) -> d
         pages = bytes(batch * PAGE_SIZE)
         handle = os.urandom(16)
         md = (("authorization", f"Bearer {TOKEN}"),)
-        slots = list(range(batch))
-        body_in = swap_pb2.SwapInRequest(handle=handle, slots=slots).SerializeToString()
+        slots = range(batch)
+        body_in = swap_pb2.SwapInRequest(handle=handle, **slot_fields(slots, True)).SerializeToString()
 
         async def w(i: int) -> None:
-            await out(encode_swap_out(handle, slots, [memoryview(pages)]), metadata=md)
+            await out(encode_swap_out(handle, slots, [memoryview(pages)], True), metadata=md)
 
         async def r(i: int) -> None:
             await inn(body_in, metadata=md)
@@ -229,11 +231,11 @@ async def bench_stream_echo(address: str, server_pid: int, batch: int, calls: in
     async with echo_stream(address) as call:
         pages = memoryview(bytes(batch * PAGE_SIZE))
         handle = os.urandom(16)
-        slots = list(range(batch))
-        body_in = encode_page_request(swap_pb2.SwapInRequest(handle=handle, slots=slots))
+        slots = range(batch)
+        body_in = encode_page_request(swap_pb2.SwapInRequest(handle=handle, **slot_fields(slots, True)))
 
         async def w(i: int) -> None:
-            await call.write(encode_page_swap_out(handle, slots, [pages]))
+            await call.write(encode_page_swap_out(handle, slots, [pages], True))
             await call.read()
 
         async def r(i: int) -> None:
@@ -256,12 +258,12 @@ async def bench_stored_echo(address: str, server_pid: int, batch: int, calls: in
 
         async def w(i: int) -> None:
             first = (i * batch) % span
-            await call.write(encode_page_swap_out(handle, range(first, first + batch), [pages]))
+            await call.write(encode_page_swap_out(handle, range(first, first + batch), [pages], True))
             await call.read()
 
         async def r(i: int) -> None:
             first = (i * batch) % span
-            request = swap_pb2.SwapInRequest(handle=handle, slots=range(first, first + batch))
+            request = swap_pb2.SwapInRequest(handle=handle, **slot_fields(range(first, first + batch), True))
             await call.write(encode_page_request(request))
             buf[:] = decode_page_reply(cast(bytes, await call.read()))[2]
 

@@ -22,7 +22,7 @@ from netswap.client.errors import AreaNotFound, InvalidRequest, ServerError, err
 from netswap.client.pagestream import PageStream
 from netswap.client.pool import Lease, PagePool
 from netswap.common.limits import max_message_bytes
-from netswap.common.pagewire import encode_page_request, encode_page_swap_out
+from netswap.common.pagewire import encode_page_request, encode_page_swap_out, slot_fields
 from netswap.v1 import swap_pb2, swap_pb2_grpc
 
 T = TypeVar("T")
@@ -149,6 +149,7 @@ class SwapClient:
             created=reply.created,
             pool=pool,
             server_id=reply.server_id,
+            takes_runs=reply.takes_runs,
         )
 
     async def list_areas(self) -> list[AreaInfo]:
@@ -199,6 +200,7 @@ class Area:
         created: bool,
         pool: PagePool,
         server_id: bytes = b"",
+        takes_runs: bool = False,
     ) -> None:
         self._client = client
         self._handle = handle
@@ -209,6 +211,9 @@ class Area:
         self.created = created
         self.pool = pool
         self.server_id = server_id  # the server start this handle belongs to
+        # The server takes a run of slots as two numbers (swap.proto): slots
+        # given as a range go that way.
+        self.takes_runs = takes_runs
         # Batches of one call in flight at once: enough to keep the pipe full,
         # few enough that one caller cannot monopolise the connection.
         self.parallel = 4
@@ -306,11 +311,11 @@ class Area:
 
     async def write_batch(self, slots: Sequence[int], pages: Sequence[memoryview]) -> None:
         """One SwapOut: the pages of `slots` are the concatenation of `pages` (no copy to join them)."""
-        await self._client._pages.request(encode_page_swap_out(self._handle, slots, pages))
+        await self._client._pages.request(encode_page_swap_out(self._handle, slots, pages, self.takes_runs))
 
     async def read_batch(self, slots: Sequence[int], into: Sequence[memoryview]) -> None:
         """One SwapIn: the pages of `slots`, in order, fill the buffers of `into` one after another."""
-        request = swap_pb2.SwapInRequest(handle=self._handle, slots=slots)
+        request = swap_pb2.SwapInRequest(handle=self._handle, **slot_fields(slots, self.takes_runs))
         got = await self._client._pages.request(encode_page_request(request))
         if len(got) != len(slots) * self.page_size or len(got) != sum(map(len, into)):
             raise ServerError(f"server returned {len(got)} bytes for {len(slots)} pages")
@@ -321,7 +326,7 @@ class Area:
 
     async def discard_batch(self, slots: Sequence[int]) -> None:
         """One Discard."""
-        request = swap_pb2.DiscardRequest(handle=self._handle, slots=slots)
+        request = swap_pb2.DiscardRequest(handle=self._handle, **slot_fields(slots, self.takes_runs))
         await self._client._pages.request(encode_page_request(request))
 
     async def reattach(self) -> bool:
@@ -335,6 +340,7 @@ class Area:
         )
         self._handle = reply.handle
         self.server_id = reply.server_id
+        self.takes_runs = reply.takes_runs  # the server that restarted may be another version
         # The restarted server may allow another size.
         self.max_batch_pages = min(reply.max_batch_pages, self._client.max_batch_pages)
         return reply.created

@@ -3,7 +3,7 @@
 protobuf's Python API only takes `bytes` for a bytes field: putting pool pages
 into a SwapOutRequest would copy them into a bytes object and then again into
 the serialized message; parsing one copies the blob out of the received bytes.
-Instead the small part of each message (handle, packed slots) goes through
+Instead the small part of each message (handle, packed slots or a run) goes through
 protobuf and the page blob is handled here, as field 3 of SwapOutRequest and
 field 1 of SwapInResponse -- a concatenation of encoded fields is itself a
 valid encoding, identical to what SerializeToString would produce.
@@ -16,6 +16,7 @@ in the PageRequest / PageReply messages of PageStream.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from netswap.v1 import swap_pb2
 
@@ -31,20 +32,31 @@ def varint(n: int) -> bytes:
     return bytes(out)
 
 
+def slot_fields(slots: Sequence[int], runs: bool) -> dict[str, Any]:
+    """The fields of a request that name `slots`: a run (run_start, run_count) when they
+    are one -- given as a range -- and the server takes runs (`runs`), else listed."""
+    if runs and type(slots) is range and slots.step == 1 and slots:
+        return {"run_start": slots.start, "run_count": len(slots)}
+    return {"slots": slots}
+
+
 def _swap_out_parts(
-    handle: bytes, slots: Sequence[int], pages: Sequence[memoryview]
+    handle: bytes, slots: Sequence[int], pages: Sequence[memoryview], runs: bool
 ) -> list[bytes | memoryview]:
     """The pieces of a serialized SwapOutRequest whose page blob is `pages`, not yet joined."""
-    head = swap_pb2.SwapOutRequest(handle=handle, slots=slots).SerializeToString()
+    head = swap_pb2.SwapOutRequest(handle=handle, **slot_fields(slots, runs)).SerializeToString()
     total = sum(len(p) for p in pages)
     if not total:
         return [head]
     return [head, _PAGES_TAG, varint(total), *pages]
 
 
-def encode_swap_out(handle: bytes, slots: Sequence[int], pages: Sequence[memoryview]) -> bytes:
-    """A serialized SwapOutRequest whose page blob is the concatenation of `pages`."""
-    return b"".join(_swap_out_parts(handle, slots, pages))
+def encode_swap_out(
+    handle: bytes, slots: Sequence[int], pages: Sequence[memoryview], runs: bool = False
+) -> bytes:
+    """A serialized SwapOutRequest whose page blob is the concatenation of `pages`
+    (its slots as a run if `runs` allows, see slot_fields)."""
+    return b"".join(_swap_out_parts(handle, slots, pages, runs))
 
 
 def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
@@ -134,10 +146,12 @@ def decode_swap_out(raw: bytes | memoryview) -> tuple[swap_pb2.SwapOutRequest, m
 _OP_OF_FIELD = {1: "SwapOut", 2: "SwapIn", 3: "Discard"}  # PageRequest's oneof
 
 
-def encode_page_swap_out(handle: bytes, slots: Sequence[int], pages: Sequence[memoryview]) -> bytes:
+def encode_page_swap_out(
+    handle: bytes, slots: Sequence[int], pages: Sequence[memoryview], runs: bool = False
+) -> bytes:
     """A serialized PageRequest{swap_out}: as encode_swap_out, wrapped, still one copy of the pages."""
     # Always present, even empty: it says which operation this is.
-    return _field(b"\x0a", _swap_out_parts(handle, slots, pages))
+    return _field(b"\x0a", _swap_out_parts(handle, slots, pages, runs))
 
 
 def encode_page_request(op: swap_pb2.SwapInRequest | swap_pb2.DiscardRequest) -> bytes:

@@ -14,7 +14,7 @@ import grpc
 
 from netswap.common.limits import PAGE_SIZE
 from netswap.common.pagewire import PageOp, decode_page_request, decode_swap_out, encode_swap_in_reply
-from netswap.server.areas import AreaManager
+from netswap.server.areas import AreaManager, slots_of
 from netswap.server.auth import current_principal
 from netswap.server.interceptors import Context, Malformed
 from netswap.server.metrics import ServerMetrics
@@ -37,25 +37,26 @@ class SwapServicer:
             created=att.created,
             max_batch_pages=self._manager.max_batch_pages,
             server_id=self._manager.server_id,
+            takes_runs=True,
         )
 
     async def SwapOut(
         self, request: tuple[swap_pb2.SwapOutRequest, memoryview], context: Context
     ) -> swap_pb2.SwapOutResponse:
         head, pages = request  # see register(): the blob stays a view of the received bytes
-        slots = head.slots
+        slots = slots_of(head.slots, head.run_start, head.run_count)
         self._manager.swap_out(current_principal(), head.handle, slots, pages)
         self._metrics.pages_moved("swap_out", len(slots))
         return swap_pb2.SwapOutResponse()
 
     async def SwapIn(self, request: swap_pb2.SwapInRequest, context: Context) -> bytes:
-        slots = request.slots
+        slots = slots_of(request.slots, request.run_start, request.run_count)
         pages = self._manager.swap_in(current_principal(), request.handle, slots)
         self._metrics.pages_moved("swap_in", len(slots))
         return encode_swap_in_reply(pages)  # a serialized SwapInResponse: the pages' only copy
 
     async def Discard(self, request: swap_pb2.DiscardRequest, context: Context) -> swap_pb2.DiscardResponse:
-        slots = request.slots
+        slots = slots_of(request.slots, request.run_start, request.run_count)
         self._manager.discard(current_principal(), request.handle, slots)
         self._metrics.pages_moved("discard", len(slots))
         return swap_pb2.DiscardResponse()

@@ -49,8 +49,8 @@ class ServerMetrics:
         )
         # One update per request: the pages and bytes counters are this
         # histogram's sums, read at scrape time (_MovedCollector).
-        self._batch = {method: batch_pages.labels(method) for method in _TITLES}
-        registry.register(_MovedCollector(self._batch))
+        self.batch_pages = {method: batch_pages.labels(method) for method in _TITLES}
+        registry.register(_MovedCollector(self.batch_pages))
         self.auth_failures = Counter(
             "netswap_auth_failures_total",
             "Calls refused before reaching a handler, by reason.",
@@ -60,7 +60,7 @@ class ServerMetrics:
 
     def pages_moved(self, method: str, pages: int) -> None:
         """Count a successful data-plane call: method is swap_out, swap_in or discard."""
-        self._batch[method].observe(pages)
+        self.batch_pages[method].observe(pages)
 
     def watch(self, manager: AreaManager) -> None:
         self.registry.register(_AreaCollector(manager))

@@ -58,6 +58,7 @@ class SwapOnResponse(_message.Message):
     CREATED_FIELD_NUMBER: _builtins.int
     MAX_BATCH_PAGES_FIELD_NUMBER: _builtins.int
     SERVER_ID_FIELD_NUMBER: _builtins.int
+    TAKES_RUNS_FIELD_NUMBER: _builtins.int
     handle: _builtins.bytes
     """opaque, unguessable, bound to (principal, area)"""
     slot_count: _builtins.int
@@ -72,6 +73,11 @@ class SwapOnResponse(_message.Message):
     tell "the server restarted" (a new id) from "someone else attached the
     area" (the same id) by asking ListAreas.
     """
+    takes_runs: _builtins.bool
+    """The server takes run_start / run_count in place of slots (see
+    SwapOutRequest). A client must not send a run to a server that does not
+    say so: an older one ignores the fields and finds no slots.
+    """
     def __init__(
         self,
         *,
@@ -81,10 +87,11 @@ class SwapOnResponse(_message.Message):
         created: _builtins.bool = ...,
         max_batch_pages: _builtins.int = ...,
         server_id: _builtins.bytes = ...,
+        takes_runs: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "handle", b"handle", "max_batch_pages", b"max_batch_pages", "page_size", b"page_size", "server_id", b"server_id", "slot_count", b"slot_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "handle", b"handle", "max_batch_pages", b"max_batch_pages", "page_size", b"page_size", "server_id", b"server_id", "slot_count", b"slot_count", "takes_runs", b"takes_runs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -92,14 +99,25 @@ Global___SwapOnResponse: _TypeAlias = SwapOnResponse  # noqa: Y015
 
 @_typing.final
 class SwapOutRequest(_message.Message):
+    """The slots of a SwapOut, SwapIn or Discard are named in one of two ways:
+    listed in `slots`, or -- for one run of consecutive slots, as most requests
+    are (a kernel's swap clusters, an NBD request) -- as `run_start` and
+    `run_count` > 0, meaning run_start, run_start+1, ..., run_start+run_count-1:
+    two numbers to encode and check instead of one per page. Not both.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     HANDLE_FIELD_NUMBER: _builtins.int
     SLOTS_FIELD_NUMBER: _builtins.int
     PAGES_FIELD_NUMBER: _builtins.int
+    RUN_START_FIELD_NUMBER: _builtins.int
+    RUN_COUNT_FIELD_NUMBER: _builtins.int
     handle: _builtins.bytes
     pages: _builtins.bytes
-    """len == len(slots) * page_size"""
+    """len == number of slots * page_size"""
+    run_start: _builtins.int
+    run_count: _builtins.int
     @_builtins.property
     def slots(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """packed; each < slot_count, no duplicates"""
@@ -110,10 +128,12 @@ class SwapOutRequest(_message.Message):
         handle: _builtins.bytes = ...,
         slots: _abc.Iterable[_builtins.int] | None = ...,
         pages: _builtins.bytes = ...,
+        run_start: _builtins.int = ...,
+        run_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "pages", b"pages", "slots", b"slots"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "pages", b"pages", "run_count", b"run_count", "run_start", b"run_start", "slots", b"slots"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -140,7 +160,12 @@ class SwapInRequest(_message.Message):
 
     HANDLE_FIELD_NUMBER: _builtins.int
     SLOTS_FIELD_NUMBER: _builtins.int
+    RUN_START_FIELD_NUMBER: _builtins.int
+    RUN_COUNT_FIELD_NUMBER: _builtins.int
     handle: _builtins.bytes
+    run_start: _builtins.int
+    """a run instead of slots, as in SwapOutRequest"""
+    run_count: _builtins.int
     @_builtins.property
     def slots(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
@@ -148,10 +173,12 @@ class SwapInRequest(_message.Message):
         *,
         handle: _builtins.bytes = ...,
         slots: _abc.Iterable[_builtins.int] | None = ...,
+        run_start: _builtins.int = ...,
+        run_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "slots", b"slots"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "run_count", b"run_count", "run_start", b"run_start", "slots", b"slots"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -182,7 +209,12 @@ class DiscardRequest(_message.Message):
 
     HANDLE_FIELD_NUMBER: _builtins.int
     SLOTS_FIELD_NUMBER: _builtins.int
+    RUN_START_FIELD_NUMBER: _builtins.int
+    RUN_COUNT_FIELD_NUMBER: _builtins.int
     handle: _builtins.bytes
+    run_start: _builtins.int
+    """a run instead of slots, as in SwapOutRequest"""
+    run_count: _builtins.int
     @_builtins.property
     def slots(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
@@ -190,10 +222,12 @@ class DiscardRequest(_message.Message):
         *,
         handle: _builtins.bytes = ...,
         slots: _abc.Iterable[_builtins.int] | None = ...,
+        run_start: _builtins.int = ...,
+        run_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "slots", b"slots"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "run_count", b"run_count", "run_start", b"run_start", "slots", b"slots"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -85,7 +85,7 @@ class SwapServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SwapOut(self, request, context):
-        """Write len(slots) pages; `pages` is their concatenation in slot order.
+        """Write one page per slot; `pages` is their concatenation in slot order.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -44,7 +44,7 @@ class SwapServiceStub:
     earlier handle of that area stops working.
     """
     SwapOut: _grpc.UnaryUnaryMultiCallable[_swap_pb2.SwapOutRequest, _swap_pb2.SwapOutResponse]
-    """Write len(slots) pages; `pages` is their concatenation in slot order."""
+    """Write one page per slot; `pages` is their concatenation in slot order."""
     SwapIn: _grpc.UnaryUnaryMultiCallable[_swap_pb2.SwapInRequest, _swap_pb2.SwapInResponse]
     """Read pages; the reply concatenates them in request order."""
     Discard: _grpc.UnaryUnaryMultiCallable[_swap_pb2.DiscardRequest, _swap_pb2.DiscardResponse]
@@ -75,7 +75,7 @@ class SwapServiceAsyncStub(SwapServiceStub):
     earlier handle of that area stops working.
     """
     SwapOut: _aio.UnaryUnaryMultiCallable[_swap_pb2.SwapOutRequest, _swap_pb2.SwapOutResponse]  # type: ignore[assignment]
-    """Write len(slots) pages; `pages` is their concatenation in slot order."""
+    """Write one page per slot; `pages` is their concatenation in slot order."""
     SwapIn: _aio.UnaryUnaryMultiCallable[_swap_pb2.SwapInRequest, _swap_pb2.SwapInResponse]  # type: ignore[assignment]
     """Read pages; the reply concatenates them in request order."""
     Discard: _aio.UnaryUnaryMultiCallable[_swap_pb2.DiscardRequest, _swap_pb2.DiscardResponse]  # type: ignore[assignment]
@@ -115,7 +115,7 @@ class SwapServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _swap_pb2.SwapOutRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_swap_pb2.SwapOutResponse, _abc.Awaitable[_swap_pb2.SwapOutResponse]]:
-        """Write len(slots) pages; `pages` is their concatenation in slot order."""
+        """Write one page per slot; `pages` is their concatenation in slot order."""
 
     @_abc_1.abstractmethod
     def SwapIn(
