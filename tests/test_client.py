@@ -47,6 +47,28 @@ async def test_round_trip_across_many_batches(srv: Running) -> None:
         assert await client.list_areas() == []
 
 
+async def test_ranges_go_as_runs_and_a_server_without_runs_gets_lists(srv: Running) -> None:
+    async with await SwapClient.connect(srv.address, TOKENS["alice"]) as client:
+        area = await client.swapon("vm1", 4 << 20)
+        assert area.takes_runs  # this server says so at SwapOn
+        data = pattern(2, 600)
+        await area.swap_out(range(300, 900), data)  # 3 batches, each a run
+        assert bytes((await area.swap_in(list(range(300, 900)), into=bytearray(len(data)))).view) == data
+        # As against a server from before runs: the same ranges go as lists.
+        area.takes_runs = False
+        await area.swap_out(range(0, 10), data[: 10 * PS])
+        assert bytes((await area.swap_in(range(0, 310), into=bytearray(310 * PS))).view) == (
+            data[: 10 * PS] + bytes(290 * PS) + data[: 10 * PS]
+        )
+        await area.discard(range(0, 5))
+        area.takes_runs = True
+        await area.discard(range(300, 305))
+        with await area.swap_in(range(0, 10)) as got, await area.swap_in(range(300, 310)) as run:
+            assert got.view == bytes(5 * PS) + data[5 * PS : 10 * PS]
+            assert run.view == bytes(5 * PS) + data[5 * PS : 10 * PS]
+        assert srv.server.manager.list_areas("alice")[0].pages_stored == 600 + 10 - 10
+
+
 async def test_more_concurrent_reads_than_pool_pages(srv: Running) -> None:
     async with await SwapClient.connect(srv.address, TOKENS["alice"]) as client:
         area = await client.swapon("vm1", 1 << 20, pool_pages=8)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import pytest
@@ -152,6 +153,66 @@ async def test_bad_slots_on_read_and_discard(area: Attached, op: str, slots: lis
     code, details = await code_of(getattr(area, op)(slots))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert words in details
+
+
+async def test_swapon_says_the_server_takes_runs(srv: Running) -> None:
+    async with stub_for(srv.address) as stub:
+        reply = await stub.SwapOn(
+            swap_pb2.SwapOnRequest(name="r", size_bytes=1 << 20), metadata=auth("alice")
+        )
+    assert reply.takes_runs
+
+
+async def test_a_run_names_the_same_slots_as_their_list(srv: Running, area: Attached) -> None:
+    data = pattern(3, 5)
+    md = auth("alice")
+    await area.stub.SwapOut(
+        swap_pb2.SwapOutRequest(handle=area.handle, run_start=250, run_count=5, pages=data), metadata=md
+    )  # the last slots of the area: 250..254
+    assert await area.get([250, 251, 252, 253, 254]) == data
+    await area.out([10, 11, 12], pattern(4, 3))
+    got = await area.stub.SwapIn(
+        swap_pb2.SwapInRequest(handle=area.handle, run_start=9, run_count=5), metadata=md
+    )
+    assert got.pages == bytes(PS) + pattern(4, 3) + bytes(PS)
+    await area.stub.Discard(
+        swap_pb2.DiscardRequest(handle=area.handle, run_start=11, run_count=2), metadata=md
+    )
+    assert await area.get([10, 11, 12]) == pattern(4, 3)[:PS] + bytes(2 * PS)
+    assert srv.server.manager.list_areas("alice")[0].pages_stored == 6
+
+
+BAD_RUNS = [
+    # (fields naming the slots, pages, words in the message)
+    ({"run_start": 255, "run_count": 2}, pattern(0, 2), "slot 256 out of range"),
+    ({"run_start": 2**64 - 1, "run_count": 1}, pattern(0, 1), "out of range"),
+    ({"run_start": 0, "run_count": 2**32 - 1}, pattern(0, 1), "exceed max_batch_pages"),
+    ({"run_start": 1, "run_count": 1, "slots": [1]}, pattern(0, 1), "not both"),
+    ({"run_start": 1, "run_count": 2}, pattern(0, 1), "4096 bytes; 2 slots need exactly 8192"),
+    ({"run_start": 5}, pattern(0, 1), "slots is empty and no run is given"),
+]
+
+
+@pytest.mark.parametrize(("fields", "pages", "words"), BAD_RUNS)
+async def test_bad_run_is_refused_and_changes_nothing(
+    srv: Running, area: Attached, fields: dict[str, Any], pages: bytes, words: str
+) -> None:
+    before = pattern(8, 3)
+    await area.out([0, 1, 2], before)
+    md = auth("alice")
+    requests: list[tuple[str, Any]] = [
+        ("SwapOut", swap_pb2.SwapOutRequest(handle=area.handle, pages=pages, **fields)),
+        ("SwapIn", swap_pb2.SwapInRequest(handle=area.handle, **fields)),
+        ("Discard", swap_pb2.DiscardRequest(handle=area.handle, **fields)),
+    ]
+    if "bytes" in words:
+        requests = requests[:1]  # a blob of the wrong length: only SwapOut carries one
+    for method, request in requests:
+        code, details = await code_of(getattr(area.stub, method)(request, metadata=md))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, method
+        assert words in details, method
+    assert await area.get([0, 1, 2]) == before
+    assert srv.server.manager.list_areas("alice")[0].pages_stored == 3
 
 
 @pytest.mark.parametrize(

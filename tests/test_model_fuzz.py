@@ -14,6 +14,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -41,7 +42,20 @@ SIZES = (4 * PS, 16 * PS, PS)
 
 
 # Mostly in range of every area, sometimes past the end of the small ones.
-SLOTS = st.lists(st.integers(0, 17), min_size=1, max_size=4, unique=True)
+SLOTS = st.one_of(
+    st.lists(st.integers(0, 17), min_size=1, max_size=4, unique=True),
+    st.builds(lambda first, n: list(range(first, first + n)), st.integers(0, 17), st.integers(1, 4)),
+)
+
+
+def naming(slots: list[int], as_run: bool) -> dict[str, Any]:
+    """The request fields that name `slots`: as a run (run_start, run_count) when asked and
+    they are one, else listed."""
+    if as_run and slots == list(range(slots[0], slots[0] + len(slots))):
+        return {"run_start": slots[0], "run_count": len(slots)}
+    return {"slots": slots}
+
+
 # Mostly a live handle of the caller's own; sometimes anyone's, stale ones included.
 PICK = st.one_of(st.just(-1), st.integers(min_value=0))
 
@@ -158,13 +172,13 @@ class SwapModel(RuleBasedStateMachine):
         pick=PICK,
         slots=SLOTS,
         seed=st.integers(0, 255),
+        as_run=st.booleans(),
     )
-    def swap_out(self, principal: str, pick: int, slots: list[int], seed: int) -> None:
+    def swap_out(self, principal: str, pick: int, slots: list[int], seed: int, as_run: bool) -> None:
         handle = self.handle_for(principal, pick)
         pages = [bytes([(seed + i) % 256]) * PS for i in range(len(slots))]
-        code, _ = self.call(
-            "SwapOut", swap_pb2.SwapOutRequest(handle=handle, slots=slots, pages=b"".join(pages)), principal
-        )
+        request = swap_pb2.SwapOutRequest(handle=handle, pages=b"".join(pages), **naming(slots, as_run))
+        code, _ = self.call("SwapOut", request, principal)
         key = self.expect(code, principal, handle, slots)
         if key is not None:
             self.areas[key].pages.update(zip(slots, pages, strict=True))
@@ -174,10 +188,12 @@ class SwapModel(RuleBasedStateMachine):
         principal=st.sampled_from(PRINCIPALS),
         pick=PICK,
         slots=SLOTS,
+        as_run=st.booleans(),
     )
-    def swap_in(self, principal: str, pick: int, slots: list[int]) -> None:
+    def swap_in(self, principal: str, pick: int, slots: list[int], as_run: bool) -> None:
         handle = self.handle_for(principal, pick)
-        code, reply = self.call("SwapIn", swap_pb2.SwapInRequest(handle=handle, slots=slots), principal)
+        request = swap_pb2.SwapInRequest(handle=handle, **naming(slots, as_run))
+        code, reply = self.call("SwapIn", request, principal)
         key = self.expect(code, principal, handle, slots)
         if key is not None:
             assert isinstance(reply, swap_pb2.SwapInResponse)
@@ -189,10 +205,12 @@ class SwapModel(RuleBasedStateMachine):
         principal=st.sampled_from(PRINCIPALS),
         pick=PICK,
         slots=SLOTS,
+        as_run=st.booleans(),
     )
-    def discard(self, principal: str, pick: int, slots: list[int]) -> None:
+    def discard(self, principal: str, pick: int, slots: list[int], as_run: bool) -> None:
         handle = self.handle_for(principal, pick)
-        code, _ = self.call("Discard", swap_pb2.DiscardRequest(handle=handle, slots=slots), principal)
+        request = swap_pb2.DiscardRequest(handle=handle, **naming(slots, as_run))
+        code, _ = self.call("Discard", request, principal)
         key = self.expect(code, principal, handle, slots)
         if key is not None:
             for s in slots:

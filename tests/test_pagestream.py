@@ -95,12 +95,15 @@ async def test_requests_mean_what_the_unary_methods_mean(srv: Running, channel: 
     discard = encode_page_request(swap_pb2.DiscardRequest(handle=handle, slots=[1]))
     assert await stream.ask(discard) == (OK, "", b"")
     assert await stream.ask(swap_in(handle, [1])) == (OK, "", bytes(PS))
+    # a run names the same slots as their list
+    run_in = encode_page_request(swap_pb2.SwapInRequest(handle=handle, run_start=8, run_count=2))
+    assert await stream.ask(run_in) == (OK, "", bytes(PS) + data[2 * PS :])
     # and the unary methods see the same area
     async with stub_for(srv.address) as stub:
         reply = await stub.SwapIn(swap_pb2.SwapInRequest(handle=handle, slots=[9]), metadata=auth("alice"))
         assert reply.pages == data[2 * PS :]
     assert srv.metric("netswap_swap_out_pages_total") == 3
-    assert srv.metric("netswap_rpc_duration_seconds_count", {"method": "SwapIn", "code": "OK"}) == 3
+    assert srv.metric("netswap_rpc_duration_seconds_count", {"method": "SwapIn", "code": "OK"}) == 4
 
 
 async def test_a_failed_request_is_answered_in_band_and_the_stream_goes_on(
@@ -118,6 +121,17 @@ async def test_a_failed_request_is_answered_in_band_and_the_stream_goes_on(
         (swap_in(bobs, [0]), NOT_FOUND, ""),  # bob's area: alice cannot tell it exists
         (b"\xff\xff\xff", INVALID_ARGUMENT, "malformed"),  # not a PageRequest at all
         (b"", INVALID_ARGUMENT, "no operation"),
+        # slots named both ways; a run past the end
+        (
+            encode_page_request(swap_pb2.SwapInRequest(handle=handle, slots=[2], run_start=2, run_count=1)),
+            INVALID_ARGUMENT,
+            "not both",
+        ),
+        (
+            encode_page_swap_out(handle, range(63, 65), [memoryview(data * 2)], True),
+            INVALID_ARGUMENT,
+            "slot 64",
+        ),
     ]
     for raw, code, words in bad:
         got_code, message, pages = await stream.ask(raw)

@@ -11,6 +11,7 @@ from netswap.common.pagewire import (
     decode_swap_out,
     encode_swap_in_reply,
     encode_swap_out,
+    slot_fields,
     varint,
 )
 from netswap.v1 import swap_pb2
@@ -29,6 +30,32 @@ def test_swap_out_encoding_matches_protobuf(handle: bytes, slots: list[int], pag
     cut = len(pages) // 3
     pieces = [memoryview(pages)[:cut], memoryview(pages)[cut:]]
     assert encode_swap_out(handle, slots, pieces) == theirs
+
+
+@given(
+    handle=st.binary(max_size=40),
+    first=st.integers(0, 2**63),
+    n=st.integers(0, 300),
+    runs=st.booleans(),
+)
+def test_a_range_goes_as_a_run_when_the_server_takes_runs(
+    handle: bytes, first: int, n: int, runs: bool
+) -> None:
+    slots = range(first, first + n)
+    pages = bytes(n)  # its length is not the encoder's business
+    parsed = swap_pb2.SwapOutRequest.FromString(encode_swap_out(handle, slots, [memoryview(pages)], runs))
+    if runs and n:
+        assert (parsed.run_start, parsed.run_count, list(parsed.slots)) == (first, n, [])
+    else:  # an older server, or nothing to name: listed, as before runs existed
+        assert (parsed.run_start, parsed.run_count, list(parsed.slots)) == (0, 0, list(slots))
+    assert (parsed.handle, parsed.pages) == (handle, pages)
+
+
+def test_only_a_range_of_step_one_is_a_run() -> None:
+    assert slot_fields(range(3, 7), True) == {"run_start": 3, "run_count": 4}
+    assert slot_fields([3, 4, 5, 6], True) == {"slots": [3, 4, 5, 6]}  # a list is sent as given
+    assert slot_fields(range(3, 9, 2), True) == {"slots": range(3, 9, 2)}
+    assert slot_fields(range(3, 7), False) == {"slots": range(3, 7)}
 
 
 @given(pages=st.binary(max_size=20000), junk=st.binary(max_size=30))
