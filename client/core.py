@@ -258,7 +258,9 @@ class Area:
         view = memoryview(pages).cast("B")
         self._pages_for(slots, view, "pages")
         if len(slots) <= self.max_batch_pages:  # one request, as most are: no batching machinery
-            await self.write_batch(slots, [view])
+            await self._client._pages.request(
+                encode_page_swap_out(self._handle, slots, [view], self.takes_runs)
+            )
             return
         ps = self.page_size
 

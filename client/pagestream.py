@@ -298,6 +298,8 @@ _FINAL = {
 
 def _pages_of(raw_reply: bytes) -> memoryview:
     """A PageReply's pages; or the error it carries, raised."""
+    if not raw_reply:  # an empty PageReply: SwapOut's or Discard's that succeeded
+        return _NO_PAGES
     try:
         code, message, pages = decode_page_reply(raw_reply)
     except ValueError as e:
@@ -325,6 +327,8 @@ def _fresh(error: NetswapError) -> NetswapError:
     copy.code = error.code
     return copy
 
+
+_NO_PAGES = memoryview(b"")
 
 # gRPC status code numbers (PageReply.code) -> grpc.StatusCode, whose value is (number, name).
 _STATUS = {code.value[0]: code for code in grpc.StatusCode}
