@@ -287,8 +287,12 @@ class Area:
         view = lease.view
         try:
             self._pages_for(slots, view, "into")
-            if len(slots) <= self.max_batch_pages:  # one request: as in swap_out
-                await self.read_batch(slots, [view])
+            if len(slots) <= self.max_batch_pages:  # one request: as in swap_out, read_batch inline
+                request = swap_pb2.SwapInRequest(handle=self._handle, **slot_fields(slots, self.takes_runs))
+                got = await self._client._pages.request(encode_page_request(request))
+                if len(got) != len(view):
+                    raise ServerError(f"server returned {len(got)} bytes for {len(slots)} pages")
+                view[:] = got
             else:
                 ps = self.page_size
 
