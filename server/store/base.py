@@ -106,6 +106,11 @@ class SlotMap:
         return already
 
     def mark(self, first: int, count: int) -> None:
+        if count <= len(_ONES):  # any run of one request (max_batch_pages <= 4096): in this frame
+            end = first + count
+            self.stored += count - self._buf[first:end].count(1)
+            self._buf[first:end] = _ONES[:count]
+            return
         self.stored += count - self._fill(first, count, _ONES)
 
     def clear(self, first: int, count: int) -> None:
