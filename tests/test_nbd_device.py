@@ -29,6 +29,7 @@ class FlakyArea:
         self.fail_slots: set[int] = set()
         self.delay = 0.0
         self.pool = PagePool(8)
+        self.sent: list[Sequence[int]] = []  # the slots of every batch, as the device gave them
 
     async def reattach(self) -> bool:
         return False
@@ -42,6 +43,7 @@ class FlakyArea:
             raise ConnectionLost("server down (UNAVAILABLE)")
 
     async def write_batch(self, slots: Sequence[int], pages: Sequence[memoryview]) -> None:
+        self.sent.append(slots)
         await self._maybe_fail(slots)
         blob = b"".join(pages)
         for i, s in enumerate(slots):
@@ -129,6 +131,21 @@ async def test_queued_parts_are_recut_when_the_batch_limit_shrinks(tmp_path: Pat
         assert device.rpcs["in"] == 5
         area.detach()
         await client.close()
+
+
+async def test_a_batch_of_adjacent_parts_is_one_run() -> None:
+    area = FlakyArea(64, max_batch_pages=8)
+    device = AreaDevice(area, max_rpcs=1)  # one RPC at a time: what arrives meanwhile is batched
+    area.delay = 0.05
+
+    async def writes(*firsts: int) -> None:
+        await asyncio.gather(*(device.write(f * PS, 2 * PS, memoryview(pattern(f, 2))) for f in firsts))
+
+    await writes(0, 2, 4)  # one batch, no gaps: one run
+    await writes(20, 30, 40)  # one batch with gaps: listed
+    assert area.sent == [range(0, 6), [20, 21, 30, 31, 40, 41]]
+    for f in (0, 2, 4, 20, 30, 40):
+        assert area.data[f * PS : (f + 2) * PS] == pattern(f, 2)
 
 
 @pytest.mark.parametrize("big", [8, RangeLocks.SMALL + 1, 10_000])

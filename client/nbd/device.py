@@ -524,9 +524,7 @@ class AreaDevice:
     async def _run(self, kind: str, batch: list[_Part]) -> None:
         error: BaseException | None = None
         try:
-            slots: list[int] = []
-            for part in batch:
-                slots.extend(range(part.first, part.first + part.count))
+            slots = _slots_of(batch)
             views = [p.view for p in batch if p.view is not None]
             deadline = min(p.request.deadline for p in batch)
             if kind == "out":
@@ -631,3 +629,14 @@ class AreaDevice:
 def _consume(task: asyncio.Future[None]) -> None:
     if not task.cancelled():
         task.exception()
+
+
+def _slots_of(batch: list[_Part]) -> Sequence[int]:
+    """A batch's slots: a range when its parts follow one another, as a lone request's or
+    a sequential stream's do (it goes on the wire as a run: see Area.takes_runs), else a list."""
+    first = end = batch[0].first
+    for part in batch:
+        if part.first != end:
+            return [slot for p in batch for slot in range(p.first, p.first + p.count)]
+        end += part.count
+    return range(first, end)
