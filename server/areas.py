@@ -316,6 +316,8 @@ def slots_of(listed: Sequence[int], run_start: int, run_count: int) -> Sequence[
     """A request's slots from the two ways the wire names them (swap.proto): listed, or
     as a run -- returned as a range, which the checks and the stores take in O(1)."""
     if not run_count:
+        if run_start:
+            raise InvalidArgument(f"run_start {run_start} without run_count: a run needs both")
         return listed
     if listed:
         raise InvalidArgument("a request names its slots or a run (run_start, run_count), not both")

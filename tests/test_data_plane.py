@@ -189,7 +189,9 @@ BAD_RUNS = [
     ({"run_start": 0, "run_count": 2**32 - 1}, pattern(0, 1), "exceed max_batch_pages"),
     ({"run_start": 1, "run_count": 1, "slots": [1]}, pattern(0, 1), "not both"),
     ({"run_start": 1, "run_count": 2}, pattern(0, 1), "4096 bytes; 2 slots need exactly 8192"),
-    ({"run_start": 5}, pattern(0, 1), "slots is empty and no run is given"),
+    ({"run_start": 5}, pattern(0, 1), "run_start 5 without run_count"),
+    ({"run_start": 5, "slots": [5]}, pattern(0, 1), "run_start 5 without run_count"),
+    ({"run_count": 0}, pattern(0, 1), "slots is empty and no run is given"),
 ]
 
 

@@ -103,7 +103,8 @@ class SwapOutRequest(_message.Message):
     listed in `slots`, or -- for one run of consecutive slots, as most requests
     are (a kernel's swap clusters, an NBD request) -- as `run_start` and
     `run_count` > 0, meaning run_start, run_start+1, ..., run_start+run_count-1:
-    two numbers to encode and check instead of one per page. Not both.
+    two numbers to encode and check instead of one per page. Not both, and
+    no run_start without run_count.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
