@@ -270,9 +270,11 @@ class AreaManager:
             n = len(slots)
             if n == 0 or n > self.max_batch_pages:
                 raise self._count_error(n)
-            if slots.stop > area.slot_count:
-                raise InvalidArgument(f"slot {slots.stop - 1} out of range: slot_count is {area.slot_count}")
+            if slots.start < 0 or slots.stop > area.slot_count:
+                raise self._range_error(area, slots.start if slots.start < 0 else slots.stop - 1)
             return slots
+        if type(slots) is Misnamed:
+            raise InvalidArgument(slots.why)
         # A list of slots arrives as protobuf's repeated field, slow to walk
         # from Python: copied out of it once.
         slots = list(slots)
@@ -281,12 +283,14 @@ class AreaManager:
             raise self._count_error(n)
         first, last = slots[0], slots[-1]
         if last - first == n - 1 and (n == 1 or slots == list(range(first, last + 1))):  # at C speed
-            if last >= area.slot_count:
-                raise InvalidArgument(f"slot {last} out of range: slot_count is {area.slot_count}")
+            if first < 0 or last >= area.slot_count:
+                raise self._range_error(area, first if first < 0 else last)
             return range(first, last + 1)
-        top = max(slots)
-        if top >= area.slot_count:
-            raise InvalidArgument(f"slot {top} out of range: slot_count is {area.slot_count}")
+        # (From the wire slots are unsigned; an in-process caller's negative
+        # slot would index from the end.)
+        bottom, top = min(slots), max(slots)
+        if bottom < 0 or top >= area.slot_count:
+            raise self._range_error(area, bottom if bottom < 0 else top)
         if len(set(slots)) != n:
             seen: set[int] = set()
             for slot in slots:
@@ -294,6 +298,10 @@ class AreaManager:
                     raise InvalidArgument(f"slot {slot} appears more than once")
                 seen.add(slot)
         return slots
+
+    @staticmethod
+    def _range_error(area: Area, slot: int) -> InvalidArgument:
+        return InvalidArgument(f"slot {slot} out of range: slot_count is {area.slot_count}")
 
     def _count_error(self, n: int) -> InvalidArgument:
         if n == 0:
@@ -312,15 +320,25 @@ class AreaManager:
         self.store.close()
 
 
+class Misnamed(list[int]):
+    """No slots, and why: what slots_of gives for a request that names its slots wrongly. The
+    manager refuses it where it refuses any bad slot -- after the handle check, so the
+    caller of another principal's handle hears NOT_FOUND (and is audited) all the same."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__()
+        self.why = why
+
+
 def slots_of(listed: Sequence[int], run_start: int, run_count: int) -> Sequence[int]:
     """A request's slots from the two ways the wire names them (swap.proto): listed, or
     as a run -- returned as a range, which the checks and the stores take in O(1)."""
     if not run_count:
         if run_start:
-            raise InvalidArgument(f"run_start {run_start} without run_count: a run needs both")
+            return Misnamed(f"run_start {run_start} without run_count: a run needs both")
         return listed
     if listed:
-        raise InvalidArgument("a request names its slots or a run (run_start, run_count), not both")
+        return Misnamed("a request names its slots or a run (run_start, run_count), not both")
     return range(run_start, run_start + run_count)
 
 

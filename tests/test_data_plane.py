@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 import pytest
 
+from netswap.server.errors import InvalidArgument
 from netswap.v1 import swap_pb2, swap_pb2_grpc
 from tests.helpers import PS, Running, auth, pattern, stub_for
 
@@ -215,6 +216,36 @@ async def test_bad_run_is_refused_and_changes_nothing(
         assert words in details, method
     assert await area.get([0, 1, 2]) == before
     assert srv.server.manager.list_areas("alice")[0].pages_stored == 3
+
+
+@pytest.mark.parametrize("fields", [{"run_start": 1, "run_count": 1, "slots": [1]}, {"run_start": 1}])
+async def test_a_misnamed_request_with_a_bad_handle_is_not_found_as_any_other(
+    srv: Running, area: Attached, fields: dict[str, Any]
+) -> None:
+    # The handle is checked first: a bad handle is NOT_FOUND whatever else is wrong.
+    async with stub_for(srv.address) as stub:
+        bobs = (
+            await stub.SwapOn(swap_pb2.SwapOnRequest(name="b", size_bytes=PS), metadata=auth("bob"))
+        ).handle
+    for handle in (b"x" * 16, bobs):
+        request = swap_pb2.SwapInRequest(handle=handle, **fields)
+        code, _ = await code_of(area.stub.SwapIn(request, metadata=auth("alice")))
+        assert code == grpc.StatusCode.NOT_FOUND
+
+
+async def test_the_manager_refuses_negative_slots_from_in_process_callers(
+    srv: Running, area: Attached
+) -> None:
+    # The wire's slots are unsigned; a negative one from Python would index from the end.
+    manager = srv.server.manager
+    await area.out([255], pattern(5, 1))
+    for slots in (range(-1, 1), [-1], [3, -2, 7]):
+        with pytest.raises(InvalidArgument, match="out of range"):
+            manager.swap_out("alice", area.handle, slots, memoryview(pattern(0, len(slots))))
+        with pytest.raises(InvalidArgument, match="out of range"):
+            manager.swap_in("alice", area.handle, slots)
+    assert await area.get([255]) == pattern(5, 1)
+    assert manager.list_areas("alice")[0].pages_stored == 1
 
 
 @pytest.mark.parametrize(

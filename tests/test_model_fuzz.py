@@ -48,11 +48,18 @@ SLOTS = st.one_of(
 )
 
 
-def naming(slots: list[int], as_run: bool) -> dict[str, Any]:
-    """The request fields that name `slots`: as a run (run_start, run_count) when asked and
-    they are one, else listed."""
-    if as_run and slots == list(range(slots[0], slots[0] + len(slots))):
+NAMING = st.sampled_from(["listed", "run", "run", "both", "start only"])
+
+
+def naming(slots: list[int], how: str) -> dict[str, Any]:
+    """The request fields that name `slots`: listed; as a run (run_start, run_count) when
+    they are one; or wrongly -- listed *and* as a run, or with a run_start alone."""
+    if how == "run" and slots == list(range(slots[0], slots[0] + len(slots))):
         return {"run_start": slots[0], "run_count": len(slots)}
+    if how == "both":
+        return {"slots": slots, "run_start": slots[0], "run_count": len(slots)}
+    if how == "start only":
+        return {"slots": slots, "run_start": slots[0] + 1}
     return {"slots": slots}
 
 
@@ -137,14 +144,14 @@ class SwapModel(RuleBasedStateMachine):
         return None
 
     def expect(
-        self, code: grpc.StatusCode, principal: str, handle: bytes, slots: list[int]
+        self, code: grpc.StatusCode, principal: str, handle: bytes, slots: list[int], how: str
     ) -> tuple[str, str] | None:
         """Check a data-plane call's status against the model; the area's key if it went through."""
         key = self.owner_of(handle)
         if key is None or key[0] != principal:
-            assert code == grpc.StatusCode.NOT_FOUND  # unknown, stale, or someone else's
+            assert code == grpc.StatusCode.NOT_FOUND  # unknown, stale, or someone else's: first
             return None
-        if max(slots) >= self.areas[key].size // PS:
+        if how in ("both", "start only") or max(slots) >= self.areas[key].size // PS:
             assert code == grpc.StatusCode.INVALID_ARGUMENT
             return None
         assert code == grpc.StatusCode.OK
@@ -172,14 +179,14 @@ class SwapModel(RuleBasedStateMachine):
         pick=PICK,
         slots=SLOTS,
         seed=st.integers(0, 255),
-        as_run=st.booleans(),
+        how=NAMING,
     )
-    def swap_out(self, principal: str, pick: int, slots: list[int], seed: int, as_run: bool) -> None:
+    def swap_out(self, principal: str, pick: int, slots: list[int], seed: int, how: str) -> None:
         handle = self.handle_for(principal, pick)
         pages = [bytes([(seed + i) % 256]) * PS for i in range(len(slots))]
-        request = swap_pb2.SwapOutRequest(handle=handle, pages=b"".join(pages), **naming(slots, as_run))
+        request = swap_pb2.SwapOutRequest(handle=handle, pages=b"".join(pages), **naming(slots, how))
         code, _ = self.call("SwapOut", request, principal)
-        key = self.expect(code, principal, handle, slots)
+        key = self.expect(code, principal, handle, slots, how)
         if key is not None:
             self.areas[key].pages.update(zip(slots, pages, strict=True))
 
@@ -188,13 +195,13 @@ class SwapModel(RuleBasedStateMachine):
         principal=st.sampled_from(PRINCIPALS),
         pick=PICK,
         slots=SLOTS,
-        as_run=st.booleans(),
+        how=NAMING,
     )
-    def swap_in(self, principal: str, pick: int, slots: list[int], as_run: bool) -> None:
+    def swap_in(self, principal: str, pick: int, slots: list[int], how: str) -> None:
         handle = self.handle_for(principal, pick)
-        request = swap_pb2.SwapInRequest(handle=handle, **naming(slots, as_run))
+        request = swap_pb2.SwapInRequest(handle=handle, **naming(slots, how))
         code, reply = self.call("SwapIn", request, principal)
-        key = self.expect(code, principal, handle, slots)
+        key = self.expect(code, principal, handle, slots, how)
         if key is not None:
             assert isinstance(reply, swap_pb2.SwapInResponse)
             pages = self.areas[key].pages
@@ -205,13 +212,13 @@ class SwapModel(RuleBasedStateMachine):
         principal=st.sampled_from(PRINCIPALS),
         pick=PICK,
         slots=SLOTS,
-        as_run=st.booleans(),
+        how=NAMING,
     )
-    def discard(self, principal: str, pick: int, slots: list[int], as_run: bool) -> None:
+    def discard(self, principal: str, pick: int, slots: list[int], how: str) -> None:
         handle = self.handle_for(principal, pick)
-        request = swap_pb2.DiscardRequest(handle=handle, **naming(slots, as_run))
+        request = swap_pb2.DiscardRequest(handle=handle, **naming(slots, how))
         code, _ = self.call("Discard", request, principal)
-        key = self.expect(code, principal, handle, slots)
+        key = self.expect(code, principal, handle, slots, how)
         if key is not None:
             for s in slots:
                 self.areas[key].pages.pop(s, None)
