@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import grpc
 import pytest
 
 from netswap.client import (
@@ -18,6 +21,8 @@ from netswap.client import (
     SizeMismatch,
     SwapClient,
 )
+from netswap.common.pagewire import decode_page_request
+from netswap.v1 import swap_pb2
 from tests.helpers import PS, TOKENS, Running, pattern, running_server
 
 
@@ -47,26 +52,78 @@ async def test_round_trip_across_many_batches(srv: Running) -> None:
         assert await client.list_areas() == []
 
 
-async def test_ranges_go_as_runs_and_a_server_without_runs_gets_lists(srv: Running) -> None:
-    async with await SwapClient.connect(srv.address, TOKENS["alice"]) as client:
+if TYPE_CHECKING:
+    _UnaryInterceptor = grpc.aio.UnaryUnaryClientInterceptor[Any, Any]
+    _StreamInterceptor = grpc.aio.StreamStreamClientInterceptor[Any, Any]
+else:  # not subscriptable at run time
+    _UnaryInterceptor = grpc.aio.UnaryUnaryClientInterceptor
+    _StreamInterceptor = grpc.aio.StreamStreamClientInterceptor
+
+
+class _PastServer(_UnaryInterceptor):
+    """With `on`, SwapOn replies come back as a server from before runs sends them:
+    without takes_runs."""
+
+    on = False
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        call = await continuation(details, request)
+        if not (self.on and details.method.endswith(b"/SwapOn")):
+            return call
+        reply = swap_pb2.SwapOnResponse()
+        reply.CopyFrom(await call)
+        reply.ClearField("takes_runs")
+        return reply
+
+
+class _Recorder(_StreamInterceptor):
+    """Records what the client sends on its page stream."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        async def recorded() -> AsyncIterator[bytes]:
+            async for raw in requests:
+                self.sent.append(raw)
+                yield raw
+
+        return await continuation(details, recorded())
+
+    def named(self) -> list[str]:
+        """How each request sent since the last look named its slots: "run" or "listed"."""
+        named = ["run" if decode_page_request(raw)[1].run_count else "listed" for raw in self.sent]
+        self.sent.clear()
+        return named
+
+
+async def test_ranges_go_as_runs_only_to_a_server_that_takes_them(srv: Running) -> None:
+    past, watch = _PastServer(), _Recorder()
+    channel = grpc.aio.insecure_channel(srv.address, interceptors=[past, watch])  # type: ignore[list-item]
+    async with SwapClient(channel, TOKENS["alice"]) as client:
         area = await client.swapon("vm1", 4 << 20)
         assert area.takes_runs  # this server says so at SwapOn
         data = pattern(2, 600)
         await area.swap_out(range(300, 900), data)  # 3 batches, each a run
         assert bytes((await area.swap_in(list(range(300, 900)), into=bytearray(len(data)))).view) == data
-        # As against a server from before runs: the same ranges go as lists.
-        area.takes_runs = False
-        await area.swap_out(range(0, 10), data[: 10 * PS])
-        assert bytes((await area.swap_in(range(0, 310), into=bytearray(310 * PS))).view) == (
-            data[: 10 * PS] + bytes(290 * PS) + data[: 10 * PS]
-        )
-        await area.discard(range(0, 5))
-        area.takes_runs = True
         await area.discard(range(300, 305))
-        with await area.swap_in(range(0, 10)) as got, await area.swap_in(range(300, 310)) as run:
-            assert got.view == bytes(5 * PS) + data[5 * PS : 10 * PS]
+        assert watch.named() == ["run"] * 3 + ["listed"] * 3 + ["run"]
+        # Against a server from before runs (as SwapOn says after a re-attach):
+        # the same ranges go as lists, and mean the same.
+        past.on = True
+        assert not await area.reattach()
+        await area.swap_out(range(0, 10), data[: 10 * PS])
+        with await area.swap_in(range(0, 10)) as got:
+            assert got.view == data[: 10 * PS]
+        await area.discard(range(0, 5))
+        assert watch.named() == ["listed"] * 3
+        past.on = False
+        await area.reattach()
+        assert area.takes_runs
+        with await area.swap_in(range(300, 310)) as run:
             assert run.view == bytes(5 * PS) + data[5 * PS : 10 * PS]
-        assert srv.server.manager.list_areas("alice")[0].pages_stored == 600 + 10 - 10
+        assert watch.named() == ["run"]
+        assert srv.server.manager.list_areas("alice")[0].pages_stored == 600 - 5 + 10 - 5
 
 
 async def test_more_concurrent_reads_than_pool_pages(srv: Running) -> None:
