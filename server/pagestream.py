@@ -13,7 +13,7 @@ event loop anyway, and the caller pipelines to keep the pipe full.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
@@ -55,7 +55,11 @@ class PageStreams:
             if isinstance(request, Malformed):
                 raise InvalidArgument(request.message)
             op, head, pages = request
-            slots = slots_of(head.slots, head.run_start, head.run_count)
+            count = head.run_count
+            if count and not head.slots:  # a run, as most requests are: slots_of's range, inline
+                slots: Sequence[int] = range(head.run_start, head.run_start + count)
+            else:
+                slots = slots_of(head.slots, head.run_start, count)
             if op == "SwapOut":
                 self._manager.swap_out(principal, head.handle, slots, pages)
                 reply = _DONE
