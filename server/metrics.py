@@ -26,7 +26,8 @@ LATENCY_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
-_TITLES = {"swap_out": "SwapOut", "swap_in": "SwapIn", "discard": "Discard"}
+# The data-plane methods as metrics name them -> as the API does.
+TITLES = {"swap_out": "SwapOut", "swap_in": "SwapIn", "discard": "Discard"}
 
 
 class ServerMetrics:
@@ -49,7 +50,7 @@ class ServerMetrics:
         )
         # One update per request: the pages and bytes counters are this
         # histogram's sums, read at scrape time (_MovedCollector).
-        self.batch_pages = {method: batch_pages.labels(method) for method in _TITLES}
+        self.batch_pages = {method: batch_pages.labels(method) for method in TITLES}
         registry.register(_MovedCollector(self.batch_pages))
         self.auth_failures = Counter(
             "netswap_auth_failures_total",
@@ -88,7 +89,7 @@ class _MovedCollector(Collector):
         self._batches = batches
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        for method, title in _TITLES.items():
+        for method, title in TITLES.items():
             pages = self._batches[method].counts[-1]
             yield CounterMetricFamily(f"netswap_{method}_pages", f"Pages moved by successful {title}.", pages)
             if method != "discard":

@@ -21,10 +21,9 @@ from netswap.common.pagewire import PageOp, encode_page_error, encode_page_reply
 from netswap.server.areas import AreaManager, slots_of
 from netswap.server.errors import InvalidArgument
 from netswap.server.interceptors import Malformed
-from netswap.server.metrics import ServerMetrics
+from netswap.server.metrics import TITLES, ServerMetrics
 from netswap.server.status import status_for
 
-_METRIC = {"SwapOut": "swap_out", "SwapIn": "swap_in", "Discard": "discard"}
 _DONE = encode_page_reply()  # the reply of every SwapOut and Discard that succeeded
 
 
@@ -36,7 +35,7 @@ class PageStreams:
         # (its time, its pages).
         self._ok = {
             op: (metrics.rpc_duration.labels(op, grpc.StatusCode.OK.name), metrics.batch_pages[method])
-            for op, method in _METRIC.items()
+            for method, op in TITLES.items()
         }
 
     async def serve(
