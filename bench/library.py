@@ -16,11 +16,17 @@ For each batch size it measures, with servers in separate processes:
            and the client copying them into its buffer, with slots moving
            through the area as the library bench's do: the ceiling of a
            store on this transport
+  filed    the stream echo doing the system calls the file store must and
+           nothing else: SwapOut's pages written into a fresh fallocate'd
+           area file in the file store's pieces (WRITE_CHUNK), SwapIn's read
+           with one pread: the ceiling of a store that keeps pages in files
   memory   netswap.client -> netswap-server --store memory
   file     netswap.client -> netswap-server --store file:<tmpdir>
 and prints pages/s, p50/p99 latency per request (one in flight, so latency
 is the round trip) and the CPU time per request of the server process and
-of this (client) process, plus each store's ratio to the echoes. A last
+of this (client) process, plus each target's ratio to the echoes and to
+its bound (`stored`; the file store's: `filed`), each the median over the
+runs of the ratio within a run (the two measured seconds apart). A last
 line gives what one 1 MiB copy costs here, in cache and from a random place
 in a 64 MiB area: a store makes one on each side of a 256-page request that
 the echoes do not, from or into memory its caches do not hold. Every
@@ -67,9 +73,14 @@ from netswap.common.pagewire import (  # the same encoders the library uses
     encode_swap_out,
     slot_fields,
 )
+from netswap.server.store.file import WRITE_CHUNK
 from netswap.v1 import swap_pb2
 
 BATCHES = (1, 8, 64, 256)
+# Each target's bound: the least any store of its kind does on this transport
+# (the `vs bound` column). The file store's is `filed`: its system calls.
+BOUND = {"echo": "stored", "stream": "stored", "stored": "stored", "memory": "stored"}
+BOUND |= {"filed": "filed", "file": "filed"}
 
 
 # -- the echo ceiling: same shapes, no storage --------------------------------
@@ -78,12 +89,13 @@ BATCHES = (1, 8, 64, 256)
 STORED_AREA = 64 << 20  # the `stored` echo's area: as big as the library's bench areas
 
 
-async def serve_echo(address: str, stores: bool = False) -> None:
+async def serve_echo(address: str, stores: bool = False, files: Path | None = None) -> None:
     """Parses requests like netswap does, stores nothing: the gRPC + protobuf ceiling.
 
     With `stores`, PageStream instead does the copies any store must: SwapOut's
     pages into a populated 64 MiB area at their slots, SwapIn's out of it into
-    the reply -- and nothing else (no handles, checks, metrics).
+    the reply -- and nothing else (no handles, checks, metrics). With `files`,
+    it does the system calls the file store must instead (filed_stream).
     """
     blob = bytes(256 * PAGE_SIZE)
     populate = getattr(mmap, "MAP_POPULATE", 0)
@@ -117,10 +129,33 @@ async def serve_echo(address: str, stores: bool = False) -> None:
             else:
                 yield encode_page_reply([area[at : at + size]])
 
+    async def filed_stream(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+        # A fresh area file per call, as the library bench makes a fresh area
+        # per measurement: fallocate'd, advised random, written in the file
+        # store's pieces and read with one pread per run -- its I/O, nothing else.
+        assert files is not None
+        fd, path = tempfile.mkstemp(dir=files)
+        try:
+            os.posix_fallocate(fd, 0, STORED_AREA)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            async for request in requests:
+                op, head, pages = decode_page_request(request)
+                at, size = head.run_start * PAGE_SIZE, head.run_count * PAGE_SIZE
+                if op == "SwapOut":
+                    for piece in range(0, size, WRITE_CHUNK):
+                        os.pwrite(fd, pages[piece : piece + WRITE_CHUNK], at + piece)  # as the store does
+                    yield encode_page_reply(())
+                else:
+                    yield encode_page_reply([os.pread(fd, size, at)])
+        finally:
+            os.close(fd)
+            os.unlink(path)
+
+    stream = filed_stream if files else stored_stream if stores else page_stream
     handlers = {
         "SwapOut": grpc.unary_unary_rpc_method_handler(swap_out),
         "SwapIn": grpc.unary_unary_rpc_method_handler(swap_in),
-        "PageStream": grpc.stream_stream_rpc_method_handler(stored_stream if stores else page_stream),
+        "PageStream": grpc.stream_stream_rpc_method_handler(stream),
     }
     limit = max_message_bytes(256)
     server = grpc.aio.server(
@@ -297,12 +332,13 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="also write the medians here")
     ap.add_argument("--serve-echo", metavar="ADDRESS", help=argparse.SUPPRESS)
     ap.add_argument("--echo-stores", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--echo-files", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     # Every process here keeps its heap, as netswap's own do (netswap.common.heap):
     # the clients of all targets share this one, the echo server runs this file.
     keep_heap()
     if args.serve_echo:
-        loop.run(lambda: serve_echo(args.serve_echo, args.echo_stores))
+        loop.run(lambda: serve_echo(args.serve_echo, args.echo_stores, args.echo_files))
         return 0
 
     with tempfile.TemporaryDirectory(prefix="netswap-bench-") as tmp_s:
@@ -311,11 +347,15 @@ def main() -> int:
         server = [sys.executable, "-m", "netswap.server", "--tokens", str(tokens), "--metrics-listen", ""]
         echo = ([sys.executable, __file__, "--serve-echo", f"unix:{tmp}/echo.sock"], tmp / "echo.sock")
         stored = [sys.executable, __file__, "--serve-echo", f"unix:{tmp}/stored.sock", "--echo-stores"]
+        (tmp / "filed").mkdir()
+        filed = [sys.executable, __file__, "--serve-echo", f"unix:{tmp}/filed.sock", "--echo-files"]
+        filed.append(str(tmp / "filed"))
         targets = {
             "echo": echo,
             "stream": echo,
             "stored": (stored, tmp / "stored.sock"),
             "memory": ([*server, "--listen", f"unix:{tmp}/mem.sock", "--store", "memory"], tmp / "mem.sock"),
+            "filed": (filed, tmp / "filed.sock"),
             "file": (
                 [*server, "--listen", f"unix:{tmp}/file.sock", "--store", f"file:{tmp}/store"],
                 tmp / "file.sock",
@@ -336,6 +376,7 @@ def main() -> int:
                             "echo": bench_echo,
                             "stream": bench_stream_echo,
                             "stored": bench_stored_echo,
+                            "filed": bench_stored_echo,  # the same client; the server differs
                         }.get(name, bench_netswap)
                         # netswap's loop (uvloop), as its own processes run the client
                         res = loop.run(functools.partial(fn, f"unix:{sock}", pids[name], batch, calls))
@@ -349,23 +390,28 @@ def main() -> int:
     def med(key: tuple[str, int, str], i: int) -> float:
         return statistics.median(r[i] for r in results[key])
 
+    def paired(name: str, base: str, batch: int, op: str, i: int = 0) -> float:
+        """The median over runs of measure i of `name` over that of `base` in the same run:
+        the two were measured seconds apart, so a slow spell of the machine weighs on both."""
+        return statistics.median(
+            a[i] / b[i] for a, b in zip(results[name, batch, op], results[base, batch, op], strict=True)
+        )
+
     print(f"\nnetswap library vs gRPC echo ceilings -- medians of {args.runs} runs, one request in flight")
     print(
         f"{'op':4} {'batch':>5} {'target':7} {'pages/s':>9} {'MB/s':>7} {'p50 us':>8} {'p99 us':>8}"
-        f" {'vs stream':>9} {'vs stored':>9} {'vs echo':>8} {'srv cpu us':>10} {'cli cpu us':>10}"
+        f" {'vs stream':>9} {'vs bound':>8} {'vs echo':>8} {'srv cpu us':>10} {'cli cpu us':>10}"
     )
     for op in ("out", "in"):
         for batch in BATCHES:
             for name in targets:
-                pps = med((name, batch, op), 0)
-                vs_stream = pps / med(("stream", batch, op), 0)
-                vs_stored = pps / med(("stored", batch, op), 0)
-                vs_echo = pps / med(("echo", batch, op), 0)
+                key = (name, batch, op)
+                pps = med(key, 0)
                 print(
                     f"{op:4} {batch:5d} {name:7} {pps:9.0f} {pps * PAGE_SIZE / 1e6:7.1f}"
-                    f" {med((name, batch, op), 1) * 1e6:8.0f} {med((name, batch, op), 2) * 1e6:8.0f}"
-                    f" {vs_stream:9.2f} {vs_stored:9.2f} {vs_echo:8.2f}"
-                    f" {med((name, batch, op), 3) * 1e6:10.0f} {med((name, batch, op), 4) * 1e6:10.0f}"
+                    f" {med(key, 1) * 1e6:8.0f} {med(key, 2) * 1e6:8.0f}"
+                    f" {paired(name, 'stream', batch, op):9.2f} {paired(name, BOUND[name], batch, op):8.2f}"
+                    f" {paired(name, 'echo', batch, op):8.2f} {med(key, 3) * 1e6:10.0f} {med(key, 4) * 1e6:10.0f}"
                 )
     copy_us, copy_cold_us = copy_cost_us()
     print(f"\none 1 MiB copy: {copy_us:.0f} us in cache, {copy_cold_us:.0f} us from a random place in 64 MiB")
@@ -375,6 +421,8 @@ def main() -> int:
             {"op": op, "batch": batch, "target": name, "pages_per_s": med((name, batch, op), 0),
              "p50_s": med((name, batch, op), 1), "p99_s": med((name, batch, op), 2),
              "server_cpu_s": med((name, batch, op), 3), "client_cpu_s": med((name, batch, op), 4),
+             "vs_stream": paired(name, "stream", batch, op), "vs_bound": paired(name, BOUND[name], batch, op),
+             "p50_vs_stream": paired(name, "stream", batch, op, 1),
              "copy_1mib_s": copy_us / 1e6, "copy_1mib_cold_s": copy_cold_us / 1e6}
             for (name, batch, op) in results
         ]  # fmt: skip

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/suite.py [--runs 3] [--out bench/results]
 
-1. transport ceiling and library   bench/library.py (echo vs memory vs file store)
+1. transport ceiling and library   bench/library.py (echoes, stores' bounds, memory and file store)
 2. block path                      bench/block.py (fio via NBD: netswap vs nbdkit memory, CPU s/GB)
 3. guest                           the QEMU guest swap test on netswap vs on nbdkit memory
 4. memory                          bench/memory.py (frontend RSS against 2 GiB of traffic)
@@ -71,35 +71,38 @@ def library_row(lib: list[dict[str, Any]], target: str, op: str, batch: int) -> 
     return next(r for r in lib if r["target"] == target and r["op"] == op and r["batch"] == batch)
 
 
-def summary(res: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
-    """(what, measured ratio or value, target, met) for each of the issue's targets."""
+def summary(res: dict[str, Any]) -> list[tuple[str, float, str, bool, float | None]]:
+    """(what, measured ratio or value, target, met, bound) for each of the issue's targets.
+
+    The bound is the same measure for the least any implementation of that
+    kind does on this transport (bench/library.py's `stored` and `filed`
+    echoes; bench/block.py's frontend that costs nothing), where one is
+    measured: a target above its bound is out of reach here.
+    """
     lib, blk, g = res["library"], res["block"], res["guest"]
-    rows = []
+    rows: list[tuple[str, float, str, bool, float | None]] = []
     # The ceiling is the echo of the transport the library uses: PageStream.
+    # Ratios are paired: the median over runs of the ratio within a run.
     for op in ("out", "in"):
         for batch in (64, 256):
-            for store in ("memory", "file"):
-                ratio = (
-                    library_row(lib, store, op, batch)["pages_per_s"]
-                    / library_row(lib, "stream", op, batch)["pages_per_s"]
-                )
-                rows.append(
-                    (
-                        f"library {store} swap_{op} batch {batch}: pages/s vs stream echo",
-                        ratio,
-                        ">= 0.80",
-                        ratio >= 0.8,
-                    )
-                )
-        p50 = library_row(lib, "memory", op, 1)["p50_s"] / library_row(lib, "stream", op, 1)["p50_s"]
-        rows.append((f"library memory swap_{op} batch 1: p50 vs stream echo", p50, "<= 1.25", p50 <= 1.25))
+            for store, bound in (("memory", "stored"), ("file", "filed")):
+                ratio = library_row(lib, store, op, batch)["vs_stream"]
+                most = library_row(lib, bound, op, batch)["vs_stream"]
+                what = f"library {store} swap_{op} batch {batch}: pages/s vs stream echo"
+                rows.append((what, ratio, ">= 0.80", ratio >= 0.8, most))
+        p50 = library_row(lib, "memory", op, 1)["p50_vs_stream"]
+        least = library_row(lib, "stored", op, 1)["p50_vs_stream"]
+        rows.append(
+            (f"library memory swap_{op} batch 1: p50 vs stream echo", p50, "<= 1.25", p50 <= 1.25, least)
+        )
     iops = blk["netswap"]["4k randwrite qd32"]["iops"] / blk["nbdkit"]["4k randwrite qd32"]["iops"]
-    rows.append(("block 4k randwrite qd32: IOPS vs nbdkit", iops, ">= 0.35", iops >= 0.35))
+    most = blk["bounds"]["4k randwrite qd32"]["vs_nbdkit"]
+    rows.append(("block 4k randwrite qd32: IOPS vs nbdkit", iops, ">= 0.35", iops >= 0.35, most))
     for name in ("64k seq write", "64k seq read"):
         mbps = blk["netswap"][name]["mbps"]
-        rows.append((f"block {name}: MB/s", mbps, ">= 300", mbps >= 300))
+        rows.append((f"block {name}: MB/s", mbps, ">= 300", mbps >= 300, None))
     wall = g["netswap"]["seconds"] / g["nbdkit"]["seconds"]
-    rows.append(("guest swap test: wall time vs nbdkit", wall, "<= 1.30", wall <= 1.3))
+    rows.append(("guest swap test: wall time vs nbdkit", wall, "<= 1.30", wall <= 1.3, None))
     return rows
 
 
@@ -111,7 +114,15 @@ def plot(res: dict[str, Any], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     lib = res["library"]
-    for target, style in (("echo", "k:"), ("stream", "k--"), ("memory", "o-"), ("file", "s-")):
+    lines = (
+        ("echo", "k:"),
+        ("stream", "k--"),
+        ("stored", "g--"),
+        ("filed", "g:"),
+        ("memory", "o-"),
+        ("file", "s-"),
+    )
+    for target, style in lines:
         for op in ("out", "in"):
             rows = sorted(
                 (r for r in lib if r["target"] == target and r["op"] == op), key=lambda r: r["batch"]
@@ -148,15 +159,20 @@ def main() -> int:
     res["block"] = run_script("block", args.out, "--runs", str(args.runs))
     res["guest"] = guest(args.runs)
     res["memory"] = run_script("memory", args.out)
-    res["targets"] = [{"what": w, "value": v, "target": t, "met": m} for w, v, t, m in summary(res)]
+    res["targets"] = [
+        {"what": w, "value": v, "target": t, "met": m, "bound": b} for w, v, t, m, b in summary(res)
+    ]
     (args.out / "results.json").write_text(json.dumps(res, indent=2))
     plot(res, args.out / "results.png")
     g = res["guest"]
     print(f"\nguest swap test: netswap {g['netswap']['seconds']:.1f} s ({g['netswap']['pswpout']:.0f} pages out),"
           f" nbdkit memory {g['nbdkit']['seconds']:.1f} s ({g['nbdkit']['pswpout']:.0f} pages out)")  # fmt: skip
-    print(f"\n{'target':58} {'measured':>9} {'goal':>8}  met")
+    print(f"\n{'target':58} {'measured':>9} {'goal':>8}  met {'bound':>6}")
     for row in res["targets"]:
-        print(f"{row['what']:58} {row['value']:9.2f} {row['target']:>8}  {'yes' if row['met'] else 'NO'}")
+        bound = "" if row["bound"] is None else f"{row['bound']:6.2f}"
+        print(
+            f"{row['what']:58} {row['value']:9.2f} {row['target']:>8}  {'yes' if row['met'] else 'NO ':3} {bound}"
+        )
     print(f"\nmachine: {machine}\nwrote {args.out / 'results.json'} and {args.out / 'results.png'}")
     return 0
 

@@ -59,7 +59,7 @@ def runs(slots: Sequence[int]) -> Iterator[tuple[int, int, int]]:
 
     Yields (index of the run's first page in the blob, first slot, page count),
     so each run is one contiguous piece of the blob and of the backing medium:
-    one pwritev/preadv or one memory copy per run, never one per page.
+    one memory copy or one stretch of the file per run, never one piece per page.
     """
     n = len(slots)
     if isinstance(slots, range) and slots.step == 1:

@@ -9,7 +9,7 @@ Layout under the root (names are hex-encoded: no input ever becomes a path):
 
 The .meta file is written last (write, fsync, rename): an area exists if and
 only if its .meta does, so a creation cut short leaves files that the next
-start removes. Pages are written with pwritev and not fsync'd: they survive a
+start removes. Pages are written with pwrite and not fsync'd: they survive a
 crash of the server process (the page cache keeps them), not of the host --
 swap does not outlive its host's memory either.
 """
@@ -128,7 +128,7 @@ WRITE_CHUNK = 16 * 1024
 
 def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
     while buf:
-        n = os.pwritev(fd, [buf[:WRITE_CHUNK]], offset)
+        n = os.pwrite(fd, buf[:WRITE_CHUNK], offset)
         buf, offset = buf[n:], offset + n
 
 
