@@ -87,6 +87,7 @@ class AreaManager:
         self.server_id = secrets.token_bytes(HANDLE_BYTES)
         self._areas: dict[AreaKey, Area] = {}
         self._handles: dict[bytes, Area] = {}
+        self._unsettled: list[Backing] = []  # took a SwapOut `later` (see settle)
         self._control = asyncio.Lock()
         for key, backing in store.existing():
             self._areas[key] = Area(key, backing)
@@ -210,6 +211,7 @@ class AreaManager:
             self._audit.event("swapoff", principal=principal, area=area.key.name, outcome="ok")
 
     def list_areas(self, principal: str) -> list[AreaStats]:
+        self.settle()  # count a SwapOut acknowledged a moment ago
         return [
             AreaStats(a.key.name, a.size_bytes, a.backing.stored_pages())
             for key, a in sorted(self._areas.items())
@@ -222,7 +224,12 @@ class AreaManager:
     # CPU's caches are cold, as they are between two requests (README,
     # Performance); failures take calls aside to say what was wrong.
 
-    def swap_out(self, principal: str, handle: bytes, slots: Sequence[int], pages: memoryview) -> None:
+    def swap_out(
+        self, principal: str, handle: bytes, slots: Sequence[int], pages: memoryview, later: bool = False
+    ) -> None:
+        """Store `pages` at `slots`. With `later` the store may copy them at settle() -- call
+        it soon, e.g. once the reply is on its way -- or at the next call touching the
+        area, whichever is first (Backing.write); the caller must not change `pages`."""
         area = self._handles.get(handle)
         if area is None or area.key.owner != principal:
             area = self._attached(principal, handle, "SwapOut")
@@ -231,7 +238,14 @@ class AreaManager:
             raise InvalidArgument(
                 f"pages is {len(pages)} bytes; {len(slots)} slots need exactly {len(slots) * PAGE_SIZE}"
             )
-        area.backing.write(slots, pages)
+        area.backing.write(slots, pages, later)
+        if later:
+            self._unsettled.append(area.backing)
+
+    def settle(self) -> None:
+        """Finish every copy a swap_out took `later` and has not finished yet."""
+        while self._unsettled:
+            self._unsettled.pop().settle()
 
     def swap_in(self, principal: str, handle: bytes, slots: Sequence[int]) -> list[bytes | memoryview]:
         """The pages of `slots`, as pieces to join at once (see Backing.read)."""

@@ -248,6 +248,26 @@ async def test_the_manager_refuses_negative_slots_from_in_process_callers(
     assert manager.list_areas("alice")[0].pages_stored == 1
 
 
+async def test_a_swap_out_taken_later_is_counted_read_and_kept_by_the_manager(
+    srv: Running, area: Attached
+) -> None:
+    # PageStream hands SwapOuts over `later` (the memory store copies once the
+    # reply is sent): listing, reading and settling all see them, and a
+    # swapoff with one pending loses nothing that outlives the area.
+    manager = srv.server.manager
+    manager.swap_out("alice", area.handle, range(0, 2), memoryview(pattern(1, 2)), later=True)
+    assert manager.list_areas("alice")[0].pages_stored == 2
+    manager.swap_out("alice", area.handle, [9], memoryview(pattern(2, 1)), later=True)
+    assert b"".join(manager.swap_in("alice", area.handle, [9, 0])) == pattern(2, 1) + pattern(1, 2)[:PS]
+    manager.swap_out("alice", area.handle, [10], memoryview(pattern(3, 1)), later=True)
+    manager.settle()
+    assert await area.get([10]) == pattern(3, 1)
+    manager.swap_out("alice", area.handle, [11], memoryview(pattern(4, 1)), later=True)
+    await manager.swapoff("alice", area.handle)
+    manager.settle()  # the area is gone: nothing to copy, nothing raised
+    assert manager.list_areas("alice") == []
+
+
 @pytest.mark.parametrize(
     ("handle", "code"),
     [(b"", grpc.StatusCode.INVALID_ARGUMENT), (b"x" * 16, grpc.StatusCode.NOT_FOUND),

@@ -154,6 +154,31 @@ async def test_replies_come_in_request_order_when_pipelined(srv: Running, channe
         assert await stream.reply() == (OK, "", pattern(63 - slot, 1))
 
 
+async def test_an_acknowledged_swap_out_is_there_for_whoever_asks_next(
+    srv: Running, channel: grpc.aio.Channel
+) -> None:
+    # The memory store copies a SwapOut's pages once its reply has left
+    # (PageStreams.serve). Whoever asks next -- on another stream, by a unary
+    # call, after the writing stream is gone -- must find them.
+    handle = await attach(srv.address)
+    writer = RawStream(channel, "alice")
+    async with grpc.aio.insecure_channel(srv.address) as other, stub_for(srv.address) as stub:
+        reader = RawStream(other, "alice")
+        for n, slots in enumerate((range(0, 4), range(8, 12), range(16, 20))):
+            as_run = encode_page_swap_out(handle, slots, [memoryview(pattern(n, 4))], True)
+            assert await writer.ask(as_run) == (OK, "", b"")
+            assert await reader.ask(swap_in(handle, list(slots))) == (OK, "", pattern(n, 4))
+        assert await writer.ask(swap_out(handle, [30, 31], pattern(7, 2))) == (OK, "", b"")
+        listed = await stub.ListAreas(swap_pb2.ListAreasRequest(), metadata=auth("alice"))
+        assert [a.pages_stored for a in listed.areas] == [14]
+        assert await writer.ask(swap_out(handle, [40, 41], pattern(8, 2))) == (OK, "", b"")
+        writer.call.cancel()
+        reply = await stub.SwapIn(
+            swap_pb2.SwapInRequest(handle=handle, slots=[40, 41]), metadata=auth("alice")
+        )
+        assert reply.pages == pattern(8, 2)
+
+
 async def test_an_unknown_caller_cannot_open_a_stream(srv: Running, channel: grpc.aio.Channel) -> None:
     open_call = channel.stream_stream(METHOD, request_serializer=None, response_deserializer=None)
     call = open_call(None, metadata=(("authorization", "Bearer nope"),))

@@ -22,8 +22,19 @@ class Backing(Protocol):
     @property
     def size_bytes(self) -> int: ...
 
-    def write(self, slots: Sequence[int], pages: memoryview) -> None:
-        """Store pages[i*PAGE_SIZE:(i+1)*PAGE_SIZE] at slots[i]."""
+    def write(self, slots: Sequence[int], pages: memoryview, later: bool = False) -> None:
+        """Store pages[i*PAGE_SIZE:(i+1)*PAGE_SIZE] at slots[i].
+
+        With `later` the store may keep `pages` (which the caller must not
+        change) and copy them at settle() or its next read, write or discard:
+        a store whose contents die with its process anyway (memory) can so
+        take the copy off a request's round trip, and no client can tell.
+        A store that keeps acknowledged pages across a crash of the process
+        (file) writes at once.
+        """
+
+    def settle(self) -> None:
+        """Finish a write taken `later`, if one is pending."""
 
     def read(self, slots: Sequence[int]) -> list[bytes | memoryview]:
         """The pages of `slots` in order, as pieces to concatenate; never-written/discarded slots
@@ -34,7 +45,8 @@ class Backing(Protocol):
         """Make the slots read as zeros, keeping their reservation."""
 
     def stored_pages(self) -> int:
-        """Slots holding data: written and not discarded since."""
+        """Slots holding data: written and not discarded since. Leaves out a write taken
+        `later` and not settled yet: the metrics thread reads it, and must not copy."""
 
     def close(self) -> None: ...
 

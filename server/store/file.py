@@ -78,12 +78,17 @@ class FileBacking:
     def size_bytes(self) -> int:
         return self._size
 
-    def write(self, slots: Sequence[int], pages: memoryview) -> None:
+    def write(self, slots: Sequence[int], pages: memoryview, later: bool = False) -> None:
+        # Always at once, `later` or not: acknowledged pages must survive a
+        # crash of the server process (see the module docstring).
         for first, count, src in blob_runs(slots, pages):
             _pwrite_all(self._fd, src, first * PAGE_SIZE)
             # Data first, then the map: a crash in between leaves the slot
             # reading as its old contents, never as garbage.
             self._map.mark(first, count)
+
+    def settle(self) -> None:
+        pass  # nothing is ever pending (write)
 
     def read(self, slots: Sequence[int]) -> list[bytes | memoryview]:
         # os.pread's bytes are the read's only buffer: no zeroed buffer filled

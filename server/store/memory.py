@@ -28,6 +28,7 @@ class MemoryBacking:
         self._data = memoryview(self._mm)
         self._map = SlotMap(bytearray(size_bytes // PAGE_SIZE))
         self._size = size_bytes
+        self._later: tuple[Sequence[int], memoryview] | None = None  # see write()
 
     def _lock(self, size_bytes: int) -> None:
         """mlock the area so the server's host can never swap the swapped-out pages."""
@@ -47,7 +48,15 @@ class MemoryBacking:
     def size_bytes(self) -> int:
         return self._size
 
-    def write(self, slots: Sequence[int], pages: memoryview) -> None:
+    def write(self, slots: Sequence[int], pages: memoryview, later: bool = False) -> None:
+        if self._later is not None:  # writes land in the order they were taken
+            self.settle()
+        if later:
+            # Kept, not copied: this area dies with the process, so a write
+            # acknowledged before its copy is one no client can tell from any
+            # other -- every read, write and discard here settles it first.
+            self._later = (slots, pages)
+            return
         if type(slots) is range and slots.step == 1:  # one run, as most requests are: no generators
             first = slots.start
             self._data[first * PAGE_SIZE : first * PAGE_SIZE + len(pages)] = pages
@@ -57,9 +66,17 @@ class MemoryBacking:
             self._data[first * PAGE_SIZE : (first + count) * PAGE_SIZE] = src
             self._map.mark(first, count)
 
+    def settle(self) -> None:
+        if self._later is not None:
+            slots, pages = self._later
+            self._later = None
+            self.write(slots, pages)
+
     def read(self, slots: Sequence[int]) -> list[bytes | memoryview]:
         # Views: the reply encoder's join is the only copy. Discard zeroes the
         # memory itself, so reads need not consult the map.
+        if self._later is not None:
+            self.settle()
         if type(slots) is range and slots.step == 1:  # one run: as in write
             return [self._data[slots.start * PAGE_SIZE : slots.stop * PAGE_SIZE]]
         return [
@@ -67,6 +84,7 @@ class MemoryBacking:
         ]
 
     def discard(self, slots: Sequence[int]) -> None:
+        self.settle()
         for _, first, count in runs(slots):
             zero_fill(self._data[first * PAGE_SIZE : (first + count) * PAGE_SIZE])
             self._map.clear(first, count)
@@ -75,6 +93,7 @@ class MemoryBacking:
         return self._map.stored
 
     def close(self) -> None:
+        self._later = None  # the area is going: nothing left to copy
         self._data.release()
         self._mm.close()
 
