@@ -14,6 +14,7 @@ Control-plane calls (swapon/swapoff) take one lock, because creating an area
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +24,8 @@ from netswap.common.limits import NAME_PATTERN, PAGE_SIZE
 from netswap.server.audit import AuditLog, outcome_of
 from netswap.server.errors import Exhausted, InvalidArgument, NotFound, ServiceError, SizeMismatch
 from netswap.server.store import AreaKey, Backing, Store
+
+log = logging.getLogger(__name__)
 
 HANDLE_BYTES = 16  # 128 random bits
 
@@ -245,7 +248,14 @@ class AreaManager:
     def settle(self) -> None:
         """Finish every copy a swap_out took `later` and has not finished yet."""
         while self._unsettled:
-            self._unsettled.pop().settle()
+            backing = self._unsettled.pop()
+            try:
+                backing.settle()
+            except Exception:
+                # Whoever settles may be another principal's request: it must
+                # not fail for this. The write stays pending in its area, whose
+                # own next call fails with it (INTERNAL), never reads around it.
+                log.exception("could not finish an acknowledged SwapOut's copy")
 
     def swap_in(self, principal: str, handle: bytes, slots: Sequence[int]) -> list[bytes | memoryview]:
         """The pages of `slots`, as pieces to join at once (see Backing.read)."""

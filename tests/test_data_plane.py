@@ -268,6 +268,33 @@ async def test_a_swap_out_taken_later_is_counted_read_and_kept_by_the_manager(
     assert manager.list_areas("alice") == []
 
 
+async def test_a_copy_that_fails_fails_its_own_area_and_no_one_else(
+    srv: Running, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Any stream settles every pending copy after its reply, other principals'
+    # too (AreaManager.settle). A copy that failed -- a dying medium -- must
+    # not fail that stream, and must not be lost: its own area keeps failing.
+    manager = srv.server.manager
+    alice = (await manager.swapon("alice", "a", 16 * PS)).handle
+    bob = (await manager.swapon("bob", "b", 16 * PS)).handle
+    (area,) = [a for a in manager._areas.values() if a.key.owner == "alice"]
+
+    def dying_medium() -> None:
+        raise OSError(5, "Input/output error")
+
+    manager.swap_out("alice", alice, [1], memoryview(pattern(1, 1)), later=True)
+    monkeypatch.setattr(area.backing, "settle", dying_medium)
+    manager.swap_out("bob", bob, [2], memoryview(pattern(2, 1)), later=True)
+    manager.settle()  # as bob's stream does after its reply: logged, not raised
+    assert "could not finish an acknowledged SwapOut's copy" in caplog.text
+    assert b"".join(manager.swap_in("bob", bob, [2])) == pattern(2, 1)
+    if srv.store_root is None:  # the memory store copies later: alice's area fails until it can
+        with pytest.raises(OSError):
+            manager.swap_in("alice", alice, [1])
+    monkeypatch.undo()
+    assert b"".join(manager.swap_in("alice", alice, [1])) == pattern(1, 1)
+
+
 @pytest.mark.parametrize(
     ("handle", "code"),
     [(b"", grpc.StatusCode.INVALID_ARGUMENT), (b"x" * 16, grpc.StatusCode.NOT_FOUND),

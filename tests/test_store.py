@@ -55,17 +55,18 @@ def test_a_write_taken_later_is_what_every_next_call_sees(store: Store) -> None:
     b = store.create(KEY, 64 * PS)
     b.write(range(0, 4), memoryview(pattern(1, 4)), later=True)
     assert b"".join(b.read(range(0, 4))) == pattern(1, 4)
-    b.write([5], memoryview(pattern(2, 1)), later=True)
-    b.write([5], memoryview(pattern(3, 1)), later=True)  # lands after the one before
-    b.write(range(6, 8), memoryview(pattern(4, 2)), later=True)
+    b.write([4], memoryview(pattern(2, 1)), later=True)
+    b.write([5], memoryview(pattern(3, 1)), later=True)  # the write before it is not lost...
+    b.write([5], memoryview(pattern(4, 1)), later=True)  # ...and lands before it
+    b.write(range(6, 8), memoryview(pattern(5, 2)), later=True)
     b.discard([6])  # discards what was written, not what comes after
-    assert b"".join(b.read([5, 6, 7])) == pattern(3, 1) + bytes(PS) + pattern(4, 2)[PS:]
-    b.write([9], memoryview(pattern(5, 1)), later=True)
+    assert b"".join(b.read([4, 5, 6, 7])) == pattern(2, 1) + pattern(4, 1) + bytes(PS) + pattern(5, 2)[PS:]
+    b.write([9], memoryview(pattern(6, 1)), later=True)
     b.settle()
     b.settle()  # nothing pending
-    assert b.stored_pages() == 7  # slots 0-3, 5, 7 and 9
-    assert b"".join(b.read([9])) == pattern(5, 1)
-    b.write([10], memoryview(pattern(6, 1)), later=True)
+    assert b.stored_pages() == 8  # slots 0-5, 7 and 9
+    assert b"".join(b.read([9])) == pattern(6, 1)
+    b.write([10], memoryview(pattern(7, 1)), later=True)
     store.destroy(KEY, b)  # going with a write pending: nothing to copy it into, no error
 
 

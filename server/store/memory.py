@@ -57,6 +57,9 @@ class MemoryBacking:
             # other -- every read, write and discard here settles it first.
             self._later = (slots, pages)
             return
+        self._copy(slots, pages)
+
+    def _copy(self, slots: Sequence[int], pages: memoryview) -> None:
         if type(slots) is range and slots.step == 1:  # one run, as most requests are: no generators
             first = slots.start
             self._data[first * PAGE_SIZE : first * PAGE_SIZE + len(pages)] = pages
@@ -68,9 +71,10 @@ class MemoryBacking:
 
     def settle(self) -> None:
         if self._later is not None:
-            slots, pages = self._later
+            self._copy(*self._later)
+            # Only once copied: were a copy ever to fail, every later call on
+            # this area would fail with it -- never read what it left out.
             self._later = None
-            self.write(slots, pages)
 
     def read(self, slots: Sequence[int]) -> list[bytes | memoryview]:
         # Views: the reply encoder's join is the only copy. Discard zeroes the
@@ -93,9 +97,9 @@ class MemoryBacking:
         return self._map.stored
 
     def close(self) -> None:
-        self._later = None  # the area is going: nothing left to copy
         self._data.release()
         self._mm.close()
+        self._later = None  # the area is gone: nothing left to copy into
 
 
 class MemoryStore:
