@@ -12,10 +12,11 @@ For each batch size it measures, with servers in separate processes:
   stream   the same echo as messages on one PageStream call: the ceiling of
            the transport netswap.client uses
   stored   the stream echo doing the copies any store must and nothing else:
-           SwapOut's pages into a populated 64 MiB area, SwapIn's out of it,
-           and the client copying them into its buffer, with slots moving
-           through the area as the library bench's do: the ceiling of a
-           store on this transport
+           SwapOut's pages into a populated 64 MiB area (once the reply is
+           sent, as netswap's memory store does), SwapIn's out of it, and the
+           client copying them into its buffer, with slots moving through the
+           area as the library bench's do: the ceiling of a store in memory
+           on this transport
   filed    the stream echo doing the system calls the file store must and
            nothing else: SwapOut's pages written into a fresh fallocate'd
            area file in the file store's pieces (WRITE_CHUNK), SwapIn's read
@@ -93,8 +94,9 @@ async def serve_echo(address: str, stores: bool = False, files: Path | None = No
     """Parses requests like netswap does, stores nothing: the gRPC + protobuf ceiling.
 
     With `stores`, PageStream instead does the copies any store must: SwapOut's
-    pages into a populated 64 MiB area at their slots, SwapIn's out of it into
-    the reply -- and nothing else (no handles, checks, metrics). With `files`,
+    pages into a populated 64 MiB area at their slots (after the reply),
+    SwapIn's out of it into the reply -- and nothing else (no handles,
+    checks, metrics). With `files`,
     it does the system calls the file store must instead (filed_stream).
     """
     blob = bytes(256 * PAGE_SIZE)
@@ -124,8 +126,10 @@ async def serve_echo(address: str, stores: bool = False, files: Path | None = No
             # The bench sends runs of consecutive slots: one copy each way.
             at, size = head.run_start * PAGE_SIZE, head.run_count * PAGE_SIZE
             if op == "SwapOut":
-                area[at : at + size] = pages
                 yield encode_page_reply(())
+                # After the reply, as netswap's memory store copies (the
+                # least a store in memory must do before it answers: nothing).
+                area[at : at + size] = pages
             else:
                 yield encode_page_reply([area[at : at + size]])
 
