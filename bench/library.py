@@ -186,26 +186,41 @@ WARMUP = 5  # calls per measurement not timed: the stream opening, first buffers
 
 @dataclass
 class Timing:
+    calls: int
     elapsed: float  # seconds for all calls
     latencies: list[float]
     server_cpu: float  # CPU seconds of the server process over all calls
     client_cpu: float  # and of this one
 
 
-async def timed(calls: int, one: Callable[[int], Awaitable[None]], server_pid: int) -> Timing:
+async def timed(
+    one: Callable[[int], Awaitable[None]], server_pid: int, *, seconds: float = 0.0, calls: int = 0
+) -> Timing:
+    """Call one(i) for `seconds`, or `calls` times, after WARMUP untimed calls."""
     for i in range(WARMUP):
         await one(i)
     lat: list[float] = []
     srv0, cli0 = thread_runtimes(server_pid), time.process_time()
     t0 = time.perf_counter()
-    for i in range(calls):
+    i = 0
+    while (len(lat) < calls) if calls else (time.perf_counter() - t0 < seconds):
         s = time.perf_counter()
         await one(i)
         lat.append(time.perf_counter() - s)
+        i += 1
     elapsed = time.perf_counter() - t0
     return Timing(
-        elapsed, lat, runtime_between(srv0, thread_runtimes(server_pid)), time.process_time() - cli0
+        i, elapsed, lat, runtime_between(srv0, thread_runtimes(server_pid)), time.process_time() - cli0
     )
+
+
+async def out_then_in(
+    w: Callable[[int], Awaitable[None]], r: Callable[[int], Awaitable[None]], server_pid: int, seconds: float
+) -> dict[str, Timing]:
+    """SwapOuts for `seconds` (a time, not a count: a batch of 256 pages moves ~40x the pages
+    of a batch of 1 per second), then as many SwapIns: they read back the slots just written."""
+    out = await timed(w, server_pid, seconds=seconds)
+    return {"out": out, "in": await timed(r, server_pid, calls=out.calls)}
 
 
 def copy_cost_us(size: int = 1 << 20, rounds: int = 200, area: int = 64 << 20) -> tuple[float, float]:
@@ -230,7 +245,7 @@ def copy_cost_us(size: int = 1 << 20, rounds: int = 200, area: int = 64 << 20) -
     return statistics.median(hot) * 1e6, statistics.median(cold) * 1e6
 
 
-async def bench_echo(address: str, server_pid: int, batch: int, calls: int) -> dict[str, Timing]:
+async def bench_echo(address: str, server_pid: int, batch: int, seconds: float) -> dict[str, Timing]:
     limit = max_message_bytes(256)
     opts = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
     async with grpc.aio.insecure_channel(address, options=opts) as ch:
@@ -248,7 +263,7 @@ async def bench_echo(address: str, server_pid: int, batch: int, calls: int) -> d
         async def r(i: int) -> None:
             await inn(body_in, metadata=md)
 
-        return {"out": await timed(calls, w, server_pid), "in": await timed(calls, r, server_pid)}
+        return await out_then_in(w, r, server_pid, seconds)
 
 
 @contextlib.asynccontextmanager
@@ -266,7 +281,7 @@ async def echo_stream(address: str) -> AsyncIterator[Any]:
             call.cancel()
 
 
-async def bench_stream_echo(address: str, server_pid: int, batch: int, calls: int) -> dict[str, Timing]:
+async def bench_stream_echo(address: str, server_pid: int, batch: int, seconds: float) -> dict[str, Timing]:
     async with echo_stream(address) as call:
         pages = memoryview(bytes(batch * PAGE_SIZE))
         handle = os.urandom(16)
@@ -281,10 +296,10 @@ async def bench_stream_echo(address: str, server_pid: int, batch: int, calls: in
             await call.write(body_in)
             await call.read()
 
-        return {"out": await timed(calls, w, server_pid), "in": await timed(calls, r, server_pid)}
+        return await out_then_in(w, r, server_pid, seconds)
 
 
-async def bench_stored_echo(address: str, server_pid: int, batch: int, calls: int) -> dict[str, Timing]:
+async def bench_stored_echo(address: str, server_pid: int, batch: int, seconds: float) -> dict[str, Timing]:
     """The stream echo that stores, driven as bench_netswap drives an area: slots moving
     through the area, SwapIn's pages copied into the caller's buffer."""
     async with echo_stream(address) as call:
@@ -306,10 +321,10 @@ async def bench_stored_echo(address: str, server_pid: int, batch: int, calls: in
             await call.write(encode_page_request(request))
             buf[:] = decode_page_reply(cast(bytes, await call.read()))[2]
 
-        return {"out": await timed(calls, w, server_pid), "in": await timed(calls, r, server_pid)}
+        return await out_then_in(w, r, server_pid, seconds)
 
 
-async def bench_netswap(address: str, server_pid: int, batch: int, calls: int) -> dict[str, Timing]:
+async def bench_netswap(address: str, server_pid: int, batch: int, seconds: float) -> dict[str, Timing]:
     async with await SwapClient.connect(address, TOKEN) as client:
         area = await client.swapon(f"bench{batch}", 64 << 20)
         span = area.slot_count - batch
@@ -324,7 +339,7 @@ async def bench_netswap(address: str, server_pid: int, batch: int, calls: int) -
             first = (i * batch) % span
             await area.swap_in(range(first, first + batch), into=buf)
 
-        result = {"out": await timed(calls, w, server_pid), "in": await timed(calls, r, server_pid)}
+        result = await out_then_in(w, r, server_pid, seconds)
         await area.swapoff()
         return result
 
@@ -332,7 +347,7 @@ async def bench_netswap(address: str, server_pid: int, batch: int, calls: int) -
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--seconds", type=float, default=0.5, help="target time per measurement")
+    ap.add_argument("--seconds", type=float, default=0.5, help="of SwapOuts, then as many SwapIns")
     ap.add_argument("--json", type=Path, help="also write the medians here")
     ap.add_argument("--serve-echo", metavar="ADDRESS", help=argparse.SUPPRESS)
     ap.add_argument("--echo-stores", action="store_true", help=argparse.SUPPRESS)
@@ -374,7 +389,6 @@ def main() -> int:
             pids["stream"] = pids["echo"]
             for run in range(args.runs):
                 for batch in BATCHES:
-                    calls = max(20, int(args.seconds * 20000 / batch))
                     for name, (_, sock) in targets.items():
                         fn = {
                             "echo": bench_echo,
@@ -383,11 +397,11 @@ def main() -> int:
                             "filed": bench_stored_echo,  # the same client; the server differs
                         }.get(name, bench_netswap)
                         # netswap's loop (uvloop), as its own processes run the client
-                        res = loop.run(functools.partial(fn, f"unix:{sock}", pids[name], batch, calls))
+                        res = loop.run(functools.partial(fn, f"unix:{sock}", pids[name], batch, args.seconds))
                         for op, t in res.items():
                             results.setdefault((name, batch, op), []).append(
-                                (calls * batch / t.elapsed, percentile(t.latencies, 0.5),
-                                 percentile(t.latencies, 0.99), t.server_cpu / calls, t.client_cpu / calls)
+                                (t.calls * batch / t.elapsed, percentile(t.latencies, 0.5),
+                                 percentile(t.latencies, 0.99), t.server_cpu / t.calls, t.client_cpu / t.calls)
                             )  # fmt: skip
                 print(f"run {run + 1}/{args.runs} done", file=sys.stderr)
 
