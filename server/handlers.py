@@ -97,7 +97,8 @@ def register(servicer: SwapServicer, server: grpc.aio.Server) -> None:
     handlers = {
         "SwapOn": rpc(servicer.SwapOn, v1.SwapOnRequest.FromString, v1.SwapOnResponse.SerializeToString),
         "SwapOut": rpc(servicer.SwapOut, decode_swap_out, v1.SwapOutResponse.SerializeToString),
-        "SwapIn": rpc(servicer.SwapIn, v1.SwapInRequest.FromString, _already_serialized),
+        # None: the reply is already bytes (pagewire), which gRPC sends as they are.
+        "SwapIn": rpc(servicer.SwapIn, v1.SwapInRequest.FromString, None),
         "Discard": rpc(servicer.Discard, v1.DiscardRequest.FromString, v1.DiscardResponse.SerializeToString),
         "SwapOff": rpc(servicer.SwapOff, v1.SwapOffRequest.FromString, v1.SwapOffResponse.SerializeToString),
         "ListAreas": rpc(
@@ -106,12 +107,8 @@ def register(servicer: SwapServicer, server: grpc.aio.Server) -> None:
         "PageStream": grpc.stream_stream_rpc_method_handler(
             servicer.PageStream,
             request_deserializer=decode_page_request,
-            response_serializer=_already_serialized,
+            response_serializer=None,  # as SwapIn's
         ),
     }
     service = swap_pb2.DESCRIPTOR.services_by_name["SwapService"].full_name
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
-
-
-def _already_serialized(reply: bytes) -> bytes:
-    return reply
