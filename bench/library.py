@@ -19,7 +19,7 @@ For each batch size it measures, with servers in separate processes:
            on this transport
   filed    the stream echo doing the system calls the file store must and
            nothing else: SwapOut's pages written into a fresh fallocate'd
-           area file in the file store's pieces (WRITE_CHUNK), SwapIn's read
+           area file in the file store's pieces (pwrite_all), SwapIn's read
            with one pread: the ceiling of a store that keeps pages in files
   memory   netswap.client -> netswap-server --store memory
   file     netswap.client -> netswap-server --store file:<tmpdir>
@@ -74,7 +74,7 @@ from netswap.common.pagewire import (  # the same encoders the library uses
     encode_swap_out,
     slot_fields,
 )
-from netswap.server.store.file import WRITE_CHUNK
+from netswap.server.store.file import pwrite_all
 from netswap.v1 import swap_pb2
 
 BATCHES = (1, 8, 64, 256)
@@ -146,8 +146,7 @@ async def serve_echo(address: str, stores: bool = False, files: Path | None = No
                 op, head, pages = decode_page_request(request)
                 at, size = head.run_start * PAGE_SIZE, head.run_count * PAGE_SIZE
                 if op == "SwapOut":
-                    for piece in range(0, size, WRITE_CHUNK):
-                        os.pwrite(fd, pages[piece : piece + WRITE_CHUNK], at + piece)  # as the store does
+                    pwrite_all(fd, pages, at)  # the file store's own writes
                     yield encode_page_reply(())
                 else:
                     yield encode_page_reply([os.pread(fd, size, at)])
@@ -202,15 +201,13 @@ async def timed(
     lat: list[float] = []
     srv0, cli0 = thread_runtimes(server_pid), time.process_time()
     t0 = time.perf_counter()
-    i = 0
     while (len(lat) < calls) if calls else (time.perf_counter() - t0 < seconds):
         s = time.perf_counter()
-        await one(i)
+        await one(len(lat))
         lat.append(time.perf_counter() - s)
-        i += 1
     elapsed = time.perf_counter() - t0
     return Timing(
-        i, elapsed, lat, runtime_between(srv0, thread_runtimes(server_pid)), time.process_time() - cli0
+        len(lat), elapsed, lat, runtime_between(srv0, thread_runtimes(server_pid)), time.process_time() - cli0
     )
 
 

@@ -82,7 +82,7 @@ class FileBacking:
         # Always at once, `later` or not: acknowledged pages must survive a
         # crash of the server process (see the module docstring).
         for first, count, src in blob_runs(slots, pages):
-            _pwrite_all(self._fd, src, first * PAGE_SIZE)
+            pwrite_all(self._fd, src, first * PAGE_SIZE)
             # Data first, then the map: a crash in between leaves the slot
             # reading as its old contents, never as garbage.
             self._map.mark(first, count)
@@ -131,7 +131,8 @@ class FileBacking:
 WRITE_CHUNK = 16 * 1024
 
 
-def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
+def pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
+    """Write all of `buf` at `offset`, in pieces of at most WRITE_CHUNK."""
     while buf:
         n = os.pwrite(fd, buf[:WRITE_CHUNK], offset)
         buf, offset = buf[n:], offset + n
