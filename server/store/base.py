@@ -128,6 +128,10 @@ class SlotMap:
     def clear(self, first: int, count: int) -> None:
         self.stored -= count - self._fill(first, count, _NULS)
 
+    def full(self, first: int, count: int) -> bool:
+        """Whether every slot of the run holds data."""
+        return 0 not in self._buf[first : first + count]
+
     def empty_in(self, first: int, count: int) -> list[int]:
         """Offsets (from `first`) of slots in the run that hold no data."""
         seg = self._buf[first : first + count]

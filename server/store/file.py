@@ -81,6 +81,10 @@ class FileBacking:
     def write(self, slots: Sequence[int], pages: memoryview, later: bool = False) -> None:
         # Always at once, `later` or not: acknowledged pages must survive a
         # crash of the server process (see the module docstring).
+        if type(slots) is range and slots.step == 1:  # one run, as most requests are: no generators
+            pwrite_all(self._fd, pages, slots.start * PAGE_SIZE)
+            self._map.mark(slots.start, len(slots))  # after the data, as below
+            return
         for first, count, src in blob_runs(slots, pages):
             pwrite_all(self._fd, src, first * PAGE_SIZE)
             # Data first, then the map: a crash in between leaves the slot
@@ -93,6 +97,9 @@ class FileBacking:
     def read(self, slots: Sequence[int]) -> list[bytes | memoryview]:
         # os.pread's bytes are the read's only buffer: no zeroed buffer filled
         # and then copied again into the reply.
+        if type(slots) is range and slots.step == 1 and self._map.full(slots.start, len(slots)):
+            # One run of stored pages, as most reads are: one pread, no generators.
+            return [_pread_exact(self._fd, len(slots) * PAGE_SIZE, slots.start * PAGE_SIZE)]
         pieces: list[bytes | memoryview] = []
         for _, first, count in runs(slots):
             # Discarded slots keep their old bytes on disk (discard writes
