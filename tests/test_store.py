@@ -61,6 +61,12 @@ def test_a_run_given_as_a_range_is_stored_and_read_as_its_slots_one_by_one(store
     expected = pattern(1, 4) + pattern(2, 1) + bytes(PS) + pattern(2, 8)[2 * PS :]
     assert b"".join(b.read(range(8, 20))) == expected  # one discarded slot: zeros there
     assert b"".join(b.read(range(18, 24))) == pattern(2, 8)[6 * PS :] + bytes(4 * PS)  # runs past the data
+    b.write(range(60, 64), memoryview(pattern(3, 4)))  # up to the end of the area
+    b.discard([63])  # only the run's last slot empty
+    assert b"".join(b.read(range(60, 64))) == pattern(3, 3) + bytes(PS)
+    b.discard([60])  # and only its first
+    assert b"".join(b.read(range(60, 63))) == bytes(PS) + pattern(3, 3)[PS:]
+    assert b.stored_pages() == 11 + 2
     store.destroy(KEY, b)
 
 

@@ -82,7 +82,7 @@ class FileBacking:
         # Always at once, `later` or not: acknowledged pages must survive a
         # crash of the server process (see the module docstring).
         if type(slots) is range and slots.step == 1:  # one run, as most requests are: no generators
-            pwrite_all(self._fd, pages, slots.start * PAGE_SIZE)
+            pwrite_all(self._fd, pages[: len(slots) * PAGE_SIZE], slots.start * PAGE_SIZE)
             self._map.mark(slots.start, len(slots))  # after the data, as below
             return
         for first, count, src in blob_runs(slots, pages):
