@@ -67,6 +67,9 @@ def test_a_run_given_as_a_range_is_stored_and_read_as_its_slots_one_by_one(store
     b.discard([60])  # and only its first
     assert b"".join(b.read(range(60, 63))) == bytes(PS) + pattern(3, 3)[PS:]
     assert b.stored_pages() == 11 + 2
+    b.write(range(30, 31), memoryview(pattern(4, 2)))  # more pages than slots: the run's are taken
+    assert b"".join(b.read(range(30, 32))) == pattern(4, 1) + bytes(PS)
+    assert b.stored_pages() == 11 + 2 + 1
     store.destroy(KEY, b)
 
 

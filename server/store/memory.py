@@ -61,8 +61,9 @@ class MemoryBacking:
 
     def _copy(self, slots: Sequence[int], pages: memoryview) -> None:
         if type(slots) is range and slots.step == 1:  # one run, as most requests are: no generators
-            first = slots.start
-            self._data[first * PAGE_SIZE : first * PAGE_SIZE + len(pages)] = pages
+            first, size = slots.start, len(slots) * PAGE_SIZE
+            # The run's pages only, as blob_runs would give: never past its slots.
+            self._data[first * PAGE_SIZE : first * PAGE_SIZE + size] = pages[:size]
             self._map.mark(first, len(slots))
             return
         for first, count, src in blob_runs(slots, pages):
