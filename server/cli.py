@@ -37,15 +37,22 @@ async def serve(config: Config) -> None:
         metrics_at = f"http://{host or '127.0.0.1'}:{metrics_http.server_port}/metrics"
     running = asyncio.get_running_loop()
 
-    def reload_tokens() -> None:
+    async def reload_tokens() -> None:
         try:
-            server.credentials.reload()
+            await server.reload()
         except TokensError as e:
             log.error("SIGHUP: tokens file NOT reloaded, the previous one stays in force: %s", e)
         else:
             log.info("SIGHUP: reloaded tokens file %s", config.tokens)
 
-    running.add_signal_handler(signal.SIGHUP, reload_tokens)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_hup() -> None:
+        task = asyncio.ensure_future(reload_tokens())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    running.add_signal_handler(signal.SIGHUP, on_hup)
 
     await server.start()
     m = server.manager
