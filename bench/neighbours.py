@@ -323,7 +323,7 @@ async def big_batches(address: str, seconds: float, ctx: dict[str, Any]) -> None
         await asyncio.gather(*(stream(a, k) for a in areas for k in range(8)))
     finally:
         for c in clients:
-            await c.close(None)
+            await c.close()
 
 
 async def _half_sent(address: str, seconds: float, principal: str | None) -> None:
@@ -484,7 +484,7 @@ def run_one(name: str, seconds: float) -> dict[str, Any]:
                 metrics = scrape(srv.metrics_port)
                 result = finish()
             stats = window(result["samples"], start, end)
-    blocked = metrics.get("netswap_event_loop_blocked_seconds_max")
+    blocked = metrics.get("netswap_event_loop_lag_max_seconds")
     return {
         "name": name,
         "store": store,

@@ -38,7 +38,8 @@ class PageStreams:
                     yield reply
         except Exception as e:
             code, message = status_for(e, METHOD)
-            await context.abort(code, message)
+            context.set_code(code)  # not abort(): see handlers.refused
+            context.set_details(message)
 
     async def replies(
         self, principal: str, requests: AsyncIterator[bytes], context: Context | None = None

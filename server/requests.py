@@ -96,4 +96,6 @@ def decoded(what: str, parse: Callable[[bytes], T], raw: bytes) -> T:
     try:
         return parse(raw)
     except (ValueError, DecodeError) as e:
-        raise InvalidArgument(f"malformed {what} request: {e}") from None
+        why = str(e)
+    # Raised outside the handler: no chain back to the parser's frames, which hold the bytes.
+    raise InvalidArgument(f"malformed {what} request: {why}")

@@ -136,7 +136,12 @@ def zero_fill(out: memoryview) -> None:
 # calls it. Mapped lazily and populated through ctypes, which releases the GIL
 # for the whole foreign call, the loop keeps serving meanwhile.
 
+_MADV_DONTNEED = 4
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14
+# In steps: faulting in (or dropping) a range holds the process's mmap lock,
+# and a thread that maps memory meanwhile -- the event loop's, allocating --
+# waits for it. A step of 4 MiB holds it for a millisecond or two.
+STEP = 4 << 20
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
@@ -152,14 +157,20 @@ def address_of(mm: mmap.mmap) -> int:
 def populate(mm: mmap.mmap) -> None:
     """Fault in every page of a private anonymous mapping, without holding the GIL."""
     address, size = address_of(mm), len(mm)
-    if _libc.madvise(address, size, _MADV_POPULATE_WRITE) == 0:
-        return
-    err = ctypes.get_errno()
-    if err != errno.EINVAL:  # EINVAL: an older kernel; anything else is a real failure
-        raise OSError(err, os.strerror(err))
-    step = 64 << 20
-    for offset in range(0, size, step):  # touching the pages faults them in just as well
-        ctypes.memset(address + offset, 0, min(step, size - offset))
+    for offset in range(0, size, STEP):
+        step = min(STEP, size - offset)
+        if _libc.madvise(address + offset, step, _MADV_POPULATE_WRITE) != 0:
+            err = ctypes.get_errno()
+            if err != errno.EINVAL:  # EINVAL: an older kernel; anything else is a real failure
+                raise OSError(err, os.strerror(err))
+            ctypes.memset(address + offset, 0, step)  # touching the pages faults them in just as well
+
+
+def drop(mm: mmap.mmap) -> None:
+    """Give a mapping's pages back to the kernel in steps, so that unmapping it is quick."""
+    address, size = address_of(mm), len(mm)
+    for offset in range(0, size, STEP):
+        _libc.madvise(address + offset, min(STEP, size - offset), _MADV_DONTNEED)
 
 
 def lock(mm: mmap.mmap) -> None:

@@ -7,7 +7,7 @@ import mmap
 from netswap.common.limits import PAGE_SIZE
 from netswap.server.errors import Exhausted
 from netswap.server.slots import Slots
-from netswap.server.store.base import AreaKey, Backing, SlotMap, lock, populate, zero_fill
+from netswap.server.store.base import AreaKey, Backing, SlotMap, drop, lock, populate, zero_fill
 
 
 class MemoryBacking:
@@ -92,7 +92,8 @@ class MemoryBacking:
     def close(self) -> None:
         self._later = None  # the area is gone: nothing left to copy into
         self._data.release()
-        self._mm.close()  # munmap: the GIL is released for it
+        drop(self._mm)
+        self._mm.close()
 
 
 class MemoryStore:
