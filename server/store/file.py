@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -185,6 +186,23 @@ def _pread_exact(fd: int, size: int, offset: int) -> bytes:
         pieces.append(more)
         got += len(more)
     return b"".join(pieces)
+
+
+class StoreBusy(RuntimeError):
+    """Another process holds the file store (a running server, or `netswap-server areas`)."""
+
+
+def hold(root: str | os.PathLike[str]) -> int:
+    """Take the store's lock for as long as the returned descriptor stays open: one process
+    at a time may change a file store."""
+    Path(root).mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(Path(root) / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreBusy(f"the file store {root} is in use by another process (a running server?)") from None
+    return fd
 
 
 def _rmdir_if_empty(owner_dir: Path) -> None:
