@@ -41,6 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PS = 4096
 TOKENS = {"alice": "alice-probe-token", "bob": "bob-attacker-token", "carol": "carol-bystander-token"}
 PROBE_EVERY = 0.005
+# gRPC shares one connection between a process's channels to the same target unless told not to.
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 TARGET_MAX, TARGET_P99, TARGET_RSS_MIB = 0.100, 0.020, 16.0
 
 
@@ -254,7 +256,7 @@ async def authed_fields(address: str, seconds: float, ctx: dict[str, Any]) -> No
 async def wrong_token_flood(address: str, seconds: float, ctx: dict[str, Any]) -> None:
     import grpc  # noqa: PLC0415
 
-    channels = [grpc.aio.insecure_channel(address) for _ in range(50)]
+    channels = [grpc.aio.insecure_channel(address, options=OWN_CONNECTION) for _ in range(50)]
     calls = [c.unary_unary("/netswap.v1.SwapService/ListAreas", None, None) for c in channels]
     bad = (("authorization", "Bearer not-a-token"),)
 
@@ -302,7 +304,9 @@ async def churn_file(address: str, seconds: float, ctx: dict[str, Any]) -> None:
 async def big_batches(address: str, seconds: float, ctx: dict[str, Any]) -> None:
     from netswap.client import SwapClient  # noqa: PLC0415
 
-    clients = [await SwapClient.connect(address, TOKENS["bob"], timeout=60) for _ in range(8)]
+    clients = [
+        await SwapClient.connect(address, TOKENS["bob"], timeout=60, options=OWN_CONNECTION) for _ in range(8)
+    ]
     try:
         areas = [await c.swapon(f"big{i}", 4096 * PS, pool_pages=512) for i, c in enumerate(clients)]
         blob = os.urandom(256 * PS)

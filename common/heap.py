@@ -3,11 +3,10 @@
 glibc gives every block over its mmap threshold (128 KiB until it adapts)
 a fresh mapping and returns it on free, and trims the top of the heap back
 to the kernel. A process handling 1 MiB messages then takes 256 page faults
-for every message it builds or receives: measured here, ~0.5 ms per MiB --
-more than gRPC's whole round trip for that message. Fixing both thresholds
-keeps such blocks in the heap and reuses them. The price is that the heap
-stays at its high-water mark, which for netswap is bounded by the messages
-in flight.
+for every message it builds or receives, which costs more than gRPC's whole
+round trip for it. Fixing both thresholds keeps such blocks in the heap and
+reuses them. The price is that the heap stays at its high-water mark; a
+server gives back what a burst left behind with trim().
 
 `netswap nbd` gets the same effect from environment variables at re-exec
 (client/reserve.py), which also cover memory allocated before Python runs.

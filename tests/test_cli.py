@@ -118,3 +118,43 @@ def test_nbd_bad_sizes_are_refused_before_connecting(flag: str, value: str, mess
         "unix:/nonexistent.sock", "nbd", "vm1", "--size", "1MiB", "--socket", "/tmp/x.sock", flag, value
     )
     assert out.returncode == 1 and message in out.stderr
+
+
+def test_areas_lists_and_destroys_orphans_of_a_stopped_file_store(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    with server_process(tmp_path, store) as server:
+        for who in ("alice", "bob"):
+            assert (
+                netswap(
+                    server.address, "demo", "--size", "1MiB", "--name", "vm", "--keep", token=TOKENS[who]
+                ).returncode
+                == 0
+            )
+        busy = subprocess.run(
+            [*SERVER, "areas", "list", "--store", f"file:{store}"], capture_output=True, text=True
+        )
+        assert busy.returncode == 1 and "in use by another process" in busy.stderr
+        assert server.terminate() == 0
+    tokens = tmp_path / "tokens.toml"
+    text = tokens.read_text()
+    tokens.write_text(text[text.index("[principals.bob]") :])  # alice is no longer configured
+    areas = [*SERVER, "areas"]
+    where = ["--store", f"file:{store}", "--tokens", str(tokens)]
+    listed = subprocess.run([*areas, "list", *where], capture_output=True, text=True)
+    assert listed.returncode == 0, listed.stderr
+    rows = [line.split() for line in listed.stdout.splitlines()]
+    assert rows == [
+        ["PRINCIPAL", "AREA", "SIZE", "PAGES", "STORED", "OWNER"],
+        ["alice", "vm", "1MiB", "256", "ORPHANED"],
+        ["bob", "vm", "1MiB", "256", "configured"],
+    ]
+    gone = subprocess.run([*areas, "destroy", *where, "--principal", "alice"], capture_output=True, text=True)
+    assert gone.returncode == 0 and "destroyed alice/vm: 1MiB, 256 pages stored" in gone.stdout
+    missing = subprocess.run(
+        [*areas, "destroy", *where, "--principal", "alice"], capture_output=True, text=True
+    )
+    assert missing.returncode == 1 and "no such area" in missing.stderr
+    left = subprocess.run([*areas, "list", *where], capture_output=True, text=True)
+    assert [line.split()[0] for line in left.stdout.splitlines()[1:]] == ["bob"]
+    memory = subprocess.run([*areas, "list", "--store", "memory"], capture_output=True, text=True)
+    assert memory.returncode == 2 and "must be file:DIR" in memory.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -166,3 +167,23 @@ def test_file_store_cleans_interrupted_creation_and_keeps_what_it_cannot_read(
 def test_memory_store_refuses_what_it_cannot_map() -> None:
     with pytest.raises(Exhausted, match="cannot allocate"):
         MemoryStore().create(KEY, 1 << 60)
+
+
+def test_file_store_reads_from_the_page_cache_at_once_and_says_when_the_disk_must_be_read(
+    tmp_path: Path,
+) -> None:
+    # AreaManager reads with wait=False on the event loop and, on None, again in an I/O thread.
+    root = tmp_path / "root"
+    b = FileStore(root).create(KEY, 64 * PS)
+    b.write(S(range(0, 8)), memoryview(pattern(1, 8)))
+    cached = b.read(S(range(0, 8)), wait=False)
+    assert cached is not None and b"".join(cached) == pattern(1, 8)
+    fd = os.open(root / b"alice".hex() / f"{b'vm1'.hex()}.data", os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # out of the page cache
+    finally:
+        os.close(fd)
+    assert b.read(S(range(0, 8)), wait=False) is None
+    assert read(b, range(0, 8)) == pattern(1, 8)
+    b.close()

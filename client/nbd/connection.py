@@ -26,9 +26,9 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
 from netswap.client.metrics import FrontendMetrics
 from netswap.client.nbd import protocol as p
@@ -457,11 +457,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         target[:have] = self._take(have)
 
         def received() -> None:
-            done = _Answer(self, cookie, p.CMD_WRITE, time.perf_counter(), lease, None)
-            if self.device.start_write(offset, length, lease.view, done):
-                self.busy += 1
-            else:  # partial pages, or pages another request holds: the general path
-                self._spawn(cookie, self.device.write(offset, length, lease.view), lease, command=p.CMD_WRITE)
+            self.device.write(offset, length, lease.view, self._answer(p.CMD_WRITE, cookie, lease))
 
         if have == length:
             received()
@@ -473,53 +469,25 @@ class NbdConnection(asyncio.BufferedProtocol):
 
     def _start_read(self, lease: Lease, cookie: int, offset: int, length: int) -> bool:
         skip = offset % self.device.page_size
-        data = lease.view[skip : skip + length]
-        done = _Answer(self, cookie, p.CMD_READ, time.perf_counter(), lease, data)
-        if self.device.start_read(offset, length, lease.view, done):
-            self.busy += 1
-        else:  # the device has failed: read() says how
-            self._spawn(cookie, self.device.read(offset, length, lease.view), lease, data, command=p.CMD_READ)
+        answer = self._answer(p.CMD_READ, cookie, lease, lease.view[skip : skip + length])
+        self.device.read(offset, length, lease.view, answer)
         return True
 
     def _start_trim(self, lease: Lease, cookie: int, offset: int, length: int) -> bool:
-        self._spawn(cookie, self.device.trim(offset, length), lease, command=p.CMD_TRIM)
+        self.device.trim(offset, length, self._answer(p.CMD_TRIM, cookie, lease))
         return True
 
     def _start_zeroes(self, lease: Lease, cookie: int, offset: int, length: int) -> bool:
-        self._spawn(
-            cookie, self.device.write_zeroes(offset, length, lease.view), lease, command=p.CMD_WRITE_ZEROES
-        )
+        answer = self._answer(p.CMD_WRITE_ZEROES, cookie, lease)
+        self.device.write_zeroes(offset, length, lease.view, answer)
         return True
 
     # -- completion ---------------------------------------------------------------------
 
-    def _spawn(
-        self,
-        cookie: int,
-        work: Awaitable[Any],
-        lease: Lease | None = None,
-        reply_data: memoryview | None = None,
-        *,
-        command: int,
-    ) -> None:
-        """Run a request that must await (locks, read-modify-write) as a task of its own."""
-        answer = _Answer(self, cookie, command, time.perf_counter(), lease, reply_data)
+    def _answer(self, command: int, cookie: int, lease: Lease, data: memoryview | None = None) -> _Answer:
+        """What answers a request the device is about to take (its done callback)."""
         self.busy += 1
-
-        async def run() -> None:
-            try:
-                await work
-            except asyncio.CancelledError:  # the frontend is stopping: nobody to answer
-                self.busy -= 1
-                raise
-            except Exception as e:
-                answer(e)
-            else:
-                answer(None)
-
-        task = asyncio.ensure_future(run())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        return _Answer(self, cookie, command, time.perf_counter(), lease, data)
 
     def _finish(self, answer: _Answer, error: BaseException | None) -> None:
         """A request is over on the device: answer it."""
