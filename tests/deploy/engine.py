@@ -57,11 +57,10 @@ class Podman:
         if missing:
             raise RuntimeError(f"{' '.join(missing)} missing: `make test` installs them (Makefile)")
         CACHE.mkdir(parents=True, exist_ok=True)
-        conf = CACHE / "containers.conf"
-        storage = CACHE / "storage.conf"
-        conf.write_text(CONTAINERS_CONF)
-        storage.write_text(
-            f'[storage]\ndriver = "overlay"\ngraphroot = "{CACHE / "storage"}"\nrunroot = "{RUNROOT}"\n'
+        conf = replace_file(CACHE / "containers.conf", CONTAINERS_CONF)
+        storage = replace_file(
+            CACHE / "storage.conf",
+            f'[storage]\ndriver = "overlay"\ngraphroot = "{CACHE / "storage"}"\nrunroot = "{RUNROOT}"\n',
         )
         env = {
             **os.environ,
@@ -80,6 +79,15 @@ class Podman:
         extra_env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
         return run(["podman", *args], self.env | (extra_env or {}), check=check, timeout=timeout, cwd=cwd)
+
+
+def replace_file(path: Path, text: str) -> Path:
+    """Write `path` whole in one rename: a podman of a concurrent run may be reading it."""
+    if not path.exists() or path.read_text() != text:
+        partial = path.with_name(f".{path.name}.{RUN_ID}")
+        partial.write_text(text)
+        partial.replace(path)
+    return path
 
 
 def run(
