@@ -13,6 +13,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -69,9 +70,9 @@ class Served:
             f"127.0.0.1:{self.grpc_port}", token, timeout=30, tls=TlsFiles(ca=self.work / "certs" / "ca.pem")
         )
 
-    def inspect(self) -> dict[str, object]:
-        info: list[dict[str, object]] = json.loads(self.podman("container", "inspect", self.name).stdout)
-        return info[0]
+    def inspect(self) -> Any:
+        """`podman container inspect`'s JSON for this container."""
+        return json.loads(self.podman("container", "inspect", self.name).stdout)[0]
 
     def wait_healthy(self, seconds: float = 60) -> None:
         """`podman healthcheck run` until the image's HEALTHCHECK passes (no systemd here to run it)."""
@@ -122,8 +123,8 @@ def served(podman: Podman, netswap_image: str, tmp_path_factory: pytest.TempPath
 
 def test_runs_as_uid_10001_on_a_read_only_root(served: Served) -> None:
     info = served.inspect()
-    assert info["Config"]["User"] == f"{UID}:{UID}"  # type: ignore[index]
-    assert info["HostConfig"]["ReadonlyRootfs"] is True  # type: ignore[index]
+    assert info["Config"]["User"] == f"{UID}:{UID}"
+    assert info["HostConfig"]["ReadonlyRootfs"] is True
     status = served.exec("cat", "/proc/1/status").stdout
     assert re.search(rf"^Uid:\s+{UID}\s+{UID}\s+{UID}\s+{UID}$", status, re.MULTILINE), status
     assert re.search(r"^CapEff:\s+0+$", status, re.MULTILINE), status  # --cap-drop ALL
@@ -135,7 +136,7 @@ def test_runs_as_uid_10001_on_a_read_only_root(served: Served) -> None:
 
 
 def test_store_on_a_volume_tokens_read_only_and_demo_from_the_host(served: Served) -> None:
-    mounts = {m["Destination"]: m for m in served.inspect()["Mounts"]}  # type: ignore[attr-defined]
+    mounts = {m["Destination"]: m for m in served.inspect()["Mounts"]}
     store = mounts["/var/lib/netswap"]
     assert store["Type"] == "volume" and store["Name"] == served.volume, store
     for secret in ("/etc/netswap/tokens", "/etc/netswap/tls"):
@@ -163,7 +164,7 @@ def test_health_check_and_metrics(served: Served) -> None:
     )
     assert image[0]["Healthcheck"]["Test"] == ["CMD", "netswap-server", "healthcheck"]
     served.wait_healthy(seconds=0)
-    assert served.inspect()["State"]["Health"]["Status"] == "healthy"  # type: ignore[index]
+    assert served.inspect()["State"]["Health"]["Status"] == "healthy"
     with urllib.request.urlopen(f"http://127.0.0.1:{served.metrics_port}/metrics", timeout=10) as r:
         scraped = r.read().decode()
     assert "netswap_capacity_bytes 8.589934592e+09" in scraped  # the image's NETSWAP_CAPACITY
@@ -181,7 +182,7 @@ def test_pages_survive_stop_and_start(served: Served) -> None:
 
     served.podman("stop", served.name, timeout=60)
     state = served.inspect()["State"]
-    assert state["ExitCode"] == 0, served.logs()  # type: ignore[index]
+    assert state["ExitCode"] == 0, served.logs()
     assert "stopped" in served.logs()  # drained and shut down on SIGTERM
     served.podman("start", served.name)
     served.wait_healthy()
