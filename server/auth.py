@@ -113,6 +113,8 @@ def _read_private(path: Path) -> str:
             raw = os.read(fd, max(st.st_size, 1) + 1)
         finally:
             os.close(fd)
+    except PermissionError as e:
+        raise TokensError(f"cannot read tokens file {path}: {e.strerror}; {_whose(path)}") from e
     except OSError as e:
         raise TokensError(f"cannot read tokens file {path}: {e.strerror}") from e
     if st.st_uid != os.geteuid():
@@ -128,6 +130,20 @@ def _read_private(path: Path) -> str:
         return raw.decode()
     except UnicodeDecodeError as e:
         raise TokensError(f"tokens file {path} is not UTF-8: {e}") from e
+
+
+def _whose(path: Path) -> str:
+    """Why this process may not open `path`: the usual cause is a file made by another user
+    (in a container, the host's root instead of the server's UID)."""
+    uid = os.geteuid()
+    try:
+        st = os.stat(path)
+    except OSError:
+        return f"this server runs as uid {uid} and cannot reach it: check the directories above it"
+    return (
+        f"it is owned by uid {st.st_uid} (mode {stat.S_IMODE(st.st_mode):04o}) and this server runs as"
+        f" uid {uid}: run: chown {uid} {path} && chmod 600 {path}"
+    )
 
 
 class Credentials:
