@@ -10,6 +10,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from netswap.client import reserve
+from netswap.client.mirror import MirroredArea, State
 from netswap.common import loopmetrics
 
 if TYPE_CHECKING:
@@ -117,6 +118,37 @@ class NbdCollector(Collector):
             "1 if the last RPC reached the server, 0 while retrying.",
             int(device.server_up),
         )
+        yield from _mirror(s.area)
+
+
+def _mirror(area: object) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """A mirrored area's replicas: how many are in each state, and how far behind they are."""
+    if not isinstance(area, MirroredArea):
+        return
+    replicas = GaugeMetricFamily(
+        "netswap_client_replicas", "Replicas of the area by state (up, syncing, down).", labels=["state"]
+    )
+    states = [r.state for r in list(area.replicas)]
+    for state in State:
+        replicas.add_metric([state.value], states.count(state))
+    yield replicas
+    yield GaugeMetricFamily(
+        "netswap_client_area_degraded", "1 while a replica of the area is not up to date.", int(area.degraded)
+    )
+    yield CounterMetricFamily(
+        "netswap_client_degraded_seconds", "Seconds the area has spent degraded.", area.degraded_seconds
+    )
+    yield CounterMetricFamily(
+        "netswap_client_failovers", "Replicas marked down (a failed or late request).", area.failovers
+    )
+    yield GaugeMetricFamily(
+        "netswap_client_resync_remaining_slots",
+        "Slots still to be copied to replicas that are behind.",
+        area.resync_remaining,
+    )
+    yield CounterMetricFamily(
+        "netswap_client_resync_bytes", "Bytes copied to replicas that were behind.", area.resync_bytes
+    )
 
 
 def frontend_registry() -> tuple[CollectorRegistry, FrontendMetrics]:
