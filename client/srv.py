@@ -83,10 +83,13 @@ def parse(msg: bytes, ident: int) -> list[Target]:
     if flags & 0x0200:
         raise SrvError("DNS answer truncated: too many servers for one UDP answer")
     rcode = flags & 0xF
-    if rcode == 3:
-        raise SrvError("no such name (NXDOMAIN)")
     if rcode:
-        raise SrvError(f"DNS error (rcode {rcode})")
+        what = {
+            2: "the nameserver failed (SERVFAIL)",
+            3: "no such name (NXDOMAIN)",
+            5: "the nameserver refused (REFUSED)",
+        }
+        raise SrvError(what.get(rcode, f"DNS error (rcode {rcode})"))
     pos = 12
     for _ in range(questions):
         _, pos = _name(msg, pos)
