@@ -19,12 +19,12 @@ from tests.nbdenv import Export, nbd_export, run
 
 
 @contextlib.asynccontextmanager
-async def three_servers(tmp_path: Path) -> AsyncIterator[list[ServerProcess]]:
+async def three_servers(tmp_path: Path, *extra: str) -> AsyncIterator[list[ServerProcess]]:
     servers = []
     for i in range(3):
         home = tmp_path / f"server{i}"
         home.mkdir()
-        servers.append(ServerProcess(home, home / "store"))
+        servers.append(ServerProcess(home, home / "store", *extra))
     try:
         for server in servers:
             await server.astart()
