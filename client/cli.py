@@ -110,6 +110,19 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         help="do not lock memory (not reserve-safe: tests only)",
     )
     nbd.add_argument(
+        "--replace-after",
+        type=float,
+        default=NbdOptions.replace_after,
+        help="mirrored: seconds a copy may be down before the next server takes its place; 0: never"
+        " (default %(default)s)",
+    )
+    nbd.add_argument(
+        "--resync-rate",
+        type=size_arg,
+        default=int(NbdOptions.resync_rate),
+        help="mirrored: bytes per second copied to a copy that is behind, e.g. 256MiB (default 384MiB)",
+    )
+    nbd.add_argument(
         "--max-connections",
         type=int,
         default=NbdOptions.max_connections,
@@ -258,6 +271,8 @@ def nbd_options(args: argparse.Namespace) -> NbdOptions:
             readahead_pages=args.readahead_pages,
             replicas=args.replicas,
             failover_timeout=args.failover_timeout,
+            replace_after=args.replace_after,
+            resync_rate=args.resync_rate,
             max_connections=args.max_connections,
             handshake_timeout=args.handshake_timeout,
             allow_remote=args.allow_remote,

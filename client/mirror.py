@@ -80,8 +80,8 @@ class MirrorOptions:
     failover_timeout: float = 1.0  # seconds a replica may take to answer before it is marked down
     probe_every: float = 1.0  # seconds between attempts to bring a down replica back
     control_timeout: float = 10.0  # seconds a re-attach (SwapOn) may take
-    replace_after: float = 60.0  # seconds down before the next server in placement order stands in
-    resync_rate: float = 256 << 20  # bytes per second copied to replicas that are behind
+    replace_after: float = 60.0  # seconds down before the next server in placement order stands in (0: never)
+    resync_rate: float = 384 << 20  # bytes per second copied to replicas that are behind
     resync_workers: int = 4  # copies in flight at once
 
 

@@ -49,6 +49,8 @@ class NbdOptions:
     readahead_pages: int = 64
     replicas: int = 1  # copies of the area, on as many servers (2: a mirror)
     failover_timeout: float = 1.0  # mirrored: seconds a replica may take before it is marked down
+    replace_after: float = MirrorOptions.replace_after  # mirrored: seconds down before a stand-in
+    resync_rate: float = MirrorOptions.resync_rate  # mirrored: bytes per second copied to a copy behind
     max_connections: int = 4  # clients served at once; as many more may be in their handshake
     handshake_timeout: float = 10.0  # seconds a client has to finish its handshake
     # --listen on an address other hosts can reach: whoever reaches it reads
@@ -69,7 +71,9 @@ class NbdOptions:
 async def attach(fleet: Fleet, opts: NbdOptions) -> PageArea:
     """SwapOn, waiting for the servers for up to retry_deadline (they may start after us)."""
     backoff = Backoff(asyncio.get_running_loop().time() + opts.retry_deadline)
-    mirror = MirrorOptions(failover_timeout=opts.failover_timeout)
+    mirror = MirrorOptions(
+        failover_timeout=opts.failover_timeout, replace_after=opts.replace_after, resync_rate=opts.resync_rate
+    )
     while True:
         try:
             return await fleet.swapon(
