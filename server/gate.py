@@ -13,8 +13,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,9 +66,9 @@ class Gate:
         self._streams: dict[str, int] = {}
         self._peers: dict[str, _Peer] = {}
 
-    @contextmanager
-    def admitted(self, method: str, context: Context, stream: bool = False) -> Iterator[str]:
-        """The caller's principal, held against its share of calls (or streams) until the block ends.
+    def admit(self, method: str, context: Context, stream: bool = False) -> tuple[str, Callable[[], None]]:
+        """The caller's principal, held against its share of calls (or streams), and the function
+        that lets go of it (call it exactly once, when the call ends).
 
         Raises Unauthenticated or Exhausted."""
         peer = context.peer()
@@ -84,12 +83,13 @@ class Gate:
         if held >= limit:
             raise Exhausted(f"{held} {what}: the server allows {limit} per principal; retry later")
         counts[name] = held + 1
-        try:
-            yield name
-        finally:
+
+        def release() -> None:
             counts[name] -= 1
             if not counts[name]:
                 del counts[name]
+
+        return name, release
 
     def authenticate(self, method: str, context: Context, peer: str) -> str:
         try:

@@ -73,8 +73,11 @@ class SwapService:
         async def call(requests: AsyncIterator[bytes], context: Context) -> bytes:
             start = time.perf_counter()
             try:
-                with gate.admitted(method, context) as principal:
+                principal, release = gate.admit(method, context)
+                try:
                     reply = await handle(principal, await self._body(method, requests))
+                finally:
+                    release()
             except asyncio.CancelledError:
                 path.cancelled(method, start)
                 raise

@@ -12,12 +12,15 @@ order: the caller pipelines to keep the pipe full.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+from google.protobuf.message import DecodeError
 
 from netswap.common.pagewire import Bounds, decode_page_request, encode_page_error, encode_page_reply
 from netswap.server.areas import AreaManager
 from netswap.server.gate import Context, Gate
-from netswap.server.requests import PagePath, decoded
+from netswap.server.requests import PagePath, malformed
 from netswap.server.status import status_for
 
 METHOD = "PageStream"
@@ -30,22 +33,30 @@ class PageStreams:
         self._path = path
         self._bounds = bounds
 
-    async def serve(self, requests: AsyncIterator[bytes], context: Context) -> AsyncIterator[bytes]:
-        """The gRPC behaviour: admit the caller, then answer its requests until it stops."""
+    async def serve(self, requests: AsyncIterator[bytes], context: Context) -> None:
+        """The gRPC behaviour: admit the caller, then answer its requests until it stops. A
+        coroutine writing its replies itself, so no generator stands between them and gRPC."""
         try:
-            with self._gate.admitted(METHOD, context, stream=True) as principal:
-                async for reply in self.replies(principal, requests, context):
-                    yield reply
+            principal, release = self._gate.admit(METHOD, context, stream=True)
+        except Exception as e:  # refused: the stream ends with the status, and no reply
+            _end(context, status_for(e, METHOD))
+            return
+        try:
+            await self.run(principal, requests, context.write, context)
         except Exception as e:
-            code, message = status_for(e, METHOD)
-            context.set_code(code)  # not abort(): see handlers.refused
-            context.set_details(message)
+            _end(context, status_for(e, METHOD))
+        finally:
+            release()
 
-    async def replies(
-        self, principal: str, requests: AsyncIterator[bytes], context: Context | None = None
-    ) -> AsyncGenerator[bytes, None]:
-        """Each request's reply, in order. With `context`, the caller is authenticated again
-        after every reload of the credentials."""
+    async def run(
+        self,
+        principal: str,
+        requests: AsyncIterator[bytes],
+        send: Callable[[bytes], Awaitable[None]],
+        context: Context | None = None,
+    ) -> None:
+        """Answer each request in order with send(reply). With `context`, the caller is
+        authenticated again after every reload of the credentials."""
         manager = self._manager
         credentials = self._gate.credentials
         table = credentials.table
@@ -57,7 +68,7 @@ class PageStreams:
                     # next request -- a revoked token stops working at once.
                     table = credentials.table
                     self._gate.still(principal, METHOD, context, table)
-                yield await self.answer(principal, raw)
+                await send(await self.answer(principal, raw))
                 # A SwapOut's copy, left for after its reply (AreaManager.swap_out).
                 manager.settle()
         finally:  # the stream ends or is cancelled with a copy pending
@@ -68,7 +79,13 @@ class PageStreams:
         start = time.perf_counter()
         method = METHOD
         try:
-            op, head, pages = decoded("PageRequest", lambda b: decode_page_request(b, self._bounds), raw)
+            try:
+                op, head, pages = decode_page_request(raw, self._bounds)
+                refusal = None
+            except (ValueError, DecodeError) as e:
+                refusal = malformed("PageRequest", e)
+            if refusal is not None:  # raised outside the handler of e: see requests.malformed
+                raise refusal
             method = op.value
             pieces = await self._path.execute(principal, op, head, pages, later=True)
         except Exception as e:
@@ -76,3 +93,9 @@ class PageStreams:
             return encode_page_error(code.value[0], message)
         self._path.ok(method, start)
         return encode_page_reply(pieces)
+
+
+def _end(context: Context, status: tuple[grpc.StatusCode, str]) -> None:
+    """End the stream with `status` once the behaviour returns (not abort(): see handlers.refused)."""
+    context.set_code(status[0])
+    context.set_details(status[1])

@@ -12,7 +12,6 @@ from typing import TypeVar
 import grpc
 from google.protobuf.message import DecodeError
 
-from netswap.common.limits import PAGE_SIZE
 from netswap.common.pagewire import Op, PageHead
 from netswap.server import slots as wire_slots
 from netswap.server.areas import AreaManager
@@ -64,7 +63,7 @@ class PagePath:
             slots = wire_slots.from_wire(head.slots, head.run_start, head.run_count)
             if op is Op.SWAP_IN:
                 pieces = await manager.swap_in(area, slots)
-                self._pages[op].observe(sum(map(len, pieces)) // PAGE_SIZE)
+                self._pages[op].observe(head.run_count or len(head.slots))
                 return pieces
             if op is Op.SWAP_OUT:
                 count = await manager.swap_out(area, slots, pages, later)
@@ -96,6 +95,12 @@ def decoded(what: str, parse: Callable[[bytes], T], raw: bytes) -> T:
     try:
         return parse(raw)
     except (ValueError, DecodeError) as e:
-        why = str(e)
+        refusal = malformed(what, e)
     # Raised outside the handler: no chain back to the parser's frames, which hold the bytes.
-    raise InvalidArgument(f"malformed {what} request: {why}")
+    raise refusal
+
+
+def malformed(what: str, error: Exception) -> InvalidArgument:
+    """What a caller is told about bytes that did not parse (raise it outside the handler of
+    `error`, or it keeps the parser's frames, and the bytes, alive)."""
+    return InvalidArgument(f"malformed {what} request: {error}")

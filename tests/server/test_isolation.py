@@ -26,7 +26,7 @@ from netswap.client.errors import NoSpace
 from netswap.common import pagewire
 from netswap.common.limits import max_message_bytes
 from netswap.server import handlers
-from netswap.server.fairshare import TAU, FairShare
+from netswap.server.fairshare import WINDOW, FairShare
 from netswap.v1 import swap_pb2, swap_pb2_grpc
 from tests.helpers import PS, TOKENS, Running, auth, running_server, stub_for
 
@@ -236,9 +236,8 @@ async def test_a_flood_of_bad_tokens_is_audited_as_summaries(
 async def test_a_principal_over_its_share_of_the_loop_waits_its_turn() -> None:
     fair = FairShare()
     assert fair.turn("bob") is None  # an idle server: nobody waits
-    fair.used("bob", TAU, waited=False)  # bob kept the loop busy for a whole TAU...
-    fair.used("alice", TAU / 50, waited=False)  # ...while alice used a little of it
-    fair._counted_at = 0.0  # count the active principals again now
+    fair.used("bob", WINDOW, waited=False)  # bob kept the loop busy for a whole window...
+    fair.used("alice", WINDOW / 50, waited=False)  # ...while alice used a little of it
     assert fair.turn("alice") is None  # within her share: at once
     first, second = fair.turn("bob"), fair.turn("bob")
     carol = fair.turn("carol")  # never seen: within any share

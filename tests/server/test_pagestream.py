@@ -194,9 +194,34 @@ def fed(*raws: bytes) -> AsyncIterator[bytes]:
     return requests()
 
 
+class Parked:
+    """PageStreams.run driven by hand on one request, parked right after it sent its reply."""
+
+    def __init__(self, streams: PageStreams, raw: bytes) -> None:
+        self.sent: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.go = asyncio.Event()
+
+        async def send(reply: bytes) -> None:
+            self.sent.set_result(reply)
+            await self.go.wait()
+
+        self.task = asyncio.ensure_future(streams.run("alice", fed(raw), send))
+
+    async def reply(self) -> bytes:
+        return await self.sent
+
+    async def resume(self) -> None:
+        self.go.set()
+        await self.task
+
+    async def close(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+
 async def test_a_stream_copies_a_swap_out_after_its_reply_and_before_anyone_reads(srv: Running) -> None:
-    # PageStreams.serve driven by hand, each stream parked right after its
-    # reply: where the memory store's copy is still pending.
+    # Each stream parked right after its reply: where the memory store's copy is still pending.
     manager = srv.server.manager
     path = PagePath(manager, ServerMetrics(CollectorRegistry()), FairShare())
     streams = PageStreams(manager, srv.server.gate, path, Bounds.for_batches(manager.max_batch_pages))
@@ -205,30 +230,29 @@ async def test_a_stream_copies_a_swap_out_after_its_reply_and_before_anyone_read
     async def read(slots: list[int]) -> bytes:
         return b"".join(await manager.swap_in(manager.attached("alice", handle, "SwapIn"), slots))
 
-    first = streams.replies("alice", fed(swap_out(handle, [1, 2], pattern(1, 2))))
-    assert await first.__anext__() == b""  # an empty PageReply: OK
+    first = Parked(streams, swap_out(handle, [1, 2], pattern(1, 2)))
+    assert await first.reply() == b""  # an empty PageReply: OK
     # Not copied yet in memory (the scrape-time count does not settle); the
     # file store wrote before it answered.
     assert manager.stored_pages() == (0 if srv.store_root is None else 2)
-    second = streams.replies("alice", fed(swap_out(handle, [2, 3], pattern(2, 2))))
-    assert await second.__anext__() == b""
+    second = Parked(streams, swap_out(handle, [2, 3], pattern(2, 2)))
+    assert await second.reply() == b""
     # The first write landed before the second: the last acknowledged wins slot 2.
     assert await read([1, 2, 3]) == pattern(1, 2)[:PS] + pattern(2, 2)
     for stream in (second, first):  # resumed in the other order: nothing changes
-        with pytest.raises(StopAsyncIteration):
-            await stream.__anext__()
+        await stream.resume()
     assert await read([1, 2, 3]) == pattern(1, 2)[:PS] + pattern(2, 2)
     # A stream closed while parked (cancelled) copies at once.
-    third = streams.replies("alice", fed(swap_out(handle, [9], pattern(3, 1))))
-    assert await third.__anext__() == b""
-    await third.aclose()
+    third = Parked(streams, swap_out(handle, [9], pattern(3, 1)))
+    assert await third.reply() == b""
+    await third.close()
     assert manager.stored_pages() == 4
     # One never resumed: whoever asks next finds the pages.
-    fourth = streams.replies("alice", fed(swap_out(handle, [10], pattern(4, 1))))
-    assert await fourth.__anext__() == b""
+    fourth = Parked(streams, swap_out(handle, [10], pattern(4, 1)))
+    assert await fourth.reply() == b""
     assert [a.pages_stored for a in manager.list_areas("alice")] == [5]
     assert await read([10, 9]) == pattern(4, 1) + pattern(3, 1)
-    await fourth.aclose()
+    await fourth.close()
 
 
 async def test_an_unknown_caller_cannot_open_a_stream(srv: Running, channel: grpc.aio.Channel) -> None:
