@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from netswap.client.core import Area, PageArea, SwapClient
-from netswap.client.errors import ConnectionLost, InvalidRequest, NetswapError
+from netswap.client.errors import AreaNotFound, ConnectionLost, InvalidRequest, NetswapError
 from netswap.client.pool import PagePool
 
 log = logging.getLogger(__name__)
@@ -54,11 +54,19 @@ class Replica:
     dirty: bytearray  # one byte per slot: 1 = behind on it
     state: State = State.DOWN
     dirty_count: int = 0
-    since: float = 0.0  # when it entered its state (monotonic)
+    since: float = field(default_factory=time.monotonic)  # when it entered its state
     probed: float = 0.0  # when it was last asked to come back
+    # Bumped whenever the replica is marked down, re-attached or moved: a result
+    # of a request sent before that says nothing about the replica since.
+    epoch: int = 0
+    handle_died: bool = False  # its server said our handle is unknown
+    cursor: int = 0  # where the copies to it go on from
 
     def clean_for(self, first: int, end: int) -> bool:
         return self.dirty_count == 0 or self.dirty.find(1, first, end) < 0
+
+    def clean_for_runs(self, runs: Sequence[tuple[int, int]]) -> bool:
+        return self.dirty_count == 0 or all(self.dirty.find(1, first, end) < 0 for first, end in runs)
 
     def mark(self, runs: Sequence[tuple[int, int]]) -> None:
         for first, end in runs:
@@ -155,6 +163,7 @@ class MirroredArea(PageArea):
         self._wake = asyncio.Event()  # a replica has something to sync
         self._tasks: list[asyncio.Task[None]] = []
         self.failovers = 0
+        self.failed: str | None = None  # set when a replica was taken over: every request fails
         self.resync_bytes = 0
         self._degraded_since: float | None = None
         self._degraded_total = 0.0
@@ -206,11 +215,11 @@ class MirroredArea(PageArea):
         await self._to_all(slots, lambda area: area.discard_batch(slots))
 
     async def read_batch(self, slots: Sequence[int], into: Sequence[memoryview]) -> None:
-        first, end = _span(slots)
+        self._check()
+        runs = _runs(slots)
         for replica in self.replicas:  # placement order: the first live one with the slots reads
-            if not self._has(replica, first, end):
+            if replica.state is State.DOWN or replica.area is None or not replica.clean_for_runs(runs):
                 continue
-            assert replica.area is not None
             try:
                 await replica.area.read_batch(slots, into)
                 return
@@ -222,6 +231,7 @@ class MirroredArea(PageArea):
 
     async def _to_all(self, slots: Sequence[int], rpc: Callable[[Area], Awaitable[None]]) -> None:
         """rpc on every live replica at once; acknowledged when all of them have it."""
+        self._check()
         runs = _runs(slots)
         span = await self._spans.write(*_span(slots))
         try:
@@ -233,28 +243,51 @@ class MirroredArea(PageArea):
                     live.append(replica)
             if not live:
                 raise ConnectionLost(f"no replica of {self.name!r} can be reached")
-            errors = await _each(live, rpc)
-            landed = 0
-            rejected: InvalidRequest | None = None
-            for replica, error in zip(live, errors, strict=True):
-                if error is None:
-                    landed += 1
-                    replica.clear(runs)  # a syncing replica is up to date on these slots now
-                elif isinstance(error, InvalidRequest):
-                    rejected = error
-                else:
-                    self._lost(replica, error)
+            epochs = [r.epoch for r in live]
+            try:
+                errors = await _each(live, rpc)
+            except BaseException:
+                # Cancelled (or worse) with the write on its way: the copies may now
+                # differ. Whatever the first has, the others are made to follow.
+                for replica in live[1:]:
                     replica.mark(runs)
-            if rejected is not None:
-                raise rejected
-            if not landed:
-                raise ConnectionLost(f"no replica of {self.name!r} took the write")
+                raise
+            self._took(live, epochs, errors, runs)
         finally:
             self._spans.done(self._spans.writes, span)
 
+    def _took(
+        self,
+        live: list[Replica],
+        epochs: list[int],
+        errors: list[BaseException | None],
+        runs: list[tuple[int, int]],
+    ) -> None:
+        """Account a write's outcome on each replica; raise if it was not acknowledged."""
+        landed = any(e is None for e in errors)
+        for replica, epoch, error in zip(live, epochs, errors, strict=True):
+            if error is not None and not isinstance(error, InvalidRequest):
+                self._lost(replica, error)
+            if error is None and replica.epoch == epoch:
+                replica.clear(runs)  # a syncing replica is up to date on these slots now
+            elif landed:  # it missed (or was lost since) a write another copy has
+                replica.mark(runs)
+        rejected = next((e for e in errors if isinstance(e, InvalidRequest)), None)
+        if rejected is not None:
+            raise rejected
+        if not landed:
+            raise ConnectionLost(f"no replica of {self.name!r} took the write")
+
+    def _check(self) -> None:
+        if self.failed is not None:
+            raise AreaNotFound(self.failed)
+
     def _lost(self, replica: Replica, error: BaseException) -> None:
+        if isinstance(error, AreaNotFound):
+            replica.handle_died = True
         if replica.state is not State.DOWN:
             self.failovers += 1
+            replica.epoch += 1
             log.warning("replica of %r on %s is down: %s", self.name, replica.server, error)
             self._set(replica, State.DOWN)
 
@@ -281,6 +314,16 @@ class MirroredArea(PageArea):
             self._replace(replica)
         replica.probed = now
         try:
+            if replica.handle_died and replica.area is not None and await replica.area.superseded():
+                # Our handle died while its server kept running: another client
+                # attached the area. Taking it back would make two writers of one
+                # swap area; the device fails instead (see AreaDevice).
+                self.failed = (
+                    f"area {self.name!r} on {replica.server} was attached by another client while its"
+                    " server kept running; not taking it back"
+                )
+                log.error("%s", self.failed)
+                return
             if replica.area is None:
                 replica.area = await replica.client.swapon(
                     self.name, self.size_bytes, pool_pages=1, timeout=opts.control_timeout
@@ -291,6 +334,8 @@ class MirroredArea(PageArea):
         except NetswapError as e:
             log.debug("replica of %r on %s still down: %s", self.name, replica.server, e)
             return
+        replica.handle_died = False
+        replica.epoch += 1
         if created:  # empty: every slot must come from another replica
             replica.mark_all()
         log.warning(
@@ -309,6 +354,8 @@ class MirroredArea(PageArea):
         replica.server, replica.client, replica.area = server, client, None
         replica.mark_all()
         replica.since = time.monotonic()
+        replica.epoch += 1
+        replica.handle_died = False
 
     async def _copy_loop(self, buf: bytearray) -> None:
         """One copier: the next run of dirty slots of a syncing replica, from a replica that has it."""
@@ -318,10 +365,14 @@ class MirroredArea(PageArea):
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            # Paced before it is claimed: a claimed span holds off writes to it.
+            await self._pace((claim[2] - claim[1]) * self.page_size)
+            claim = self._claim()
+            if claim is None:
+                continue
             target, first, end = claim
             span = self._spans.copy(first, end)  # now, before anything awaits: no other copier takes it
             try:
-                await self._pace((end - first) * self.page_size)
                 copied = await self._copy(target, first, end, buf)
             except NetswapError:
                 continue  # a replica was lost (see _lost); the next claim finds what is left
@@ -342,17 +393,26 @@ class MirroredArea(PageArea):
             await asyncio.sleep(at - now)
 
     def _claim(self) -> tuple[Replica, int, int] | None:
+        """The next run of dirty slots some replica can be brought up to date on: from where the
+        last copy to it ended, skipping runs being copied and runs no reachable replica has."""
         for target in self.replicas:
             if target.state is not State.SYNCING or not target.dirty_count:
                 continue
-            start = 0
+            start, wrapped = target.cursor, False
             while True:
                 first = target.dirty.find(1, start)
                 if first < 0:
+                    if wrapped or start == 0:
+                        break
+                    start, wrapped = 0, True
+                    continue
+                if wrapped and first >= target.cursor:
                     break
                 end = target.dirty.find(0, first, first + self.max_batch_pages)
                 end = min(first + self.max_batch_pages if end < 0 else end, self.slot_count)
-                if not self._spans.overlap(self._spans.copies, first, end):
+                sourced = any(r is not target and self._has(r, first, end) for r in self.replicas)
+                if sourced and not self._spans.overlap(self._spans.copies, first, end):
+                    target.cursor = end if end < self.slot_count else 0
                     return target, first, end  # the caller claims it before it awaits anything
                 start = end
         return None
@@ -395,7 +455,8 @@ class MirroredArea(PageArea):
         return False
 
     async def superseded(self) -> bool:
-        return False
+        """True once a replica was found taken over by another client (the device then fails)."""
+        return self.failed is not None
 
     async def close(self) -> None:
         for task in self._tasks:

@@ -345,3 +345,43 @@ async def test_a_copy_and_a_write_to_the_same_slots_never_leave_the_old_data(wri
     assert target.pages["m"].get(0) == page(2) == source.pages["m"][0]
     assert mirror.replicas[1].dirty_count == 0
     mirror.detach()
+
+
+async def test_a_late_result_says_nothing_of_a_replica_re_attached_since() -> None:
+    # B acknowledges a write, then its server restarts empty and B is re-attached
+    # (every slot to copy); only then does A, the slow one, answer. B's old
+    # acknowledgement must not mark it up to date on the slot it no longer has.
+    a, b = FakeServer("a"), FakeServer("b")
+    replicas = []
+    for server in (a, b):
+        server.pages["m"] = {}
+        area = FakeArea(server, "m", True)
+        replicas.append(
+            Replica(server.name, cast(Any, FakeClient(server)), cast(Any, area), bytearray(SLOTS), State.UP)
+        )
+    mirror = MirroredArea("m", SLOTS * PS, replicas, pool_pages=16)
+    a.lag = 20
+    write = asyncio.ensure_future(mirror.write_batch(range(3, 4), [memoryview(page(7))]))
+    while 3 not in b.pages["m"]:  # B has it; A not yet
+        await asyncio.sleep(0)
+    b.pages.clear()  # B's machine: gone, and back empty
+    b.epoch += 1
+    mirror._lost(replicas[1], ConnectionLost("b restarted"))
+    await mirror._probe(replicas[1])
+    await write
+    assert replicas[1].dirty[3] == 1  # still behind on slot 3
+    a.up = False  # losing A now: slot 3 is not read from B
+    with pytest.raises(ConnectionLost):
+        await mirror.read_batch(range(3, 4), [memoryview(bytearray(PS))])
+    mirror.detach()
+
+
+async def test_runs_nobody_has_do_not_hold_up_the_copies_behind_them() -> None:
+    mirror, source, target = await _pair(lag=0)
+    mirror.replicas[1].clear([(0, SLOTS)])
+    mirror.replicas[0].mark([(0, 8)])  # the source itself is behind on 0-7: nobody has them
+    mirror.replicas[1].mark([(0, 8), (20, 21)])
+    source.pages["m"][20] = page(9)
+    await _copy_all(mirror)
+    assert target.pages["m"].get(20) == page(9) and mirror.replicas[1].dirty[20] == 0
+    mirror.detach()
