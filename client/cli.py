@@ -15,7 +15,7 @@ from pathlib import Path
 from netswap.client.core import DEFAULT_TIMEOUT, Area, SwapClient, TlsFiles
 from netswap.client.errors import NetswapError
 from netswap.client.nbd.serve import NBD_MAX_BATCH, NbdOptions, run_nbd
-from netswap.client.reserve import ReserveError, reserve_safe_process_or_reexec
+from netswap.client.reserve import ReserveError, before_threads, reserve_safe_process_or_reexec
 from netswap.common import loop
 from netswap.common.heap import keep_heap
 from netswap.common.limits import PAGE_SIZE
@@ -263,6 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(os.environ).parse_args(argv)
     if args.command == "nbd" and argv is None:
         reserve_safe_process_or_reexec(sys.argv[1:])  # before any thread exists; see reserve.py
+        before_threads()  # so that gRPC's threads inherit them
     keep_heap()  # see netswap.common.heap (`nbd` has it from its environment already)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = read_token(args, os.environ)

@@ -48,19 +48,25 @@ echo 30 >/proc/sys/kernel/hung_task_timeout_secs
 
 frontend() { # frontend WHEN: what netswap nbd holds, its OOM score, and IO_FLUSHER per thread
 	pid=$MAIN_PID_netswap_nbd
-	[ -d "/proc/$pid" ] || fail 27 "frontend-gone-$1"
-	awk -v when="$1" '/^(VmLck|VmRSS|VmHWM|VmSwap):/ { v = v " " $1 $2 } END { print "FRONTEND " when v }' \
+	when=$1
+	[ -d "/proc/$pid" ] || fail 27 "frontend-gone-$when"
+	awk -v when="$when" '/^(VmLck|VmRSS|VmHWM|VmSwap):/ { v = v " " $1 $2 } END { print "FRONTEND " when v }' \
 		"/proc/$pid/status"
 	threads=0
 	flushers=0
+	fifo=0
 	for task in /proc/"$pid"/task/*; do
-		# field 9 of stat; the name in parentheses before it may hold spaces
-		flags=$(sed 's/.*) //' "$task/stat" | cut -d' ' -f7)
+		# fields 9 (flags) and 41 (policy) of stat; the name in parentheses before them may hold spaces
+		set -- $(sed 's/.*) //' "$task/stat")
+		flags=$7
+		shift 38
 		threads=$((threads + 1))
-		# PR_SET_IO_FLUSHER sets PF_MEMALLOC_NOIO | PF_LOCAL_THROTTLE on one thread
+		# PR_SET_IO_FLUSHER sets PF_MEMALLOC_NOIO | PF_LOCAL_THROTTLE (this kernel's values)
 		[ $((flags & 0x180000)) -eq $((0x180000)) ] && flushers=$((flushers + 1))
+		[ "$1" -eq 1 ] && fifo=$((fifo + 1)) # SCHED_FIFO
 	done
-	echo "FRONTEND $1 oom_score_adj=$(cat "/proc/$pid/oom_score_adj") threads=$threads io_flusher_threads=$flushers"
+	echo "FRONTEND $when oom_score_adj=$(cat "/proc/$pid/oom_score_adj") threads=$threads" \
+		"io_flusher_threads=$flushers fifo_threads=$fifo"
 }
 
 if [ "$SWAP" = nbd ]; then

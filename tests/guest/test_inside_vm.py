@@ -186,6 +186,7 @@ def check_inside(result: GuestResult, *logs: Path) -> dict[str, dict[str, str]]:
         seen = report[when]
         assert seen["oom_score_adj"] == "-1000", (when, seen)
         assert seen["io_flusher_threads"] == seen["threads"], (when, seen)
+        assert seen["fifo_threads"] == seen["threads"], (when, seen)
         assert int(seen["VmLck"]) > 0, (when, seen)
     return report
 
