@@ -41,7 +41,8 @@ for v in "$HOG_MIB" "$MIN_PSWPOUT"; do
 	'' | *[!0-9]*) fail 17 "bad-cmdline hog_mib=$HOG_MIB min_pswpout=$MIN_PSWPOUT" ;;
 	esac
 done
-echo "GUEST-START kernel=$(uname -r) swap=$SWAP hog_mib=$HOG_MIB min_pswpout=$MIN_PSWPOUT"
+echo "GUEST-START kernel=$(uname -r) swap=$SWAP hog_mib=$HOG_MIB min_pswpout=$MIN_PSWPOUT" \
+	"min_free_kbytes=$(cat /proc/sys/vm/min_free_kbytes)"
 # A task blocked this long is reported (Debian's default is 120 s): a stall
 # shows up in the console with its stack.
 echo 30 >/proc/sys/kernel/hung_task_timeout_secs
