@@ -88,6 +88,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         action="store_false",
         help="do not lock memory (not reserve-safe: tests only)",
     )
+    nbd.add_argument(
+        "--no-realtime",
+        dest="realtime",
+        action="store_false",
+        help="do not run SCHED_FIFO (not reserve-safe: for hosts where it would starve others)",
+    )
     nbd.add_argument("--metrics-listen", default="", help="HOST:PORT for Prometheus metrics (default: off)")
     return parser
 
@@ -229,6 +235,7 @@ async def run(args: argparse.Namespace, token: str | None) -> int:
                 retry_deadline=args.retry_deadline,
                 rpc_timeout=args.rpc_timeout,
                 mlock=args.mlock,
+                realtime=args.realtime,
                 max_rpcs=args.max_rpcs,
                 readahead_pages=args.readahead_pages,
                 metrics_listen=args.metrics_listen,
@@ -263,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(os.environ).parse_args(argv)
     if args.command == "nbd" and argv is None:
         reserve_safe_process_or_reexec(sys.argv[1:])  # before any thread exists; see reserve.py
-        before_threads()  # so that gRPC's threads inherit them
+        before_threads(realtime=args.realtime)  # so that gRPC's threads inherit them
     keep_heap()  # see netswap.common.heap (`nbd` has it from its environment already)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = read_token(args, os.environ)

@@ -164,17 +164,18 @@ def set_realtime() -> str | None:
     return None
 
 
-def realtime() -> bool:
+def is_realtime() -> bool:
     return os.sched_getscheduler(0) == os.SCHED_FIFO
 
 
-def before_threads() -> None:
+def before_threads(*, realtime: bool = True) -> None:
     """Apply the per-thread measures while this is the only thread, so every later one inherits them.
 
     What fails here is tried again, and reported, by make_reserve_safe.
     """
     set_io_flusher()
-    set_realtime()
+    if realtime:
+        set_realtime()
 
 
 def set_oom_score_adj(value: int = -1000) -> str | None:
@@ -193,8 +194,8 @@ def oom_score_adj() -> int | None:
         return None
 
 
-def make_reserve_safe(*, mlock: bool = True) -> ReserveReport:
-    """Apply every measure (mlock optional); warn about what could not be done.
+def make_reserve_safe(*, mlock: bool = True, realtime: bool = True) -> ReserveReport:
+    """Apply every measure (mlock and realtime optional); warn about what could not be done.
 
     The per-thread ones reach only this thread and those it starts from now
     on, unless before_threads() ran first.
@@ -202,7 +203,7 @@ def make_reserve_safe(*, mlock: bool = True) -> ReserveReport:
     notes = []
     if mlock:
         lock_memory()
-    for problem in (set_io_flusher(), set_realtime(), set_oom_score_adj()):
+    for problem in (set_io_flusher(), set_realtime() if realtime else None, set_oom_score_adj()):
         if problem:
             notes.append(problem)
             log.warning("%s", problem)
@@ -210,7 +211,7 @@ def make_reserve_safe(*, mlock: bool = True) -> ReserveReport:
         locked=mlock,
         locked_bytes=status_bytes("VmLck"),
         io_flusher=io_flusher_set(),
-        realtime=realtime(),
+        realtime=is_realtime(),
         oom_score_adj=oom_score_adj(),
         notes=tuple(notes),
     )

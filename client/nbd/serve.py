@@ -46,6 +46,7 @@ class NbdOptions:
     readahead_pages: int = 64
     max_connections: int = 4
     mlock: bool = True
+    realtime: bool = True  # SCHED_FIFO (client/reserve.py)
     metrics_listen: str = ""  # HOST:PORT for Prometheus, "" for none
 
 
@@ -162,7 +163,7 @@ async def run_nbd(client: SwapClient, opts: NbdOptions) -> int:
         http, _ = start_http_server(int(port), addr=host or "127.0.0.1", registry=server.registry)
         log.info("metrics at http://%s:%d/metrics", host or "127.0.0.1", http.server_port)
     # Last: everything the data path needs now exists and has been touched.
-    report = make_reserve_safe(mlock=opts.mlock)
+    report = make_reserve_safe(mlock=opts.mlock, realtime=opts.realtime)
     log.info("reserve safety: %s", report.summary())
     print(f"netswap nbd: serving {area.name} at {where}; {report.summary()}", flush=True)
     stop = asyncio.Event()
