@@ -38,6 +38,8 @@ from netswap.client.pool import PagePool
 from netswap.common import loop
 from netswap.common.limits import PAGE_SIZE
 from netswap.common.pagewire import (
+    Bounds,
+    Op,
     decode_page_reply,
     decode_page_request,
     encode_page_reply,
@@ -46,14 +48,22 @@ from netswap.common.pagewire import (
     slot_fields,
 )
 from netswap.server.areas import AreaManager
+from netswap.server.audit import AuditLog
+from netswap.server.auth import Credentials
+from netswap.server.fairshare import FairShare
+from netswap.server.gate import AuthPolicy, CallLimits, Gate
 from netswap.server.metrics import ServerMetrics
 from netswap.server.pagestream import PageStreams
+from netswap.server.requests import PagePath
 from netswap.server.store.memory import MemoryStore
 from netswap.v1 import swap_pb2
 
 AREA = 64 << 20
 SLOTS = AREA // PAGE_SIZE
 _FLUSH = bytearray(8 << 20)  # more than this machine's caches hold
+
+
+BOUNDS = Bounds.for_batches(4096)  # decoding as the server does, for any batch here
 
 
 def flush() -> None:
@@ -106,7 +116,9 @@ async def server_pair(batch: int, op: str) -> dict[str, Callable[[int], Awaitabl
     manager = AreaManager(
         MemoryStore(), capacity=AREA, max_area_size=AREA, max_batch_pages=256, quota_of=lambda p: None
     )
-    streams = PageStreams(manager, ServerMetrics(CollectorRegistry()))
+    gate = Gate(Credentials(None), AuthPolicy(), CallLimits(), ServerMetrics(CollectorRegistry()), AuditLog())
+    path = PagePath(manager, ServerMetrics(CollectorRegistry()), FairShare())
+    streams = PageStreams(manager, gate, path, BOUNDS)
     handle = (await manager.swapon("bench", "area", AREA)).handle
     populate = getattr(mmap, "MAP_POPULATE", 0)
     area = memoryview(mmap.mmap(-1, AREA, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate))
@@ -122,14 +134,14 @@ async def server_pair(batch: int, op: str) -> dict[str, Callable[[int], Awaitabl
     raws = [request(i) for i in range(64)]  # built beforehand: the client's work, not the server's
 
     async def netswap(i: int) -> None:
-        reply = streams.answer("bench", decode_page_request(raws[i % 64]))
+        reply = await streams.answer("bench", raws[i % 64])
         manager.settle()  # as PageStreams.serve does once the reply is sent: the same work
         assert reply[:1] in (b"", b"\x1a"), reply[:40]  # no error
 
     async def stored(i: int) -> None:
-        op_name, head, blob = decode_page_request(raws[i % 64])
+        op_name, head, blob = decode_page_request(raws[i % 64], BOUNDS)
         at, size = head.run_start * PAGE_SIZE, head.run_count * PAGE_SIZE
-        if op_name == "SwapOut":
+        if op_name is Op.SWAP_OUT:
             area[at : at + size] = blob
             encode_page_reply(())
         else:

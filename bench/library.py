@@ -65,7 +65,9 @@ from netswap.client import SwapClient
 from netswap.common import loop
 from netswap.common.heap import keep_heap
 from netswap.common.limits import PAGE_SIZE, max_message_bytes
-from netswap.common.pagewire import (  # the same encoders the library uses
+from netswap.common.pagewire import (
+    Bounds,
+    Op,  # the same encoders the library uses
     decode_page_reply,
     decode_page_request,
     encode_page_reply,
@@ -117,15 +119,15 @@ async def serve_echo(address: str, stores: bool = False, files: Path | None = No
 
     async def page_stream(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
         async for request in requests:
-            op, head, _ = decode_page_request(request)
-            yield encode_page_reply([blob[: head.run_count * PAGE_SIZE]] if op == "SwapIn" else ())
+            op, head, _ = decode_page_request(request, BOUNDS)
+            yield encode_page_reply([blob[: head.run_count * PAGE_SIZE]] if op is Op.SWAP_IN else ())
 
     async def stored_stream(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
         async for request in requests:
-            op, head, pages = decode_page_request(request)
+            op, head, pages = decode_page_request(request, BOUNDS)
             # The bench sends runs of consecutive slots: one copy each way.
             at, size = head.run_start * PAGE_SIZE, head.run_count * PAGE_SIZE
-            if op == "SwapOut":
+            if op is Op.SWAP_OUT:
                 yield encode_page_reply(())
                 # After the reply, as netswap's memory store copies (the
                 # least a store in memory must do before it answers: nothing).
@@ -143,9 +145,9 @@ async def serve_echo(address: str, stores: bool = False, files: Path | None = No
             os.posix_fallocate(fd, 0, STORED_AREA)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
             async for request in requests:
-                op, head, pages = decode_page_request(request)
+                op, head, pages = decode_page_request(request, BOUNDS)
                 at, size = head.run_start * PAGE_SIZE, head.run_count * PAGE_SIZE
-                if op == "SwapOut":
+                if op is Op.SWAP_OUT:
                     pwrite_all(fd, pages, at)  # the file store's own writes
                     yield encode_page_reply(())
                 else:
@@ -173,6 +175,9 @@ async def serve_echo(address: str, stores: bool = False, files: Path | None = No
 
 
 # -- measurement ----------------------------------------------------------------
+
+
+BOUNDS = Bounds.for_batches(4096)  # decoding as the server does, for any batch here
 
 
 def percentile(xs: list[float], q: float) -> float:

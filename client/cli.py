@@ -59,7 +59,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     nbd.add_argument("--size", type=size_arg, required=True, help="area size, e.g. 1GiB")
     where = nbd.add_mutually_exclusive_group(required=True)
     where.add_argument("--socket", type=Path, help="unix socket to listen on (only its owner may connect)")
-    where.add_argument("--listen", help="HOST:PORT to listen on (loopback only, unless you mean it)")
+    where.add_argument("--listen", help="HOST:PORT to listen on (loopback, unless --allow-remote)")
     nbd.add_argument(
         "--pool-pages", type=int, default=2048, help="page buffers made at swapon (default 2048)"
     )
@@ -87,6 +87,24 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         dest="mlock",
         action="store_false",
         help="do not lock memory (not reserve-safe: tests only)",
+    )
+    nbd.add_argument(
+        "--max-connections",
+        type=int,
+        default=NbdOptions.max_connections,
+        help="NBD clients served at once (default %(default)s)",
+    )
+    nbd.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=NbdOptions.handshake_timeout,
+        help="seconds a client has to finish the NBD handshake (default %(default)s)",
+    )
+    nbd.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="let --listen take an address other hosts can reach (NBD has no authentication:"
+        " whoever reaches it reads and writes the area)",
     )
     nbd.add_argument(
         "--no-realtime",
@@ -206,12 +224,37 @@ async def run_demo(client: SwapClient, args: argparse.Namespace) -> int:
     return 0
 
 
-async def run(args: argparse.Namespace, token: str | None) -> int:
-    if args.command == "nbd" and args.pool_pages < 32:  # before connecting to anything
+def nbd_options(args: argparse.Namespace) -> NbdOptions:
+    """`netswap nbd`'s options, checked before anything connects or re-executes."""
+    if args.pool_pages < 32:
         raise SystemExit("netswap nbd: --pool-pages must be at least 32")
-    if args.command == "nbd" and not 0 <= args.readahead_pages <= NBD_MAX_BATCH:
+    if not 0 <= args.readahead_pages <= NBD_MAX_BATCH:
         raise SystemExit(f"netswap nbd: --readahead-pages must be 0-{NBD_MAX_BATCH}")
+    try:
+        return NbdOptions(
+            name=args.name,
+            size=args.size,
+            socket=args.socket,
+            listen=args.listen,
+            pool_pages=args.pool_pages,
+            retry_deadline=args.retry_deadline,
+            rpc_timeout=args.rpc_timeout,
+            mlock=args.mlock,
+            realtime=args.realtime,
+            max_rpcs=args.max_rpcs,
+            readahead_pages=args.readahead_pages,
+            max_connections=args.max_connections,
+            handshake_timeout=args.handshake_timeout,
+            allow_remote=args.allow_remote,
+            metrics_listen=args.metrics_listen,
+        )
+    except ValueError as e:
+        raise SystemExit(f"netswap nbd: {e}") from None
+
+
+async def run(args: argparse.Namespace, token: str | None) -> int:
     if args.command == "nbd":
+        opts = nbd_options(args)
         # Bounded: the frontend keeps at most NbdOptions.max_rpcs RPCs in flight,
         # each of at most NBD_MAX_BATCH pages (servers default to 256).
         connect = SwapClient.connect(
@@ -226,20 +269,6 @@ async def run(args: argparse.Namespace, token: str | None) -> int:
         connect = SwapClient.connect(args.server, token, timeout=DEFAULT_TIMEOUT, tls=tls_files(args))
     async with await connect as client:
         if args.command == "nbd":
-            opts = NbdOptions(
-                name=args.name,
-                size=args.size,
-                socket=args.socket,
-                listen=args.listen,
-                pool_pages=args.pool_pages,
-                retry_deadline=args.retry_deadline,
-                rpc_timeout=args.rpc_timeout,
-                mlock=args.mlock,
-                realtime=args.realtime,
-                max_rpcs=args.max_rpcs,
-                readahead_pages=args.readahead_pages,
-                metrics_listen=args.metrics_listen,
-            )
             return await run_nbd(client, opts)
         if args.command == "swapon":
             existing = {a.name: a for a in await client.list_areas()}.get(args.name)
@@ -268,6 +297,8 @@ async def run(args: argparse.Namespace, token: str | None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(os.environ).parse_args(argv)
+    if args.command == "nbd":
+        nbd_options(args)  # a mistake is reported before the process re-executes itself
     if args.command == "nbd" and argv is None:
         reserve_safe_process_or_reexec(sys.argv[1:])  # before any thread exists; see reserve.py
         before_threads(realtime=args.realtime)  # so that gRPC's threads inherit them

@@ -257,10 +257,8 @@ class Area:
         """Write pages (a buffer of len(slots) * page_size bytes) to slots."""
         view = memoryview(pages).cast("B")
         self._pages_for(slots, view, "pages")
-        if len(slots) <= self.max_batch_pages:  # one request, as most are: no batching machinery
-            await self._client._pages.request(
-                encode_page_swap_out(self._handle, slots, [view], self.takes_runs)
-            )
+        if len(slots) <= self.max_batch_pages:  # one request, as most are
+            await self.write_batch(slots, [view])
             return
         ps = self.page_size
 
@@ -287,12 +285,8 @@ class Area:
         view = lease.view
         try:
             self._pages_for(slots, view, "into")
-            if len(slots) <= self.max_batch_pages:  # one request: as in swap_out, read_batch inline
-                request = swap_pb2.SwapInRequest(handle=self._handle, **slot_fields(slots, self.takes_runs))
-                got = await self._client._pages.request(encode_page_request(request))
-                if len(got) != len(view):
-                    raise ServerError(f"server returned {len(got)} bytes for {len(slots)} pages")
-                view[:] = got
+            if len(slots) <= self.max_batch_pages:  # one request, as most are
+                await self.read_batch(slots, [view])
             else:
                 ps = self.page_size
 

@@ -79,10 +79,8 @@ class PageStream:
         Raises the NetswapError of a failed request, or of the stream breaking
         before its reply came (ConnectionLost, mostly).
         """
-        # Every request of the client passes here: the common path is kept
-        # short and inline, each step a few us when the caches are cold (as
-        # they are between round trips that run gRPC's threads and another
-        # process). Waiting for the write and failures take calls aside.
+        # Every request of the client passes here: the common path stays in
+        # this frame; waiting for the write and failures take calls aside.
         if self._closed:
             raise ConnectionLost("the client is closed")
         stream = self._current()
@@ -228,10 +226,8 @@ class PageStream:
         else come back at the earliest deadline still pending.
 
         One timer per stream, re-armed about once per timeout while requests
-        keep coming, rather than one per request: arming and disarming a
-        timer for every request (asyncio.timeout) cost ~10-25 us of a
-        ~110-150 us round trip here (a bare write and read on a stream to
-        bench/library.py's echo, with and without it).
+        keep coming, rather than one per request: arming and disarming a timer
+        is a noticeable share of a round trip (docs/performance.md).
         """
         stream.watchdog = None
         if stream.broken is not None or not stream.deadlines:

@@ -3,9 +3,8 @@
 gRPC reads GRPC_EXPERIMENTS once, when its core loads. Since 1.6x its
 EventEngine is on by default for client channels and listeners; with
 grpc.aio it hands every completion through more threads before it reaches
-the event loop. Measured on this project's 2-core machine (a 4 KiB
-PageStream round trip, unix socket, p50): ~270 us with it, ~135 us with the
-classic poller on both ends. So netswap's processes -- netswap-server, the
+the event loop, which about doubles a small request's round trip
+(docs/performance.md). So netswap's processes -- netswap-server, the
 netswap CLI, `netswap nbd` -- turn those two experiments off, unless the
 operator set GRPC_EXPERIMENTS already. A program using netswap.client as a
 library decides for itself (call apply() before importing grpc, or export

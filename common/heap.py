@@ -3,11 +3,10 @@
 glibc gives every block over its mmap threshold (128 KiB until it adapts)
 a fresh mapping and returns it on free, and trims the top of the heap back
 to the kernel. A process handling 1 MiB messages then takes 256 page faults
-for every message it builds or receives: measured here, ~0.5 ms per MiB --
-more than gRPC's whole round trip for that message. Fixing both thresholds
-keeps such blocks in the heap and reuses them. The price is that the heap
-stays at its high-water mark, which for netswap is bounded by the messages
-in flight.
+for every message it builds or receives, which costs more than gRPC's whole
+round trip for it. Fixing both thresholds keeps such blocks in the heap and
+reuses them. The price is that the heap stays at its high-water mark; a
+server gives back what a burst left behind with trim().
 
 `netswap nbd` gets the same effect from environment variables at re-exec
 (client/reserve.py), which also cover memory allocated before Python runs.
@@ -31,3 +30,45 @@ def keep_heap() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
         mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     )
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def free_in_heap() -> int | None:
+    """Bytes the heap holds free (glibc's mallinfo2), or None where there is no such call."""
+    mallinfo2 = getattr(ctypes.CDLL(None), "mallinfo2", None)
+    if mallinfo2 is None:
+        return None
+    mallinfo2.restype = _Mallinfo2
+    info: _Mallinfo2 = mallinfo2()
+    return int(info.fordblks)
+
+
+def trim(above: int) -> bool:
+    """Give the heap's free pages back to the kernel if more than `above` bytes are free.
+
+    keep_heap() keeps freed message buffers for reuse; after a burst that is
+    more than the steady load needs, and the pages would stay resident for
+    good. Call it now and then, in a worker thread: it walks the heap."""
+    free = free_in_heap()
+    if free is None or free <= above:
+        return False
+    malloc_trim = ctypes.CDLL(None).malloc_trim
+    malloc_trim.argtypes = [ctypes.c_size_t]
+    return bool(malloc_trim(0))

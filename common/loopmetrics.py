@@ -1,12 +1,9 @@
 """Histograms for the data path: plain numbers, exposed at scrape time.
 
-prometheus_client's Counter and Histogram take a lock on every update. In
-netswap-server a 1-page SwapOut on PageStream made four such updates; measured
-with bench/library.py's shapes (one request in flight, A/B against the same
-server without them), they cost ~10 us of the server's ~130 us of CPU per
-request, where a tight loop puts them at ~2 us. These histograms keep plain
-Python numbers instead (and the server derives its page counters from one of
-them at scrape time). Only the event loop's thread updates them; a scrape runs
+prometheus_client's Counter and Histogram take a lock on every update, a
+noticeable share of a small request's CPU when every request makes several.
+These histograms keep plain Python numbers instead (and the server derives
+its page counters from one of them at scrape time). Only the event loop's thread updates them; a scrape runs
 in another thread and reads a copy of each series, so a histogram's sum may lag
 its count by the one observation in progress, never more.
 """

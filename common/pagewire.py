@@ -3,10 +3,16 @@
 protobuf's Python API only takes `bytes` for a bytes field: putting pool pages
 into a SwapOutRequest would copy them into a bytes object and then again into
 the serialized message; parsing one copies the blob out of the received bytes.
-Instead the small part of each message (handle, packed slots or a run) goes through
-protobuf and the page blob is handled here, as field 3 of SwapOutRequest and
-field 1 of SwapInResponse -- a concatenation of encoded fields is itself a
-valid encoding, identical to what SerializeToString would produce.
+Instead the small part of each message (handle, packed slots or a run) goes
+through protobuf and the page blob is handled here -- a concatenation of
+encoded fields is itself a valid encoding, identical to what
+SerializeToString would produce. Field numbers and tags come from the
+generated descriptors, so this file cannot drift from swap.proto.
+
+The decoders take untrusted bytes: they refuse (ValueError) a message that
+holds more fields, or a small part larger, than any valid request could,
+before protobuf parses anything, so a hostile message costs O(limit) whatever
+its size.
 
 Both ends use it: the client to send SwapOut and read SwapIn replies, the
 server to read SwapOut and send SwapIn replies -- as unary calls, or wrapped
@@ -15,12 +21,17 @@ in the PageRequest / PageReply messages of PageStream.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+
+from netswap.common.limits import MESSAGE_OVERHEAD
 from netswap.v1 import swap_pb2
 
-_PAGES_TAG = b"\x1a"  # field 3, wire type 2 (length-delimited)
+_VARINT, _LEN = 0, 2  # wire types
 
 
 def varint(n: int) -> bytes:
@@ -32,6 +43,59 @@ def varint(n: int) -> bytes:
     return bytes(out)
 
 
+def _field(message: Descriptor, name: str) -> FieldDescriptor:
+    return message.fields_by_name[name]
+
+
+def _tag(message: Descriptor, name: str) -> bytes:
+    """The key of a length-delimited field, as its message's descriptor defines it."""
+    return varint(_field(message, name).number << 3 | _LEN)
+
+
+_SWAP_OUT = swap_pb2.SwapOutRequest.DESCRIPTOR
+_SWAP_IN_REPLY = swap_pb2.SwapInResponse.DESCRIPTOR
+_PAGE_REQUEST = swap_pb2.PageRequest.DESCRIPTOR
+_PAGE_REPLY = swap_pb2.PageReply.DESCRIPTOR
+
+SWAP_OUT_PAGES = _tag(_SWAP_OUT, "pages")
+SWAP_IN_REPLY_PAGES = _tag(_SWAP_IN_REPLY, "pages")
+PAGE_REQUEST_SWAP_OUT = _tag(_PAGE_REQUEST, "swap_out")
+PAGE_REPLY_PAGES = _tag(_PAGE_REPLY, "pages")
+
+
+class Op(enum.Enum):
+    """The operations a PageRequest carries, named as the unary methods are."""
+
+    SWAP_OUT = "SwapOut"
+    SWAP_IN = "SwapIn"
+    DISCARD = "Discard"
+
+
+_OP_OF_FIELD = {
+    _field(_PAGE_REQUEST, "swap_out").number: Op.SWAP_OUT,
+    _field(_PAGE_REQUEST, "swap_in").number: Op.SWAP_IN,
+    _field(_PAGE_REQUEST, "discard").number: Op.DISCARD,
+}
+_HEAD_OF_OP = {Op.SWAP_IN: swap_pb2.SwapInRequest, Op.DISCARD: swap_pb2.DiscardRequest}
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The most a valid request holds: fields, and bytes besides its page blob."""
+
+    fields: int
+    head_bytes: int
+
+    @classmethod
+    def for_batches(cls, max_batch_pages: int) -> Bounds:
+        """A page request's: its slots listed one varint field each (protobuf also reads
+        repeated numbers unpacked), and a handful of other fields."""
+        return cls(fields=max_batch_pages + 8, head_bytes=MESSAGE_OVERHEAD + max_batch_pages * 22)
+
+
+CONTROL = Bounds(fields=16, head_bytes=1 << 20)  # SwapOn, SwapOff, ListAreas
+
+
 def slot_fields(slots: Sequence[int], runs: bool) -> dict[str, Any]:
     """The fields of a request that name `slots`: a run (run_start, run_count) when they
     are one -- given as a range -- and the server takes runs (`runs`), else listed."""
@@ -40,23 +104,64 @@ def slot_fields(slots: Sequence[int], runs: bool) -> dict[str, Any]:
     return {"slots": slots}
 
 
-def _swap_out_parts(
-    handle: bytes, slots: Sequence[int], pages: Sequence[memoryview], runs: bool
-) -> list[bytes | memoryview]:
+Pieces = Sequence[bytes | bytearray | memoryview]
+
+
+def _swap_out_parts(handle: bytes, slots: Sequence[int], pages: Pieces, runs: bool) -> list[Any]:
     """The pieces of a serialized SwapOutRequest whose page blob is `pages`, not yet joined."""
     head = swap_pb2.SwapOutRequest(handle=handle, **slot_fields(slots, runs)).SerializeToString()
     total = sum(len(p) for p in pages)
     if not total:
         return [head]
-    return [head, _PAGES_TAG, varint(total), *pages]
+    return [head, SWAP_OUT_PAGES, varint(total), *pages]
 
 
-def encode_swap_out(
-    handle: bytes, slots: Sequence[int], pages: Sequence[memoryview], runs: bool = False
-) -> bytes:
+def encode_swap_out(handle: bytes, slots: Sequence[int], pages: Pieces, runs: bool = False) -> bytes:
     """A serialized SwapOutRequest whose page blob is the concatenation of `pages`
     (its slots as a run if `runs` allows, see slot_fields)."""
     return b"".join(_swap_out_parts(handle, slots, pages, runs))
+
+
+def encode_page_swap_out(handle: bytes, slots: Sequence[int], pages: Pieces, runs: bool = False) -> bytes:
+    """A serialized PageRequest{swap_out}: as encode_swap_out, wrapped, still one copy of the pages."""
+    # Always present, even empty: it says which operation this is.
+    return _field_of(PAGE_REQUEST_SWAP_OUT, _swap_out_parts(handle, slots, pages, runs))
+
+
+def encode_page_request(op: swap_pb2.SwapInRequest | swap_pb2.DiscardRequest) -> bytes:
+    """A serialized PageRequest carrying a SwapIn or Discard (no pages: plain protobuf)."""
+    if isinstance(op, swap_pb2.SwapInRequest):
+        return swap_pb2.PageRequest(swap_in=op).SerializeToString()
+    return swap_pb2.PageRequest(discard=op).SerializeToString()
+
+
+def encode_swap_in_reply(pages: Pieces) -> bytes:
+    """A serialized SwapInResponse whose pages are the concatenation of `pages` (one copy)."""
+    return _bytes_field(SWAP_IN_REPLY_PAGES, pages)
+
+
+def encode_page_reply(pages: Pieces = ()) -> bytes:
+    """A serialized PageReply for a request that succeeded (SwapIn: the concatenation of
+    `pages`, one copy)."""
+    return _bytes_field(PAGE_REPLY_PAGES, pages)
+
+
+def encode_page_error(code: int, message: str) -> bytes:
+    """A serialized PageReply for a request that failed with gRPC status `code`."""
+    return swap_pb2.PageReply(code=code, message=message).SerializeToString()
+
+
+def _field_of(tag: bytes, pieces: Pieces) -> bytes:
+    """A length-delimited field whose value is the concatenation of `pieces` (one copy)."""
+    return b"".join((tag, varint(sum(len(p) for p in pieces)), *pieces))
+
+
+def _bytes_field(tag: bytes, pieces: Pieces) -> bytes:
+    """As _field_of, but left out when empty, as proto3 leaves an empty bytes field out."""
+    return _field_of(tag, pieces) if any(len(p) for p in pieces) else b""
+
+
+# -- decoding ---------------------------------------------------------------------------
 
 
 def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
@@ -73,28 +178,33 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
 
 
 def split_bytes_field(
-    raw: bytes | memoryview, wanted: int, message: str
+    raw: bytes | memoryview, wanted: int, message: str, max_fields: int | None = None
 ) -> tuple[memoryview, list[memoryview]]:
     """Walk a serialized message: (a view of the last occurrence of length-delimited field
     `wanted` -- empty if absent, as protobuf would read it; every other field's encoding).
 
-    Raises ValueError for a malformed or truncated message.
+    Raises ValueError for a malformed or truncated message, and, as soon as it
+    has seen them, for more than `max_fields` fields.
     """
     buf = memoryview(raw)
     found = buf[0:0]
     rest: list[memoryview] = []
     pos = 0
+    seen = 0
     while pos < len(buf):
+        seen += 1
+        if max_fields is not None and seen > max_fields:
+            raise ValueError(f"{message} holds more than {max_fields} fields, more than any valid one")
         start = pos
         key, pos = _read_varint(buf, pos)
         field, wire = key >> 3, key & 7
-        if wire == 0:
+        if wire == _VARINT:
             _, pos = _read_varint(buf, pos)
         elif wire == 1:
             pos += 8
         elif wire == 5:
             pos += 4
-        elif wire == 2:
+        elif wire == _LEN:
             length, pos = _read_varint(buf, pos)
             if field == wanted:
                 found = buf[pos : pos + length]
@@ -111,71 +221,48 @@ def split_bytes_field(
     return found, rest
 
 
-def decode_swap_in_pages(raw: bytes) -> memoryview:
-    """The `pages` field of a serialized SwapInResponse, as a view into `raw`."""
-    return split_bytes_field(raw, 1, "SwapInResponse")[0]
+_SWAP_OUT_PAGES_FIELD = _field(_SWAP_OUT, "pages").number
 
 
-Pieces = Sequence[bytes | bytearray | memoryview]
-
-
-def _field(tag: bytes, pieces: Pieces) -> bytes:
-    """A length-delimited field whose value is the concatenation of `pieces` (one copy)."""
-    return b"".join((tag, varint(sum(len(p) for p in pieces)), *pieces))
-
-
-def _bytes_field(tag: bytes, pieces: Pieces) -> bytes:
-    """As _field, but left out when empty, as proto3 leaves an empty bytes field out."""
-    return _field(tag, pieces) if any(len(p) for p in pieces) else b""
-
-
-def encode_swap_in_reply(pages: Pieces) -> bytes:
-    """A serialized SwapInResponse whose pages are the concatenation of `pages` (one copy)."""
-    return _bytes_field(b"\x0a", pages)
-
-
-def decode_swap_out(raw: bytes | memoryview) -> tuple[swap_pb2.SwapOutRequest, memoryview]:
+def decode_swap_out(raw: bytes | memoryview, bounds: Bounds) -> tuple[swap_pb2.SwapOutRequest, memoryview]:
     """A SwapOutRequest without its pages (handle and slots, parsed by protobuf) and the
     pages as a view into `raw`: the blob is never copied on its way to the store."""
-    pages, rest = split_bytes_field(raw, 3, "SwapOutRequest")
-    return swap_pb2.SwapOutRequest.FromString(b"".join(rest)), pages
+    pages, rest = split_bytes_field(raw, _SWAP_OUT_PAGES_FIELD, "SwapOutRequest", bounds.fields)
+    head = b"".join(rest)
+    _check_head(len(head), "SwapOutRequest", bounds)
+    return swap_pb2.SwapOutRequest.FromString(head), pages
 
 
-# -- PageStream ------------------------------------------------------------------------
-
-_OP_OF_FIELD = {1: "SwapOut", 2: "SwapIn", 3: "Discard"}  # PageRequest's oneof
-
-
-def encode_page_swap_out(
-    handle: bytes, slots: Sequence[int], pages: Sequence[memoryview], runs: bool = False
-) -> bytes:
-    """A serialized PageRequest{swap_out}: as encode_swap_out, wrapped, still one copy of the pages."""
-    # Always present, even empty: it says which operation this is.
-    return _field(b"\x0a", _swap_out_parts(handle, slots, pages, runs))
+def _check_head(size: int, message: str, bounds: Bounds) -> None:
+    if size > bounds.head_bytes:
+        raise ValueError(f"{message} is {size} bytes without its pages, more than any valid one")
 
 
-def encode_page_request(op: swap_pb2.SwapInRequest | swap_pb2.DiscardRequest) -> bytes:
-    """A serialized PageRequest carrying a SwapIn or Discard (no pages: plain protobuf)."""
-    if isinstance(op, swap_pb2.SwapInRequest):
-        return swap_pb2.PageRequest(swap_in=op).SerializeToString()
-    return swap_pb2.PageRequest(discard=op).SerializeToString()
+def decode_small(message: Any, raw: bytes | memoryview, bounds: Bounds) -> Any:
+    """`raw` parsed as `message` (a generated class without a page blob), within `bounds`."""
+    name = message.DESCRIPTOR.name
+    if len(raw) > bounds.head_bytes:
+        raise ValueError(f"{name} is {len(raw)} bytes, more than any valid one")
+    if len(raw) > 2 * bounds.fields:  # a field takes two bytes at least: fewer cannot hold too many
+        split_bytes_field(raw, 0, name, bounds.fields)
+    return message.FromString(bytes(raw))
 
 
 PageHead = swap_pb2.SwapOutRequest | swap_pb2.SwapInRequest | swap_pb2.DiscardRequest
-PageOp = tuple[str, PageHead, memoryview]
 
 
-def decode_page_request(raw: bytes) -> PageOp:
-    """(operation name, its request, the SwapOut page blob as a view into `raw` -- else empty).
+def decode_page_request(raw: bytes | memoryview, bounds: Bounds) -> tuple[Op, PageHead, memoryview]:
+    """(operation, its request, the SwapOut page blob as a view into `raw` -- else empty).
 
-    Raises ValueError unless `raw` is a PageRequest carrying exactly one operation.
+    Raises ValueError unless `raw` is a PageRequest carrying exactly one operation
+    within `bounds`.
     """
     buf = memoryview(raw)
     if len(buf) == 0:
         raise ValueError("PageRequest carries no operation")
     key, pos = _read_varint(buf, 0)
     op = _OP_OF_FIELD.get(key >> 3)
-    if op is None or key & 7 != 2:
+    if op is None or key & 7 != _LEN:
         raise ValueError(f"PageRequest field {key >> 3} (wire type {key & 7}) is not an operation")
     length, pos = _read_varint(buf, pos)
     if pos + length != len(buf):
@@ -185,27 +272,19 @@ def decode_page_request(raw: bytes) -> PageOp:
             else "truncated PageRequest"
         )
     inner = buf[pos:]
-    if op == "SwapOut":
-        head, pages = decode_swap_out(inner)
+    if op is Op.SWAP_OUT:
+        head, pages = decode_swap_out(inner, bounds)
         return op, head, pages
-    request = swap_pb2.SwapInRequest if op == "SwapIn" else swap_pb2.DiscardRequest
-    return op, request.FromString(bytes(inner)), buf[0:0]  # slots only: a small copy
+    parsed = decode_small(_HEAD_OF_OP[op], inner, bounds)  # slots only: a small copy
+    return op, parsed, buf[0:0]
 
 
-def encode_page_reply(pages: Pieces = ()) -> bytes:
-    """A serialized PageReply for a request that succeeded (SwapIn: the concatenation of
-    `pages`, one copy)."""
-    return _bytes_field(_PAGES_TAG, pages)
-
-
-def encode_page_error(code: int, message: str) -> bytes:
-    """A serialized PageReply for a request that failed with gRPC status `code`."""
-    return swap_pb2.PageReply(code=code, message=message).SerializeToString()
+_PAGE_REPLY_PAGES_FIELD = _field(_PAGE_REPLY, "pages").number
 
 
 def decode_page_reply(raw: bytes) -> tuple[int, str, memoryview]:
     """(status code, message, pages as a view into `raw`) of a serialized PageReply."""
-    pages, rest = split_bytes_field(raw, 3, "PageReply")
+    pages, rest = split_bytes_field(raw, _PAGE_REPLY_PAGES_FIELD, "PageReply")
     if not rest:
         return 0, "", pages
     reply = swap_pb2.PageReply.FromString(b"".join(rest))

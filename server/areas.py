@@ -4,37 +4,48 @@ Speaks Python (principal names, ints, buffers) and raises errors from
 netswap.server.errors; the gRPC layer above translates. Every check on a
 request happens here, before the store is touched.
 
-Concurrency: everything runs on the server's event loop. Data-plane calls
-(swap_out/swap_in/discard) are synchronous -- page-cache or memory copies of at
-most one batch -- so a call sees an area that cannot be swapped off under it.
-Control-plane calls (swapon/swapoff) take one lock, because creating an area
-(fallocate of gigabytes) runs in a worker thread.
+Concurrency: everything here runs on the server's event loop, and nothing
+that may take long does. Reserving and releasing an area (fallocate, faulting
+in or unmapping gigabytes) runs in a control thread, one operation at a time
+per principal, so one tenant's burst of SwapOns waits behind itself. A store
+that may wait for a disk has its writes, discards and uncached reads run in
+I/O threads, at most `io_share` at a time per principal; a memory store's
+copies, and reads the page cache holds, stay on the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import logging
+import os
 import secrets
+import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 from netswap.common.limits import NAME_PATTERN, PAGE_SIZE
 from netswap.server.audit import AuditLog, outcome_of
 from netswap.server.errors import Exhausted, InvalidArgument, NotFound, ServiceError, SizeMismatch
+from netswap.server.slots import Run, Scattered, Slots
 from netswap.server.store import AreaKey, Backing, Store
 
 log = logging.getLogger(__name__)
 
 HANDLE_BYTES = 16  # 128 random bits
+T = TypeVar("T")
 
 
-@dataclass
+@dataclass(eq=False)
 class Area:
     key: AreaKey
     backing: Backing
     handle: bytes | None = None  # the one live handle; None until attached
+    busy: int = 0  # operations of this area running in I/O threads
+    drained: asyncio.Future[None] | None = field(default=None, repr=False)  # set when busy drops to 0
 
     @property
     def size_bytes(self) -> int:
@@ -57,6 +68,7 @@ class AreaStats:
     name: str
     size_bytes: int
     pages_stored: int
+    owner: str = ""  # set where the caller may see other principals' areas (the operator)
 
 
 class AreaManager:
@@ -71,6 +83,7 @@ class AreaManager:
         max_areas_per_principal: int = 16,
         swapon_rate: float = 10.0,
         swapon_burst: int = 20,
+        io_threads: int = 8,
         audit: AuditLog | None = None,
     ) -> None:
         self.store = store
@@ -90,8 +103,16 @@ class AreaManager:
         self.server_id = secrets.token_bytes(HANDLE_BYTES)
         self._areas: dict[AreaKey, Area] = {}
         self._handles: dict[bytes, Area] = {}
+        self._creating: dict[AreaKey, int] = {}  # reservations being made: counted against capacity
         self._unsettled: list[Backing] = []  # took a SwapOut `later` (see settle)
-        self._control = asyncio.Lock()
+        self._control_locks: dict[str, asyncio.Lock] = {}  # one control operation per principal
+        self._control = concurrent.futures.ThreadPoolExecutor(
+            4, thread_name_prefix="netswap-control", initializer=_yield_cpu
+        )
+        self._io = concurrent.futures.ThreadPoolExecutor(io_threads, thread_name_prefix="netswap-io")
+        # A principal may fill at most half the I/O threads: the rest stay for everyone else.
+        self._io_share = max(1, io_threads // 2)
+        self._io_gates: dict[str, asyncio.Semaphore] = {}
         for key, backing in store.existing():
             self._areas[key] = Area(key, backing)
 
@@ -99,7 +120,7 @@ class AreaManager:
 
     @property
     def reserved_bytes(self) -> int:
-        return sum(a.size_bytes for a in list(self._areas.values()))
+        return sum(a.size_bytes for a in list(self._areas.values())) + sum(list(self._creating.values()))
 
     def reserved_by(self, owner: str) -> int:
         return sum(a.size_bytes for a in list(self._areas.values()) if a.key.owner == owner)
@@ -109,6 +130,15 @@ class AreaManager:
 
     def stored_pages(self) -> int:
         return sum(a.backing.stored_pages() for a in list(self._areas.values()))
+
+    def orphans(self, known: Callable[[str], bool]) -> list[AreaStats]:
+        """Areas whose owner `known` does not name: nobody can attach them until a principal of
+        that name is configured again -- and then that principal gets them."""
+        return [
+            AreaStats(a.key.name, a.size_bytes, a.backing.stored_pages(), owner=a.key.owner)
+            for a in sorted(list(self._areas.values()), key=lambda a: a.key)
+            if not known(a.key.owner)
+        ]
 
     # -- control plane ----------------------------------------------------------
 
@@ -147,9 +177,16 @@ class AreaManager:
             )
         self._buckets[principal] = (tokens - 1, now)
 
+    def _control_lock(self, principal: str) -> asyncio.Lock:
+        lock = self._control_locks.get(principal)
+        if lock is None:
+            lock = self._control_locks[principal] = asyncio.Lock()
+        return lock
+
     async def _attach(self, key: AreaKey, size_bytes: int) -> Attachment:
         try:
-            attachment = await self._attach_locked(key, size_bytes)
+            async with self._control_lock(key.owner):
+                attachment = await self._attach_locked(key, size_bytes)
         except Exception as e:  # refusals and failures (e.g. the disk) alike
             self._audit.event(
                 "swapon", principal=key.owner, area=key.name, size_bytes=size_bytes, outcome=outcome_of(e)
@@ -162,22 +199,21 @@ class AreaManager:
         return attachment
 
     async def _attach_locked(self, key: AreaKey, size_bytes: int) -> Attachment:
-        async with self._control:
-            area = self._areas.get(key)
-            created = area is None
-            if area is None:
-                area = await self._create(key, size_bytes)
-            elif area.size_bytes != size_bytes:
-                raise SizeMismatch(
-                    f"area {key.name!r} exists with size_bytes {area.size_bytes}, not {size_bytes}"
-                )
-            # One live handle per area: re-attaching (e.g. a client that lost
-            # its handle) takes the area over and the old handle stops working.
-            if area.handle is not None:
-                del self._handles[area.handle]
-            area.handle = secrets.token_bytes(HANDLE_BYTES)
-            self._handles[area.handle] = area
-            return Attachment(area.handle, area.slot_count, created)
+        area = self._areas.get(key)
+        created = area is None
+        if area is None:
+            area = await self._create(key, size_bytes)
+        elif area.size_bytes != size_bytes:
+            raise SizeMismatch(
+                f"area {key.name!r} exists with size_bytes {area.size_bytes}, not {size_bytes}"
+            )
+        # One live handle per area: re-attaching (e.g. a client that lost
+        # its handle) takes the area over and the old handle stops working.
+        if area.handle is not None:
+            del self._handles[area.handle]
+        area.handle = secrets.token_bytes(HANDLE_BYTES)
+        self._handles[area.handle] = area
+        return Attachment(area.handle, area.slot_count, created)
 
     async def _create(self, key: AreaKey, size_bytes: int) -> Area:
         owned = sum(1 for k in self._areas if k.owner == key.owner)
@@ -193,25 +229,52 @@ class AreaManager:
             # No figures: the server-wide total would tell one principal about
             # the others' areas.
             raise Exhausted(f"server capacity exceeded: cannot reserve {size_bytes} more bytes")
-        # Reserving gigabytes (fallocate, or faulting in memory) takes a while;
-        # keep the event loop serving data-plane calls meanwhile.
-        backing = await asyncio.to_thread(self.store.create, key, size_bytes)
+        # Counted against capacity from now on, while other principals' SwapOns go on.
+        self._creating[key] = size_bytes
+        try:
+            backing = await self._in_control(self.store.create, key, size_bytes)
+        finally:
+            del self._creating[key]
         area = Area(key, backing)
         self._areas[key] = area
         return area
 
     async def swapoff(self, principal: str, handle: bytes) -> None:
-        async with self._control:
+        async with self._control_lock(principal):
             try:
-                area = self._attached(principal, handle, "SwapOff")
-                # Destroy first: if the store cannot, the area stays as it was.
-                self.store.destroy(area.key, area.backing)
+                area = self.attached(principal, handle, "SwapOff")
+                # Unreachable first, so that nothing starts on it; then wait
+                # for what runs in I/O threads before the store lets it go.
+                del self._handles[handle]
+                area.handle = None
+                await self._drained(area)
+                self.settle()
+                try:
+                    await self._in_control(self.store.destroy, area.key, area.backing)
+                except BaseException:  # the store could not: the area stays as it was
+                    area.handle = handle
+                    self._handles[handle] = area
+                    raise
             except Exception as e:  # refusals and failures (e.g. the disk) alike
                 self._audit.event("swapoff", principal=principal, area=None, outcome=outcome_of(e))
                 raise
-            del self._handles[handle]
             del self._areas[area.key]
             self._audit.event("swapoff", principal=principal, area=area.key.name, outcome="ok")
+
+    async def destroy(self, key: AreaKey) -> None:
+        """Destroy an area by name, attached or not (the operator's `areas destroy`)."""
+        async with self._control_lock(key.owner):
+            area = self._areas.get(key)
+            if area is None:
+                raise NotFound(f"no area {key.name!r} of principal {key.owner!r}")
+            if area.handle is not None:
+                del self._handles[area.handle]
+                area.handle = None
+            await self._drained(area)
+            self.settle()
+            await self._in_control(self.store.destroy, area.key, area.backing)
+            del self._areas[key]
+            self._audit.event("destroy", principal=key.owner, area=key.name, outcome="ok")
 
     def list_areas(self, principal: str) -> list[AreaStats]:
         self.settle()  # count a SwapOut acknowledged a moment ago
@@ -221,29 +284,65 @@ class AreaManager:
             if key.owner == principal
         ]
 
-    # -- data plane -------------------------------------------------------------
-    # Every page request passes here: the common case (our own handle, one run
-    # of slots) is a few lines inline, each step costing a few us when the
-    # CPU's caches are cold, as they are between two requests (README,
-    # Performance); failures take calls aside to say what was wrong.
+    async def _in_control(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._control, fn, *args)
 
-    def swap_out(
-        self, principal: str, handle: bytes, slots: Sequence[int], pages: memoryview, later: bool = False
-    ) -> None:
-        """Store `pages` at `slots`. With `later` the store may copy them at settle() -- call
-        it soon, e.g. once the reply is on its way -- or at the next call touching the
-        area, whichever is first (Backing.write); the caller must not change `pages`."""
+    # -- data plane -------------------------------------------------------------
+
+    def attached(self, principal: str, handle: bytes, op: str) -> Area:
+        """The caller's area of `handle`: the one handle check of every operation on an area."""
         area = self._handles.get(handle)
-        if area is None or area.key.owner != principal:
-            area = self._attached(principal, handle, "SwapOut")
-        slots = self._checked_slots(area, slots)
-        if len(pages) != len(slots) * PAGE_SIZE:
+        if area is not None and area.key.owner == principal:
+            return area
+        if not handle:
+            raise InvalidArgument("handle is empty: call SwapOn first")
+        if area is not None:
+            # Someone holds another principal's handle: worth an audit line.
+            self._audit.event(
+                "authz_failure", principal=principal, method=op, owner=area.key.owner, area=area.key.name,
+                outcome="handle of another principal's area",
+            )  # fmt: skip
+        # To the caller, another principal's handle looks exactly like an
+        # unknown one: no existence oracle.
+        raise NotFound("unknown handle (expired by SwapOff, re-attach, or a server restart)")
+
+    async def swap_out(
+        self, area: Area, slots: Run | Sequence[int], pages: memoryview, later: bool = False
+    ) -> int:
+        """Store `pages` at `slots`; the number of pages. With `later` a store may copy them at
+        settle() -- call it soon, e.g. once the reply is on its way -- or at the next call
+        touching the area, whichever is first (Backing.write); the caller must not change
+        `pages` meanwhile."""
+        checked = self.checked(area, slots)
+        if len(pages) != checked.count * PAGE_SIZE:
             raise InvalidArgument(
-                f"pages is {len(pages)} bytes; {len(slots)} slots need exactly {len(slots) * PAGE_SIZE}"
+                f"pages is {len(pages)} bytes; {checked.count} slots need exactly {checked.count * PAGE_SIZE}"
             )
-        area.backing.write(slots, pages, later)
+        backing = area.backing
+        if backing.blocking:
+            await self._offload(area, backing.write, checked, pages)
+            return checked.count
+        backing.write(checked, pages, later)
         if later:
-            self._unsettled.append(area.backing)
+            self._unsettled.append(backing)
+        return checked.count
+
+    async def swap_in(self, area: Area, slots: Run | Sequence[int]) -> list[bytes | memoryview]:
+        """The pages of `slots`, as pieces to join at once (see Backing.read)."""
+        checked = self.checked(area, slots)
+        pieces = area.backing.read(checked, wait=False)
+        if pieces is None:  # the disk must be read: not on the event loop
+            pieces = await self._offload(area, area.backing.read, checked)
+            assert pieces is not None
+        return pieces
+
+    async def discard(self, area: Area, slots: Run | Sequence[int]) -> int:
+        checked = self.checked(area, slots)
+        if area.backing.blocking:
+            await self._offload(area, area.backing.discard, checked)
+        else:
+            area.backing.discard(checked)
+        return checked.count
 
     def settle(self) -> None:
         """Finish every copy a swap_out took `later` and has not finished yet."""
@@ -257,71 +356,62 @@ class AreaManager:
                 # own next call fails with it (INTERNAL), never reads around it.
                 log.exception("could not finish an acknowledged SwapOut's copy")
 
-    def swap_in(self, principal: str, handle: bytes, slots: Sequence[int]) -> list[bytes | memoryview]:
-        """The pages of `slots`, as pieces to join at once (see Backing.read)."""
-        area = self._handles.get(handle)
-        if area is None or area.key.owner != principal:
-            area = self._attached(principal, handle, "SwapIn")
-        return area.backing.read(self._checked_slots(area, slots))
+    async def _offload(self, area: Area, fn: Callable[..., T], *args: object) -> T:
+        """Run fn in an I/O thread, within the area's owner's share of them."""
+        owner = area.key.owner
+        gate = self._io_gates.get(owner)
+        if gate is None:
+            gate = self._io_gates[owner] = asyncio.Semaphore(self._io_share)
+        async with gate:
+            if area.handle is None:  # swapped off while this waited its turn
+                raise NotFound("unknown handle (expired by SwapOff, re-attach, or a server restart)")
+            loop = asyncio.get_running_loop()
+            area.busy += 1
+            work = self._io.submit(fn, *args)
+            # Counted until the thread is done, even if this caller is cancelled first.
+            work.add_done_callback(lambda _: loop.call_soon_threadsafe(_idle, area))
+            return await asyncio.wrap_future(work)
 
-    def discard(self, principal: str, handle: bytes, slots: Sequence[int]) -> None:
-        area = self._attached(principal, handle, "Discard")
-        area.backing.discard(self._checked_slots(area, slots))
+    async def _drained(self, area: Area) -> None:
+        if area.busy:
+            area.drained = asyncio.get_running_loop().create_future()
+            await area.drained
 
     # -- checks -----------------------------------------------------------------
 
-    def _attached(self, principal: str, handle: bytes, op: str) -> Area:
-        if not handle:
-            raise InvalidArgument("handle is empty: call SwapOn first")
-        area = self._handles.get(handle)
-        if area is not None and area.key.owner != principal:
-            # Someone holds another principal's handle: worth an audit line.
-            self._audit.event(
-                "authz_failure", principal=principal, method=op, owner=area.key.owner, area=area.key.name,
-                outcome="handle of another principal's area",
-            )  # fmt: skip
-            area = None
-        # To the caller, another principal's handle looks exactly like an
-        # unknown one: no existence oracle.
-        if area is None:
-            raise NotFound("unknown handle (expired by SwapOff, re-attach, or a server restart)")
-        return area
-
-    def _checked_slots(self, area: Area, slots: Sequence[int]) -> Sequence[int]:
-        """`slots`, checked: as a range when they are one ascending run (the store then
-        takes them as one piece without looking again), else as a list."""
-        if type(slots) is range and slots.step == 1:  # a run (slots_of): checked in O(1)
-            n = len(slots)
-            if n == 0 or n > self.max_batch_pages:
+    def checked(self, area: Area, slots: Run | Sequence[int]) -> Slots:
+        """`slots` checked against the area: a Run, or the listed slots as a Scattered
+        (or as a Run, when they are one)."""
+        if isinstance(slots, Run):
+            first, n = slots.first, slots.count
+            if n <= 0 or n > self.max_batch_pages:
                 raise self._count_error(n)
-            if slots.start < 0 or slots.stop > area.slot_count:
-                raise self._range_error(area, slots.start if slots.start < 0 else slots.stop - 1)
+            if first < 0 or first + n > area.slot_count:
+                raise self._range_error(area, first if first < 0 else first + n - 1)
             return slots
-        if type(slots) is Misnamed:
-            raise InvalidArgument(slots.why)
-        # A list of slots arrives as protobuf's repeated field, slow to walk
-        # from Python: copied out of it once.
-        slots = list(slots)
         n = len(slots)
         if n == 0 or n > self.max_batch_pages:
             raise self._count_error(n)
-        first, last = slots[0], slots[-1]
-        if last - first == n - 1 and (n == 1 or slots == list(range(first, last + 1))):  # at C speed
+        # A list of slots arrives as protobuf's repeated field, slow to walk
+        # from Python: copied out of it once.
+        listed = list(slots)
+        first, last = listed[0], listed[-1]
+        if last - first == n - 1 and (n == 1 or listed == list(range(first, last + 1))):  # at C speed
             if first < 0 or last >= area.slot_count:
                 raise self._range_error(area, first if first < 0 else last)
-            return range(first, last + 1)
+            return Run(first, n)
         # (From the wire slots are unsigned; an in-process caller's negative
         # slot would index from the end.)
-        bottom, top = min(slots), max(slots)
+        bottom, top = min(listed), max(listed)
         if bottom < 0 or top >= area.slot_count:
             raise self._range_error(area, bottom if bottom < 0 else top)
-        if len(set(slots)) != n:
+        if len(set(listed)) != n:
             seen: set[int] = set()
-            for slot in slots:
+            for slot in listed:
                 if slot in seen:
                     raise InvalidArgument(f"slot {slot} appears more than once")
                 seen.add(slot)
-        return slots
+        return Scattered(listed)
 
     @staticmethod
     def _range_error(area: Area, slot: int) -> InvalidArgument:
@@ -333,37 +423,32 @@ class AreaManager:
         return InvalidArgument(f"{n} slots exceed max_batch_pages {self.max_batch_pages}")
 
     async def close(self) -> None:
-        async with self._control:  # let a creation in progress finish first
-            self._close()
-
-    def _close(self) -> None:
+        for lock in list(self._control_locks.values()):  # let control operations in progress finish
+            async with lock:
+                pass
+        for area in list(self._areas.values()):
+            await self._drained(area)
+        self.settle()
         for area in self._areas.values():
             area.backing.close()
         self._areas.clear()
         self._handles.clear()
         self.store.close()
+        self._control.shutdown(wait=False)
+        self._io.shutdown(wait=False)
 
 
-class Misnamed(list[int]):
-    """No slots, and why: what slots_of gives for a request that names its slots wrongly. The
-    manager refuses it where it refuses any bad slot -- after the handle check, so the
-    caller of another principal's handle hears NOT_FOUND (and is audited) all the same."""
-
-    def __init__(self, why: str) -> None:
-        super().__init__()
-        self.why = why
+def _yield_cpu() -> None:
+    """Reserving gigabytes is CPU work (the kernel zeroes every page): on a busy machine it
+    goes after the event loop's thread, not beside it."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
-def slots_of(listed: Sequence[int], run_start: int, run_count: int) -> Sequence[int]:
-    """A request's slots from the two ways the wire names them (swap.proto): listed, or
-    as a run -- returned as a range, which the checks and the stores take in O(1)."""
-    if not run_count:
-        if run_start:
-            return Misnamed(f"run_start {run_start} without run_count: a run needs both")
-        return listed
-    if listed:
-        return Misnamed("a request names its slots or a run (run_start, run_count), not both")
-    return range(run_start, run_start + run_count)
+def _idle(area: Area) -> None:
+    area.busy -= 1
+    if not area.busy and area.drained is not None and not area.drained.done():
+        area.drained.set_result(None)
 
 
 def _retrieve(task: asyncio.Future[Attachment]) -> None:

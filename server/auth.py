@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
-import hmac
 import os
 import secrets
 import stat
@@ -30,16 +29,9 @@ from pathlib import Path
 
 from netswap.common.limits import NAME_PATTERN
 
-# The authenticated principal of the call being handled, and where it called
-# from. Set by the auth interceptor's wrapper around the handler, in the
-# handler's own task.
-principal_var: contextvars.ContextVar[str] = contextvars.ContextVar("netswap_principal")
+# Where the call being handled comes from, for the audit log. Set in the
+# call's own task once it is admitted (gate.py).
 peer_var: contextvars.ContextVar[str] = contextvars.ContextVar("netswap_peer", default="")
-
-
-def current_principal() -> str:
-    """The caller of the RPC being handled (only valid inside a SwapService handler)."""
-    return principal_var.get()
 
 
 @dataclass(frozen=True)
@@ -55,8 +47,9 @@ class TokensError(ValueError):
 class TokenTable:
     def __init__(self, principals: Mapping[str, Principal], digests: Mapping[str, bytes]) -> None:
         self._principals = dict(principals)
-        # (digest, principal) pairs, compared one and all on every call.
-        self._digests = [(digest, self._principals[name]) for name, digest in digests.items()]
+        # Keyed by the token's SHA-256: what a lookup's timing could reveal is
+        # where a digest falls in the table, which says nothing of any token.
+        self._by_digest = {digest: self._principals[name] for name, digest in digests.items()}
 
     @classmethod
     def load(cls, path: Path) -> TokenTable:
@@ -95,13 +88,11 @@ class TokenTable:
         return cls(principals, digests)
 
     def authenticate(self, token: str) -> Principal | None:
-        """The principal whose token this is, comparing against every digest in constant time."""
-        digest = hashlib.sha256(token.encode()).digest()
-        found = None
-        for known, principal in self._digests:  # no early exit: timing says nothing of where
-            if hmac.compare_digest(known, digest):
-                found = principal
-        return found
+        """The principal whose token this is: one hash and one lookup, whatever the table's size."""
+        return self._by_digest.get(hashlib.sha256(token.encode()).digest())
+
+    def names(self) -> frozenset[str]:
+        return frozenset(self._principals)
 
     def has(self, name: str) -> bool:
         return name in self._principals
@@ -122,6 +113,8 @@ def _read_private(path: Path) -> str:
             raw = os.read(fd, max(st.st_size, 1) + 1)
         finally:
             os.close(fd)
+    except PermissionError as e:
+        raise TokensError(f"cannot read tokens file {path}: {e.strerror}; {_whose(path)}") from e
     except OSError as e:
         raise TokensError(f"cannot read tokens file {path}: {e.strerror}") from e
     if st.st_uid != os.geteuid():
@@ -137,6 +130,20 @@ def _read_private(path: Path) -> str:
         return raw.decode()
     except UnicodeDecodeError as e:
         raise TokensError(f"tokens file {path} is not UTF-8: {e}") from e
+
+
+def _whose(path: Path) -> str:
+    """Why this process may not open `path`: the usual cause is a file made by another user
+    (in a container, the host's root instead of the server's UID)."""
+    uid = os.geteuid()
+    try:
+        st = os.stat(path)
+    except OSError:
+        return f"this server runs as uid {uid} and cannot reach it: check the directories above it"
+    return (
+        f"it is owned by uid {st.st_uid} (mode {stat.S_IMODE(st.st_mode):04o}) and this server runs as"
+        f" uid {uid}: run: chown {uid} {path} && chmod 600 {path}"
+    )
 
 
 class Credentials:

@@ -17,16 +17,28 @@ from netswap.common import loop
 from netswap.common.heap import keep_heap
 from netswap.common.limits import NAME_PATTERN
 from netswap.common.sizes import format_size, size_arg
+from netswap.server import admin
 from netswap.server.app import build_server
 from netswap.server.auth import TokensError, TokenTable, new_token
 from netswap.server.config import Config, config_from_args
 from netswap.server.errors import ServiceError
 from netswap.server.store import open_store
+from netswap.server.store.file import StoreBusy, hold
 
 log = logging.getLogger("netswap.server")
 
 
 async def serve(config: Config) -> None:
+    # One process at a time changes a file store (see `netswap-server areas`).
+    lock = hold(config.store_path) if config.store_path is not None else None
+    try:
+        await _serve(config)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+async def _serve(config: Config) -> None:
     store = open_store(config.store, mlock=config.mlock)
     server = build_server(config, store, REGISTRY)
     metrics_http = None
@@ -37,15 +49,22 @@ async def serve(config: Config) -> None:
         metrics_at = f"http://{host or '127.0.0.1'}:{metrics_http.server_port}/metrics"
     running = asyncio.get_running_loop()
 
-    def reload_tokens() -> None:
+    async def reload_tokens() -> None:
         try:
-            server.credentials.reload()
+            await server.reload()
         except TokensError as e:
             log.error("SIGHUP: tokens file NOT reloaded, the previous one stays in force: %s", e)
         else:
             log.info("SIGHUP: reloaded tokens file %s", config.tokens)
 
-    running.add_signal_handler(signal.SIGHUP, reload_tokens)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_hup() -> None:
+        task = asyncio.ensure_future(reload_tokens())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    running.add_signal_handler(signal.SIGHUP, on_hup)
 
     await server.start()
     m = server.manager
@@ -177,6 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return gen_dev_certs(args[1:])
     if args[:1] == ["healthcheck"]:
         return healthcheck(args[1:])
+    if args[:1] == ["areas"]:
+        return admin.main(args[1:])
     config = config_from_args(args, os.environ)
     keep_heap()  # page batches in and out all day: see netswap.common.heap
     logging.basicConfig(
@@ -187,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("netswap.audit").setLevel(logging.INFO)
     try:
         loop.run(lambda: serve(config))
-    except (TokensError, ServiceError, OSError, RuntimeError) as e:
+    except (TokensError, ServiceError, StoreBusy, OSError, RuntimeError) as e:
         log.error("%s", e)
         return 1
     return 0

@@ -39,10 +39,23 @@ class Config:
     require_token: bool = False  # under mutual TLS, a token as well
     insecure: bool = False  # allow plaintext on a non-loopback address
     # Limits (each refusal: RESOURCE_EXHAUSTED with a message).
+    max_connections: int = 1024  # open connections, all peers together
     max_streams: int = 64  # concurrent RPCs per connection
+    max_calls_per_principal: int = 64  # unary calls in progress at once
+    max_streams_per_principal: int = 16  # open PageStreams
     max_areas_per_principal: int = 16
     swapon_rate: float = 10.0  # per principal per second ...
     swapon_burst: int = 20  # ... with bursts of this many
+    # Seconds a unary call's body may take to arrive after its headers (then
+    # DEADLINE_EXCEEDED), and a new connection its TLS and HTTP/2 handshake.
+    request_timeout: float = 10.0
+    # Seconds before a connection with no call open is closed (0: never).
+    idle_timeout: float = 300.0
+    # Authentication failures audited one by one per peer address (a burst,
+    # then a rate per second); past that, one summary line per peer.
+    auth_failure_burst: int = 20
+    auth_failure_rate: float = 2.0
+    io_threads: int = 8  # file store: threads for writes and reads the page cache misses
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -82,15 +95,24 @@ class Config:
                 f"refusing plaintext on {self.listen}: it is reachable from other hosts. Give"
                 " --tls-cert/--tls-key, listen on loopback or unix:PATH, or pass --insecure"
             )
-        if (
-            self.max_streams < 1
-            or self.max_areas_per_principal < 1
-            or self.swapon_burst < 1
-            or self.swapon_rate <= 0
-        ):
-            raise ValueError(
-                "--max-streams, --max-areas-per-principal, --swapon-rate and --swapon-burst must be positive"
-            )
+        positive = {
+            "--max-connections": self.max_connections,
+            "--max-streams": self.max_streams,
+            "--max-calls-per-principal": self.max_calls_per_principal,
+            "--max-streams-per-principal": self.max_streams_per_principal,
+            "--max-areas-per-principal": self.max_areas_per_principal,
+            "--swapon-rate": self.swapon_rate,
+            "--swapon-burst": self.swapon_burst,
+            "--request-timeout": self.request_timeout,
+            "--auth-failure-burst": self.auth_failure_burst,
+            "--auth-failure-rate": self.auth_failure_rate,
+            "--io-threads": self.io_threads,
+        }
+        for flag, value in positive.items():
+            if value <= 0:
+                raise ValueError(f"{flag} must be positive, not {value}")
+        if self.idle_timeout < 0:
+            raise ValueError("--idle-timeout must not be negative (0: never)")
 
     @property
     def tls(self) -> bool:
@@ -152,10 +174,22 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     add("--tls-cert", "server certificate (PEM): serve TLS", type=Path)
     add("--tls-key", "server private key (PEM)", type=Path)
     add("--tls-client-ca", "CA (PEM) for client certificates: require mutual TLS", type=Path)
+    add("--max-connections", "open connections, all peers together", type=int)
     add("--max-streams", "concurrent RPCs per connection", type=int)
+    add("--max-calls-per-principal", "unary calls one principal may have in progress", type=int)
+    add("--max-streams-per-principal", "PageStreams one principal may have open", type=int)
     add("--max-areas-per-principal", "areas one principal may have", type=int)
     add("--swapon-rate", "SwapOn calls per second per principal", type=float)
     add("--swapon-burst", "SwapOn calls a principal may make at once", type=int)
+    add(
+        "--request-timeout",
+        "seconds a call's request may take to arrive after its headers, and a connection its handshake",
+        type=float,
+    )
+    add("--idle-timeout", "seconds before a connection with no call open is closed; 0: never", type=float)
+    add("--auth-failure-burst", "authentication failures audited one by one per peer address", type=int)
+    add("--auth-failure-rate", "...and per second after that (the rest: summary lines)", type=float)
+    add("--io-threads", "file store: threads for writes and for reads the page cache misses", type=int)
     for flag, env, help in (
         ("--require-token", "NETSWAP_REQUIRE_TOKEN", "under mutual TLS, also require a bearer token"),
         ("--insecure", "NETSWAP_INSECURE", "allow plaintext on a non-loopback address (not for production)"),

@@ -25,6 +25,10 @@ class Exhausted(ServiceError):
     """Capacity, quota or disk space cannot cover the reservation."""
 
 
+class TimedOut(ServiceError):
+    """The request did not arrive in time (its body, after its headers)."""
+
+
 class Unauthenticated(ServiceError):
     """The caller could not be identified; `reason` is a short label for metrics and the audit log."""
 

@@ -1,35 +1,108 @@
-"""The gRPC adapter: protobuf in, AreaManager call, protobuf out. Nothing else.
+"""The gRPC adapter: bytes in, Gate, decode, manager or PagePath, bytes out. Nothing else.
 
-Every handler has one shape -- read the request, call the manager, count, reply.
-Authentication, error -> status mapping and timing happen in the interceptors;
-validation happens in the manager.
+Every call has one shape -- admit (authenticate, count), read its body, decode
+it within bounds, call the core, time it and map a failure to its status
+(PagePath.ok / failed). The order matters for hostile callers: gRPC's
+interceptors and deserializers run only after a unary call's body has been
+received and parsed, so every method is registered as a stream-input handler
+with raw bytes, and the Gate decides before a byte of the body is read.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 
 from netswap.common.limits import PAGE_SIZE
-from netswap.common.pagewire import PageOp, decode_page_request, decode_swap_out, encode_swap_in_reply
-from netswap.server.areas import AreaManager, slots_of
-from netswap.server.auth import current_principal
-from netswap.server.interceptors import Context, Malformed
-from netswap.server.metrics import ServerMetrics
+from netswap.common.pagewire import CONTROL, Bounds, Op, decode_small, decode_swap_out, encode_swap_in_reply
+from netswap.server.areas import AreaManager
+from netswap.server.audit import AuditLog
+from netswap.server.errors import InvalidArgument, TimedOut
+from netswap.server.gate import Context, Gate
 from netswap.server.pagestream import PageStreams
+from netswap.server.requests import PagePath, decoded
 from netswap.v1 import swap_pb2
 
+Handler = Callable[[str, bytes], Awaitable[bytes]]
 
-class SwapServicer:
-    def __init__(self, manager: AreaManager, metrics: ServerMetrics) -> None:
+
+class SwapService:
+    def __init__(
+        self,
+        manager: AreaManager,
+        gate: Gate,
+        path: PagePath,
+        audit: AuditLog,
+        *,
+        request_timeout: float,
+    ) -> None:
         self._manager = manager
-        self._metrics = metrics
-        self._streams = PageStreams(manager, metrics)
+        self._gate = gate
+        self._path = path
+        self._audit = audit
+        self._request_timeout = request_timeout
+        self._bounds = Bounds.for_batches(manager.max_batch_pages)
+        self._streams = PageStreams(manager, gate, path, self._bounds)
 
-    async def SwapOn(self, request: swap_pb2.SwapOnRequest, context: Context) -> swap_pb2.SwapOnResponse:
-        att = await self._manager.swapon(current_principal(), request.name, request.size_bytes)
+    def register(self, server: grpc.aio.Server) -> None:
+        """Add SwapService to `server`: raw bytes both ways, every method taking a request stream."""
+        unary: dict[str, Handler] = {
+            "SwapOn": self._swap_on,
+            "SwapOut": self._swap_out,
+            "SwapIn": self._swap_in,
+            "Discard": self._discard,
+            "SwapOff": self._swap_off,
+            "ListAreas": self._list_areas,
+        }
+        handlers = {
+            name: grpc.stream_unary_rpc_method_handler(self._call(name, h)) for name, h in unary.items()
+        }
+        handlers["PageStream"] = grpc.stream_stream_rpc_method_handler(self._streams.serve)
+        service = swap_pb2.DESCRIPTOR.services_by_name["SwapService"].full_name
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+
+    def _call(
+        self, method: str, handle: Handler
+    ) -> Callable[[AsyncIterator[bytes], Context], Awaitable[bytes]]:
+        gate, path = self._gate, self._path
+
+        async def call(requests: AsyncIterator[bytes], context: Context) -> bytes:
+            start = time.perf_counter()
+            try:
+                with gate.admitted(method, context) as principal:
+                    reply = await handle(principal, await self._body(method, requests))
+            except asyncio.CancelledError:
+                path.cancelled(method, start)
+                raise
+            except Exception as e:
+                refusal = path.failed(method, start, e)
+            else:
+                path.ok(method, start)
+                return reply
+            return refused(context, refusal)
+
+        return call
+
+    async def _body(self, method: str, requests: AsyncIterator[bytes]) -> bytes:
+        """The call's one request message, once all of it has arrived (within request_timeout)."""
+        try:
+            async with asyncio.timeout(self._request_timeout):
+                raw = await anext(requests, None)
+        except TimeoutError:
+            raise TimedOut(
+                f"the {method} request did not arrive within {self._request_timeout:g}s of its headers"
+            ) from None
+        if raw is None:
+            raise InvalidArgument(f"no {method} request message")
+        return raw
+
+    async def _swap_on(self, principal: str, raw: bytes) -> bytes:
+        request = self._control("SwapOn", principal, swap_pb2.SwapOnRequest, raw)
+        att = await self._manager.swapon(principal, request.name, request.size_bytes)
         return swap_pb2.SwapOnResponse(
             handle=att.handle,
             slot_count=att.slot_count,
@@ -38,77 +111,56 @@ class SwapServicer:
             max_batch_pages=self._manager.max_batch_pages,
             server_id=self._manager.server_id,
             takes_runs=True,
-        )
+        ).SerializeToString()
 
-    async def SwapOut(
-        self, request: tuple[swap_pb2.SwapOutRequest, memoryview], context: Context
-    ) -> swap_pb2.SwapOutResponse:
-        head, pages = request  # see register(): the blob stays a view of the received bytes
-        slots = slots_of(head.slots, head.run_start, head.run_count)
-        self._manager.swap_out(current_principal(), head.handle, slots, pages)
-        self._metrics.pages_moved("swap_out", len(slots))
-        return swap_pb2.SwapOutResponse()
+    async def _swap_off(self, principal: str, raw: bytes) -> bytes:
+        request = self._control("SwapOff", principal, swap_pb2.SwapOffRequest, raw)
+        await self._manager.swapoff(principal, request.handle)
+        return b""  # SwapOffResponse{}
 
-    async def SwapIn(self, request: swap_pb2.SwapInRequest, context: Context) -> bytes:
-        slots = slots_of(request.slots, request.run_start, request.run_count)
-        pages = self._manager.swap_in(current_principal(), request.handle, slots)
-        self._metrics.pages_moved("swap_in", len(slots))
-        return encode_swap_in_reply(pages)  # a serialized SwapInResponse: the pages' only copy
-
-    async def Discard(self, request: swap_pb2.DiscardRequest, context: Context) -> swap_pb2.DiscardResponse:
-        slots = slots_of(request.slots, request.run_start, request.run_count)
-        self._manager.discard(current_principal(), request.handle, slots)
-        self._metrics.pages_moved("discard", len(slots))
-        return swap_pb2.DiscardResponse()
-
-    async def SwapOff(self, request: swap_pb2.SwapOffRequest, context: Context) -> swap_pb2.SwapOffResponse:
-        await self._manager.swapoff(current_principal(), request.handle)
-        return swap_pb2.SwapOffResponse()
-
-    async def ListAreas(
-        self, request: swap_pb2.ListAreasRequest, context: Context
-    ) -> swap_pb2.ListAreasResponse:
-        areas = self._manager.list_areas(current_principal())
+    async def _list_areas(self, principal: str, raw: bytes) -> bytes:
+        self._control("ListAreas", principal, swap_pb2.ListAreasRequest, raw)
         return swap_pb2.ListAreasResponse(
             areas=[
                 swap_pb2.AreaInfo(name=a.name, size_bytes=a.size_bytes, pages_stored=a.pages_stored)
-                for a in areas
+                for a in self._manager.list_areas(principal)
             ],
             server_id=self._manager.server_id,
-        )
+        ).SerializeToString()
 
-    def PageStream(
-        self, requests: AsyncIterator[PageOp | Malformed], context: Context
-    ) -> AsyncIterator[bytes]:
-        # The replies themselves, not a generator around them: one layer less
-        # for every message (the interceptors call this, never gRPC itself).
-        return self._streams.serve(current_principal(), requests)
+    def _control(self, method: str, principal: str, message: Any, raw: bytes) -> Any:
+        try:
+            return decoded(method, lambda b: decode_small(message, b, CONTROL), raw)
+        except InvalidArgument:
+            if method in ("SwapOn", "SwapOff"):
+                self._audit.event(method.lower(), principal=principal, outcome="malformed request")
+            raise
+
+    async def _swap_out(self, principal: str, raw: bytes) -> bytes:
+        head, pages = decoded("SwapOut", lambda b: decode_swap_out(b, self._bounds), raw)
+        await self._path.execute(principal, Op.SWAP_OUT, head, pages)
+        return b""  # SwapOutResponse{}
+
+    async def _swap_in(self, principal: str, raw: bytes) -> bytes:
+        head = decoded("SwapIn", lambda b: decode_small(swap_pb2.SwapInRequest, b, self._bounds), raw)
+        # A serialized SwapInResponse: the pages' only copy.
+        return encode_swap_in_reply(await self._path.execute(principal, Op.SWAP_IN, head, _NO_PAGES))
+
+    async def _discard(self, principal: str, raw: bytes) -> bytes:
+        head = decoded("Discard", lambda b: decode_small(swap_pb2.DiscardRequest, b, self._bounds), raw)
+        await self._path.execute(principal, Op.DISCARD, head, _NO_PAGES)
+        return b""  # DiscardResponse{}
 
 
-def register(servicer: SwapServicer, server: grpc.aio.Server) -> None:
-    """Add SwapService to `server`: generated (de)serializers, except for the page blobs."""
-    v1 = swap_pb2
+_NO_PAGES = memoryview(b"")
 
-    def rpc(behavior: Any, parse: Any, serialize: Any) -> grpc.RpcMethodHandler[Any, Any]:
-        return grpc.unary_unary_rpc_method_handler(
-            behavior, request_deserializer=parse, response_serializer=serialize
-        )
 
-    handlers = {
-        "SwapOn": rpc(servicer.SwapOn, v1.SwapOnRequest.FromString, v1.SwapOnResponse.SerializeToString),
-        "SwapOut": rpc(servicer.SwapOut, decode_swap_out, v1.SwapOutResponse.SerializeToString),
-        # None: the reply is already bytes (pagewire), which gRPC sends as they are.
-        "SwapIn": rpc(servicer.SwapIn, v1.SwapInRequest.FromString, None),
-        "Discard": rpc(servicer.Discard, v1.DiscardRequest.FromString, v1.DiscardResponse.SerializeToString),
-        "SwapOff": rpc(servicer.SwapOff, v1.SwapOffRequest.FromString, v1.SwapOffResponse.SerializeToString),
-        "ListAreas": rpc(
-            servicer.ListAreas, v1.ListAreasRequest.FromString, v1.ListAreasResponse.SerializeToString
-        ),
-        "PageStream": grpc.stream_stream_rpc_method_handler(
-            servicer.PageStream,
-            request_deserializer=decode_page_request,
-            response_serializer=None,  # as SwapIn's
-        ),
-    }
-    service = swap_pb2.DESCRIPTOR.services_by_name["SwapService"].full_name
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+def refused(context: Context, status: tuple[grpc.StatusCode, str]) -> bytes:
+    """End a call with `status` (gRPC sends no reply message with a status that is not OK).
+
+    Not context.abort(): its exception and the call's state form a reference
+    cycle per call, which keeps every refused call's memory until the garbage
+    collector happens to run -- under a flood of bad calls, hundreds of MiB."""
+    context.set_code(status[0])
+    context.set_details(status[1])
+    return b""

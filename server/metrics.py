@@ -20,12 +20,16 @@ from netswap.common.limits import PAGE_SIZE
 
 if TYPE_CHECKING:
     from netswap.server.areas import AreaManager
+    from netswap.server.auth import Credentials
+    from netswap.server.fairshare import FairShare
+    from netswap.server.monitor import LoopMonitor
 
 # Loopback RPCs take tens of microseconds; a slow disk, tens of milliseconds.
 LATENCY_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 # The data-plane methods as metrics name them -> as the API does.
 TITLES = {"swap_out": "SwapOut", "swap_in": "SwapIn", "discard": "Discard"}
 
@@ -58,21 +62,55 @@ class ServerMetrics:
             ["reason"],
             registry=registry,
         )
+        self.auth_failures_folded = Counter(
+            "netswap_auth_failures_folded_total",
+            "Authentication failures past their peer's budget: in a summary line, not one line each.",
+            registry=registry,
+        )
+        self.loop_lag = loopmetrics.Histogram(
+            "netswap_event_loop_lag_seconds",
+            "How late a timer due every 10 ms ran: time the event loop (or the GIL) was held.",
+            [],
+            buckets=LAG_BUCKETS,
+            registry=registry,
+        )
 
-    def pages_moved(self, method: str, pages: int) -> None:
-        """Count a successful data-plane call: method is swap_out, swap_in or discard."""
-        self.batch_pages[method].observe(pages)
-
-    def watch(self, manager: AreaManager) -> None:
-        self.registry.register(_AreaCollector(manager))
+    def watch(
+        self, manager: AreaManager, credentials: Credentials, fair: FairShare, monitor: LoopMonitor
+    ) -> None:
+        self.registry.register(_AreaCollector(manager, credentials, fair, monitor))
 
 
 class _AreaCollector(Collector):
-    def __init__(self, manager: AreaManager) -> None:
+    def __init__(
+        self, manager: AreaManager, credentials: Credentials, fair: FairShare, monitor: LoopMonitor
+    ) -> None:
         self._manager = manager
+        self._credentials = credentials
+        self._fair = fair
+        self._monitor = monitor
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         m = self._manager
+        orphans = m.orphans(self._credentials.table.has)
+        yield GaugeMetricFamily(
+            "netswap_orphaned_areas", "Areas whose owner is not in the tokens file.", len(orphans)
+        )
+        yield GaugeMetricFamily(
+            "netswap_orphaned_bytes",
+            "Bytes reserved by areas whose owner is not in the tokens file.",
+            sum(a.size_bytes for a in orphans),
+        )
+        yield CounterMetricFamily(
+            "netswap_fair_share_deferred",
+            "Page requests that waited for their principal's turn on the event loop.",
+            self._fair.deferred,
+        )
+        yield GaugeMetricFamily(
+            "netswap_event_loop_lag_max_seconds",
+            "The longest the event loop was seen held since the server started.",
+            self._monitor.max_lag,
+        )
         yield GaugeMetricFamily("netswap_areas", "Areas that exist (attached or not).", m.area_count())
         yield GaugeMetricFamily("netswap_reserved_bytes", "Bytes reserved by all areas.", m.reserved_bytes)
         yield GaugeMetricFamily("netswap_capacity_bytes", "Bytes all areas may reserve together.", m.capacity)

@@ -1,91 +1,78 @@
 """PageStream: SwapOut, SwapIn and Discard as messages on one long-lived call.
 
 A unary call costs gRPC a stream, headers and several trips through its
-completion queue; a message on an open stream costs a fraction of that (see
-README, Performance). Each message here means exactly what the unary method
-of the same name means: the same AreaManager call, checks and metrics (a
-SwapOut is timed to its answer; the memory store copies its pages after that,
-see serve). A failed request is answered in-band -- its status code and
-message in its PageReply -- so one bad request does not tear down the stream
-other requests share. Requests are answered one at a time, in order: the
-store works on the event loop anyway, and the caller pipelines to keep the
-pipe full.
+completion queue; a message on an open stream costs a fraction of that. Each
+message here means exactly what the unary method of the same name means: it
+takes the same PagePath. A failed request is answered in-band -- its status
+code and message in its PageReply -- so one bad request does not tear down
+the stream other requests share. Requests are answered one at a time, in
+order: the caller pipelines to keep the pipe full.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator
 
-import grpc
-
-from netswap.common.pagewire import PageOp, encode_page_error, encode_page_reply
-from netswap.server.areas import AreaManager, slots_of
-from netswap.server.errors import InvalidArgument
-from netswap.server.interceptors import Malformed
-from netswap.server.metrics import TITLES, ServerMetrics
+from netswap.common.pagewire import Bounds, decode_page_request, encode_page_error, encode_page_reply
+from netswap.server.areas import AreaManager
+from netswap.server.gate import Context, Gate
+from netswap.server.requests import PagePath, decoded
 from netswap.server.status import status_for
 
-_DONE = encode_page_reply()  # the reply of every SwapOut and Discard that succeeded
+METHOD = "PageStream"
 
 
 class PageStreams:
-    def __init__(self, manager: AreaManager, metrics: ServerMetrics) -> None:
+    def __init__(self, manager: AreaManager, gate: Gate, path: PagePath, bounds: Bounds) -> None:
         self._manager = manager
-        self._metrics = metrics
-        # The series a request that succeeded updates, looked up once:
-        # (its time, its pages).
-        self._ok = {
-            op: (metrics.rpc_duration.labels(op, grpc.StatusCode.OK.name), metrics.batch_pages[method])
-            for method, op in TITLES.items()
-        }
+        self._gate = gate
+        self._path = path
+        self._bounds = bounds
 
-    async def serve(
-        self, principal: str, requests: AsyncIterator[PageOp | Malformed]
-    ) -> AsyncGenerator[bytes, None]:
-        # A SwapOut is answered once checked; the memory store copies its
-        # pages here, once gRPC has sent the reply and before this stream's
-        # next request is read (or sooner, when another call touches the
-        # area: Backing.write). The copy leaves the round trip: a 64-page
-        # SwapOut's p50 297 -> 272 us (README, Performance).
-        manager = self._manager
+    async def serve(self, requests: AsyncIterator[bytes], context: Context) -> AsyncIterator[bytes]:
+        """The gRPC behaviour: admit the caller, then answer its requests until it stops."""
         try:
-            async for request in requests:
-                yield self.answer(principal, request)
+            with self._gate.admitted(METHOD, context, stream=True) as principal:
+                async for reply in self.replies(principal, requests, context):
+                    yield reply
+        except Exception as e:
+            code, message = status_for(e, METHOD)
+            context.set_code(code)  # not abort(): see handlers.refused
+            context.set_details(message)
+
+    async def replies(
+        self, principal: str, requests: AsyncIterator[bytes], context: Context | None = None
+    ) -> AsyncGenerator[bytes, None]:
+        """Each request's reply, in order. With `context`, the caller is authenticated again
+        after every reload of the credentials."""
+        manager = self._manager
+        credentials = self._gate.credentials
+        table = credentials.table
+        try:
+            async for raw in requests:
+                if context is not None and credentials.table is not table:
+                    # A reload replaces the table: whoever opened this stream
+                    # must still be known, under the same name, before its
+                    # next request -- a revoked token stops working at once.
+                    table = credentials.table
+                    self._gate.still(principal, METHOD, context, table)
+                yield await self.answer(principal, raw)
+                # A SwapOut's copy, left for after its reply (AreaManager.swap_out).
                 manager.settle()
         finally:  # the stream ends or is cancelled with a copy pending
             manager.settle()
 
-    def answer(self, principal: str, request: PageOp | Malformed) -> bytes:
-        """One request's serialized PageReply. A SwapOut's copy may be left to the
-        manager's settle(), which serve() calls once the reply is sent."""
-        # Every request passes here: one frame for the common path, which a
-        # cold cache makes cost a few us per step (README, Performance).
+    async def answer(self, principal: str, raw: bytes) -> bytes:
+        """One request's serialized PageReply."""
         start = time.perf_counter()
-        op = "PageStream"
+        method = METHOD
         try:
-            if isinstance(request, Malformed):
-                raise InvalidArgument(request.message)
-            op, head, pages = request
-            count = head.run_count
-            if count and not head.slots:  # a run, as most requests are: slots_of's range, inline
-                slots: Sequence[int] = range(head.run_start, head.run_start + count)
-            else:
-                slots = slots_of(head.slots, head.run_start, count)
-            if op == "SwapOut":
-                # `pages` is a view of this request's bytes, which nobody changes
-                self._manager.swap_out(principal, head.handle, slots, pages, later=True)
-                reply = _DONE
-            elif op == "SwapIn":
-                reply = encode_page_reply(self._manager.swap_in(principal, head.handle, slots))
-            else:
-                self._manager.discard(principal, head.handle, slots)
-                reply = _DONE
+            op, head, pages = decoded("PageRequest", lambda b: decode_page_request(b, self._bounds), raw)
+            method = op.value
+            pieces = await self._path.execute(principal, op, head, pages, later=True)
         except Exception as e:
-            code, message = status_for(e, f"{op} on PageStream")
-            self._metrics.rpc_duration.labels(op, code.name).observe(time.perf_counter() - start)
+            code, message = self._path.failed(method, start, e)
             return encode_page_error(code.value[0], message)
-        took, moved = self._ok[op]
-        took.observe(time.perf_counter() - start)
-        moved.observe(len(slots))
-        return reply
+        self._path.ok(method, start)
+        return encode_page_reply(pieces)

@@ -16,6 +16,7 @@ STATUS_OF: dict[type[errors.ServiceError], grpc.StatusCode] = {
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.Exhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.TimedOut: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
 

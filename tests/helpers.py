@@ -41,6 +41,14 @@ def write_tokens(path: Path, quotas: dict[str, int | None] | None = None) -> Pat
     return path
 
 
+def netswap(address: str, *args: str, token: str = TOKENS["alice"]) -> subprocess.CompletedProcess[str]:
+    """The `netswap` command, as a user runs it (token and server from the environment)."""
+    env = {**os.environ, "NETSWAP_TOKEN": token, "NETSWAP_SERVER": address}
+    return subprocess.run(
+        [sys.executable, "-m", "netswap.client", *args], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
 def free_port() -> int:
     """A loopback port free right now, for programs that cannot report the one they bound."""
     with socket.socket() as s:

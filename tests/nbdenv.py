@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import shutil
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,21 @@ async def server_and_export(
         nbd_export(srv.address, tmp_path / "nbd.sock", **opts) as export,
     ):
         yield srv, export
+
+
+def finished(op: Callable[..., None], *args: Any) -> asyncio.Future[None]:
+    """A device operation, op(*args, done), as a future that its done(error) settles."""
+    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def done(error: BaseException | None) -> None:
+        if not future.done():
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+
+    op(*args, done)
+    return future
 
 
 async def run(*argv: str, timeout: float = 300, cwd: Path | None = None) -> str:

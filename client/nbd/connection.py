@@ -23,11 +23,12 @@ accepted still complete on the device, so nothing acknowledged is lost.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
 from netswap.client.metrics import FrontendMetrics
 from netswap.client.nbd import protocol as p
@@ -37,6 +38,22 @@ from netswap.client.pool import Lease
 log = logging.getLogger(__name__)
 
 RECV_BUFFER = 256 * 1024
+_FULL = "the frontend serves no more clients at once (--max-connections)"
+
+
+class Phase(enum.Enum):
+    FLAGS = "the client's flags"  # after our greeting
+    OPTIONS = "option haggling"
+    TRANSMISSION = "transmission"
+    CLOSED = "closed"
+
+
+class Pause(enum.Enum):
+    """Why reading from the socket is paused."""
+
+    POOL = "waiting for pool pages"
+    WRITE = "replies not yet taken by the socket"
+    DISCONNECT = "NBD_CMD_DISC: finishing what was accepted"
 
 
 class NbdConnection(asyncio.BufferedProtocol):
@@ -47,6 +64,9 @@ class NbdConnection(asyncio.BufferedProtocol):
         on_close: Callable[[NbdConnection], None],
         budget_pages: int,
         metrics: FrontendMetrics | None = None,
+        *,
+        handshake_timeout: float = 10.0,
+        on_transmission: Callable[[NbdConnection], bool] = lambda conn: True,
     ) -> None:
         self.device = device
         self.export = export
@@ -63,10 +83,10 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._view = memoryview(self._buf)
         self._start = 0  # unparsed data is _buf[_start:_end]
         self._end = 0
-        self._phase = "flags"
+        self._phase = Phase.FLAGS
         self._no_zeroes = False
         self._transport: asyncio.Transport | None = None
-        self._paused: set[str] = set()  # reasons reading is paused: "pool", "write"
+        self._paused: set[Pause] = set()  # why reading is paused
         # A write payload arriving straight into leased pages.
         self._sink: memoryview | None = None
         self._sink_done: Callable[[], None] | None = None
@@ -81,6 +101,10 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._corked_leases: list[Lease] = []
         self._disconnecting = False
         self.peer = "?"
+        self.opened = time.monotonic()
+        self._handshake_timeout = handshake_timeout
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        self._on_transmission = on_transmission  # may it enter transmission? (--max-connections)
 
     # -- asyncio callbacks --------------------------------------------------------
 
@@ -92,6 +116,29 @@ class NbdConnection(asyncio.BufferedProtocol):
         # Any unsent byte pauses reading (see the module docstring).
         transport.set_write_buffer_limits(high=0, low=0)
         transport.write(p.greeting())
+        # A client that does not finish its handshake in time is dropped: idle
+        # sockets must not hold the places of clients that would use them.
+        self._handshake_timer = asyncio.get_running_loop().call_later(
+            self._handshake_timeout, self._close, f"no handshake within {self._handshake_timeout:g}s"
+        )
+
+    @property
+    def in_handshake(self) -> bool:
+        return self._phase in (Phase.FLAGS, Phase.OPTIONS)
+
+    @property
+    def serving(self) -> bool:
+        return self._phase is Phase.TRANSMISSION
+
+    def drop(self, why: str) -> None:
+        """Close this connection (the frontend needs its place)."""
+        self._close(why)
+
+    def _enter_transmission(self) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        self._phase = Phase.TRANSMISSION
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._sink is not None:
@@ -120,22 +167,24 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._parse()
 
     def pause_writing(self) -> None:
-        self._pause("write")
+        self._pause(Pause.WRITE)
 
     def resume_writing(self) -> None:
         unsent, self._unsent = self._unsent, []
         for lease in unsent:
             self._release(lease)
-        self._resume("write")
+        self._resume(Pause.WRITE)
 
     def connection_lost(self, exc: Exception | None) -> None:
         # The transport closes silently on a socket error; say so, or an NBD
         # client's I/O errors have no explanation on this side.
         if exc is not None:
             log.warning("NBD connection from %s lost: %s", self.peer, exc)
-        elif self._phase != "closed" and self.busy:
+        elif self._phase is not Phase.CLOSED and self.busy:
             log.warning("NBD client %s left with %d requests in flight", self.peer, self.busy)
-        self._phase = "closed"
+        self._phase = Phase.CLOSED
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
         self._pending = None
         if self._sink_lease is not None:  # the client left in the middle of a write payload
             self._sink = self._sink_done = None
@@ -148,21 +197,21 @@ class NbdConnection(asyncio.BufferedProtocol):
 
     # -- flow control ---------------------------------------------------------------
 
-    def _pause(self, reason: str) -> None:
+    def _pause(self, reason: Pause) -> None:
         if not self._paused and self._transport is not None:
             self._transport.pause_reading()
         self._paused.add(reason)
 
-    def _resume(self, reason: str) -> None:
+    def _resume(self, reason: Pause) -> None:
         self._paused.discard(reason)
-        if not self._paused and self._transport is not None and self._phase != "closed":
+        if not self._paused and self._transport is not None and self._phase is not Phase.CLOSED:
             self._transport.resume_reading()
             self._parse()  # requests may be waiting in the receive buffer
 
     def _close(self, why: str) -> None:
-        if self._phase != "closed":
+        if self._phase is not Phase.CLOSED:
             log.warning("closing NBD connection from %s: %s", self.peer, why)
-            self._phase = "closed"
+            self._phase = Phase.CLOSED
             if self._transport is not None:
                 self._transport.close()
 
@@ -185,14 +234,19 @@ class NbdConnection(asyncio.BufferedProtocol):
             self.device.release()
 
     def _parse_all(self) -> None:
-        while self._phase != "closed" and not self._paused and self._sink is None and not self._disconnecting:
+        while (
+            self._phase is not Phase.CLOSED
+            and not self._paused
+            and self._sink is None
+            and not self._disconnecting
+        ):
             if self._skip:
                 n = min(self._skip, self._available())
                 self._start += n
                 self._skip -= n
                 if self._skip:
                     return
-            if self._phase == "flags":
+            if self._phase is Phase.FLAGS:
                 if self._available() < p.CLIENT_FLAGS.size:
                     return
                 (flags,) = p.CLIENT_FLAGS.unpack(self._take(p.CLIENT_FLAGS.size))
@@ -200,8 +254,8 @@ class NbdConnection(asyncio.BufferedProtocol):
                     self._close(f"unknown client flags {flags:#x}")
                     return
                 self._no_zeroes = bool(flags & p.FLAG_C_NO_ZEROES)
-                self._phase = "options"
-            elif self._phase == "options":
+                self._phase = Phase.OPTIONS
+            elif self._phase is Phase.OPTIONS:
                 if not self._option():
                     return
             elif not self._request():
@@ -243,7 +297,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._write(p.error_reply(option, p.REP_ERR_POLICY, "TLS is not offered; use a unix socket"))
         else:
             self._write(p.error_reply(option, p.REP_ERR_UNSUP, f"option {option} is not supported"))
-        return self._phase != "closed"
+        return self._phase is not Phase.CLOSED
 
     def _known(self, name: str) -> bool:
         return name in (self.export.name, "")  # "" is the default export
@@ -253,8 +307,11 @@ class NbdConnection(asyncio.BufferedProtocol):
             # This option has no way to report an error: the spec says hang up.
             self._close("NBD_OPT_EXPORT_NAME for an unknown export")
             return
+        if not self._on_transmission(self):  # no error reply exists for this option either
+            self._close(_FULL)
+            return
         self._write(p.export_name_reply(self.export, self._no_zeroes))
-        self._phase = "transmission"
+        self._enter_transmission()
 
     def _opt_abort(self, option: int, data: bytes) -> None:
         self._write(p.option_reply(option, p.REP_ACK))
@@ -276,10 +333,14 @@ class NbdConnection(asyncio.BufferedProtocol):
         if not self._known(name):
             self._write(p.error_reply(option, p.REP_ERR_UNKNOWN, f"no export named {name!r}"))
             return
+        if option == p.OPT_GO and not self._on_transmission(self):
+            self._write(p.error_reply(option, p.REP_ERR_POLICY, _FULL))
+            self._close(_FULL)
+            return
         for reply in p.info_replies(option, self.export, requested):
             self._write(reply)
         if option == p.OPT_GO:
-            self._phase = "transmission"
+            self._enter_transmission()
 
     def _request(self) -> bool:
         """Dispatch one request if its header is in the buffer; False to stop parsing for now."""
@@ -297,7 +358,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             # Never answered, whatever its fields: finish everything accepted,
             # then close. Nothing after it is read.
             self._disconnecting = True
-            self._pause("disc")
+            self._pause(Pause.DISCONNECT)
             self._maybe_finish_disconnect()
             return False
         errno = p.validate_request(cmd, flags, offset, length, self.export)
@@ -319,19 +380,20 @@ class NbdConnection(asyncio.BufferedProtocol):
             return self._with_lease(
                 dev.write_pages(offset, length), cookie, offset, length, self._write_payload
             )
+        # Every command in progress holds at least one pool page, so the pool
+        # bounds what the frontend holds whatever a client sends.
         if cmd == p.CMD_WRITE_ZEROES:
             return self._with_lease(
-                dev.partial_edges(offset, length), cookie, offset, length, self._start_zeroes
+                max(1, dev.partial_edges(offset, length)), cookie, offset, length, self._start_zeroes
             )
         if cmd == p.CMD_TRIM:
-            self._spawn(cookie, dev.trim(offset, length), command=cmd)
-        else:  # FLUSH
-            # Writes are answered only once the server has them (see README:
-            # durability), so every acknowledged write is already as
-            # permanent as netswap makes anything.
-            self._write(p.simple_reply(0, cookie))
-            if self._metrics is not None:
-                self._metrics.request_done(cmd, 0.0, True)
+            return self._with_lease(1, cookie, offset, length, self._start_trim)
+        # FLUSH. Writes are answered only once the server has them
+        # (docs/nbd.md: durability), so every acknowledged write is already
+        # as permanent as netswap makes anything.
+        self._write(p.simple_reply(0, cookie))
+        if self._metrics is not None:
+            self._metrics.request_done(cmd, 0.0, True)
         return True
 
     # -- requests that need pages -----------------------------------------------------
@@ -352,7 +414,7 @@ class NbdConnection(asyncio.BufferedProtocol):
                 return then(lease, cookie, offset, length)
         # Over this connection's share, or the pool is dry: no more requests
         # come off the socket until pages are back.
-        self._pause("pool")
+        self._pause(Pause.POOL)
         self._pending = (pages, cookie, offset, length, then)
         self._retry_pending()
         return False
@@ -371,13 +433,13 @@ class NbdConnection(asyncio.BufferedProtocol):
                 return
             finally:
                 self._waiting = False
-            if self._phase == "closed":
+            if self._phase is Phase.CLOSED:
                 got.release()
                 return
             self._leased += pages
             self._pending = None
             then(got, cookie, offset, length)
-            self._resume("pool")
+            self._resume(Pause.POOL)
 
         task = asyncio.ensure_future(wait())
         self._tasks.add(task)
@@ -395,11 +457,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         target[:have] = self._take(have)
 
         def received() -> None:
-            done = _Answer(self, cookie, p.CMD_WRITE, time.perf_counter(), lease, None)
-            if self.device.start_write(offset, length, lease.view, done):
-                self.busy += 1
-            else:  # partial pages, or pages another request holds: the general path
-                self._spawn(cookie, self.device.write(offset, length, lease.view), lease, command=p.CMD_WRITE)
+            self.device.write(offset, length, lease.view, self._answer(p.CMD_WRITE, cookie, lease))
 
         if have == length:
             received()
@@ -411,49 +469,25 @@ class NbdConnection(asyncio.BufferedProtocol):
 
     def _start_read(self, lease: Lease, cookie: int, offset: int, length: int) -> bool:
         skip = offset % self.device.page_size
-        data = lease.view[skip : skip + length]
-        done = _Answer(self, cookie, p.CMD_READ, time.perf_counter(), lease, data)
-        if self.device.start_read(offset, length, lease.view, done):
-            self.busy += 1
-        else:  # the device has failed: read() says how
-            self._spawn(cookie, self.device.read(offset, length, lease.view), lease, data, command=p.CMD_READ)
+        answer = self._answer(p.CMD_READ, cookie, lease, lease.view[skip : skip + length])
+        self.device.read(offset, length, lease.view, answer)
+        return True
+
+    def _start_trim(self, lease: Lease, cookie: int, offset: int, length: int) -> bool:
+        self.device.trim(offset, length, self._answer(p.CMD_TRIM, cookie, lease))
         return True
 
     def _start_zeroes(self, lease: Lease, cookie: int, offset: int, length: int) -> bool:
-        self._spawn(
-            cookie, self.device.write_zeroes(offset, length, lease.view), lease, command=p.CMD_WRITE_ZEROES
-        )
+        answer = self._answer(p.CMD_WRITE_ZEROES, cookie, lease)
+        self.device.write_zeroes(offset, length, lease.view, answer)
         return True
 
     # -- completion ---------------------------------------------------------------------
 
-    def _spawn(
-        self,
-        cookie: int,
-        work: Awaitable[Any],
-        lease: Lease | None = None,
-        reply_data: memoryview | None = None,
-        *,
-        command: int,
-    ) -> None:
-        """Run a request that must await (locks, read-modify-write) as a task of its own."""
-        answer = _Answer(self, cookie, command, time.perf_counter(), lease, reply_data)
+    def _answer(self, command: int, cookie: int, lease: Lease, data: memoryview | None = None) -> _Answer:
+        """What answers a request the device is about to take (its done callback)."""
         self.busy += 1
-
-        async def run() -> None:
-            try:
-                await work
-            except asyncio.CancelledError:  # the frontend is stopping: nobody to answer
-                self.busy -= 1
-                raise
-            except Exception as e:
-                answer(e)
-            else:
-                answer(None)
-
-        task = asyncio.ensure_future(run())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        return _Answer(self, cookie, command, time.perf_counter(), lease, data)
 
     def _finish(self, answer: _Answer, error: BaseException | None) -> None:
         """A request is over on the device: answer it."""
@@ -476,7 +510,7 @@ class NbdConnection(asyncio.BufferedProtocol):
 
     def _reply(self, cookie: int, errno: int, lease: Lease | None, data: memoryview | None) -> None:
         transport = self._transport
-        if self._phase == "closed" or transport is None or transport.is_closing():
+        if self._phase is Phase.CLOSED or transport is None or transport.is_closing():
             if lease is not None:
                 self._release(lease)
             return
@@ -503,7 +537,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         corked, self._corked = self._corked, []
         leases, self._corked_leases = self._corked_leases, []
         transport = self._transport
-        if self._phase != "closed" and transport is not None and not transport.is_closing():
+        if self._phase is not Phase.CLOSED and transport is not None and not transport.is_closing():
             transport.writelines(corked)
             if transport.get_write_buffer_size():
                 self._unsent.extend(leases)  # released once the socket has taken it
@@ -516,10 +550,10 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._transport.write(data)
 
     def _maybe_finish_disconnect(self) -> None:
-        if self._disconnecting and not self.busy and self._phase != "closed":
+        if self._disconnecting and not self.busy and self._phase is not Phase.CLOSED:
             if self._corked:
                 self._flush()  # the last replies go out before the close
-            self._phase = "closed"
+            self._phase = Phase.CLOSED
             if self._transport is not None:
                 self._transport.close()
 

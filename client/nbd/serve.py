@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import signal
@@ -18,6 +19,7 @@ from netswap.client.metrics import NbdCollector, frontend_registry
 from netswap.client.nbd import protocol as p
 from netswap.client.nbd.connection import NbdConnection
 from netswap.client.nbd.device import AreaDevice
+from netswap.client.nbd.retry import Backoff
 from netswap.client.reserve import make_reserve_safe
 from netswap.common.sizes import format_size
 
@@ -39,31 +41,39 @@ class NbdOptions:
     retry_deadline: float = 60.0
     rpc_timeout: float = 10.0
     # Two: one batch at the server while the next collects requests. More
-    # only cut batches smaller (the server answers a stream in order anyway):
-    # 4k qd32 writes measured 28.5k IOPS with 2, 25k with 1 or 4.
+    # only cut batches smaller (the server answers a stream in order anyway).
     max_rpcs: int = 2
     # Two windows of this many pages (see readahead.py): 512 KiB, allocated at start.
     readahead_pages: int = 64
-    max_connections: int = 4
+    max_connections: int = 4  # clients served at once; as many more may be in their handshake
+    handshake_timeout: float = 10.0  # seconds a client has to finish its handshake
+    # --listen on an address other hosts can reach: whoever reaches it reads
+    # and writes the guest's swapped-out memory, with no authentication at all.
+    allow_remote: bool = False
     mlock: bool = True
     realtime: bool = True  # SCHED_FIFO (client/reserve.py)
     metrics_listen: str = ""  # HOST:PORT for Prometheus, "" for none
 
+    def __post_init__(self) -> None:
+        if self.listen is not None and not self.allow_remote and not _loopback(self.listen):
+            raise ValueError(
+                f"refusing to export over NBD on {self.listen}: anyone who can reach it reads and writes"
+                " this area's pages (NBD has no authentication). Use --socket or a loopback address,"
+                " or pass --allow-remote if the network itself is trusted"
+            )
+
 
 async def attach(client: SwapClient, opts: NbdOptions) -> Area:
     """SwapOn, waiting for the server for up to retry_deadline (it may start after us)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + opts.retry_deadline
-    delay = 0.1
+    backoff = Backoff(asyncio.get_running_loop().time() + opts.retry_deadline)
     while True:
         try:
             return await client.swapon(opts.name, opts.size, pool_pages=opts.pool_pages)
         except ConnectionLost as e:
-            if loop.time() + delay > deadline:
+            if backoff.expired():
                 raise
             log.warning("server not reachable yet (%s); retrying", e)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+            await backoff.wait()
 
 
 class NbdServer:
@@ -108,14 +118,31 @@ class NbdServer:
         self._server: asyncio.base_events.Server | None = None
 
     def _connection(self) -> asyncio.BaseProtocol:
+        # As many clients may be in their handshake as may be served; past
+        # that the one waiting longest makes room, so sockets opened and left
+        # idle can never keep out a client that goes on to use its connection.
+        waiting = [c for c in self.connections if c.in_handshake]
+        if len(waiting) >= self.opts.max_connections:
+            min(waiting, key=lambda c: c.opened).drop("still in its handshake as another client connects")
         conn = NbdConnection(
-            self.device, self.export, self.connections.discard, self.budget_pages, self.metrics
+            self.device,
+            self.export,
+            self.connections.discard,
+            self.budget_pages,
+            self.metrics,
+            handshake_timeout=self.opts.handshake_timeout,
+            on_transmission=self._room,
         )
-        if len(self.connections) >= self.opts.max_connections:
-            log.warning("refusing an NBD connection: %d already open", len(self.connections))
-            return _Refuse()
         self.connections.add(conn)
         return conn
+
+    def _room(self, conn: NbdConnection) -> bool:
+        """Whether `conn` may start transmission: fewer than max_connections others are serving."""
+        serving = sum(1 for c in self.connections if c is not conn and c.serving)
+        if serving >= self.opts.max_connections:
+            log.warning("refusing NBD client %s: %d clients already connected", conn.peer, serving)
+            return False
+        return True
 
     async def start(self) -> str:
         loop = asyncio.get_running_loop()
@@ -143,9 +170,14 @@ class NbdServer:
             await self._server.wait_closed()
 
 
-class _Refuse(asyncio.Protocol):
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.close()
+def _loopback(listen: str) -> bool:
+    host = listen.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 async def run_nbd(client: SwapClient, opts: NbdOptions) -> int:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import mmap
-from collections.abc import Iterator, Sequence
+import os
 from dataclasses import dataclass
 from typing import Protocol
 
 from netswap.common.limits import PAGE_SIZE
+from netswap.server.slots import Slots
 
 
 @dataclass(frozen=True, order=True)
@@ -17,13 +20,22 @@ class AreaKey:
 
 
 class Backing(Protocol):
-    """The storage of one area, reserved in full when it was made."""
+    """The storage of one area, reserved in full when it was made.
+
+    Slots arrive checked (AreaManager): in range, no slot twice, as many pages
+    as slots. A store that may wait for a disk says so (`blocking`); the
+    manager then runs its writes, discards and uncached reads in worker
+    threads, so they must be safe to run beside each other and beside reads
+    on the event loop.
+    """
+
+    blocking: bool
 
     @property
     def size_bytes(self) -> int: ...
 
-    def write(self, slots: Sequence[int], pages: memoryview, later: bool = False) -> None:
-        """Store pages[i*PAGE_SIZE:(i+1)*PAGE_SIZE] at slots[i].
+    def write(self, slots: Slots, pages: memoryview, later: bool = False) -> None:
+        """Store the pages of `slots` (the blob holds them in order).
 
         With `later` the store may keep `pages` (which the caller must not
         change) and copy them at settle() or its next read, write or discard:
@@ -36,12 +48,13 @@ class Backing(Protocol):
     def settle(self) -> None:
         """Finish a write taken `later`, if one is pending."""
 
-    def read(self, slots: Sequence[int]) -> list[bytes | memoryview]:
+    def read(self, slots: Slots, wait: bool = True) -> list[bytes | memoryview] | None:
         """The pages of `slots` in order, as pieces to concatenate; never-written/discarded slots
-        read as zeros. Pieces may be views into the store, valid until its next write or
-        discard: join them at once (the reply encoders do -- one copy, into the message)."""
+        read as zeros. Pieces may be views into the store, valid until its next call: join
+        them at once (the reply encoders do -- one copy, into the message). With wait=False,
+        None where the read would have to wait for a disk."""
 
-    def discard(self, slots: Sequence[int]) -> None:
+    def discard(self, slots: Slots) -> None:
         """Make the slots read as zeros, keeping their reservation."""
 
     def stored_pages(self) -> int:
@@ -58,56 +71,33 @@ class Store(Protocol):
         """Areas found at startup (file store: those a previous process left)."""
 
     def create(self, key: AreaKey, size_bytes: int) -> Backing:
-        """Reserve everything the area will need, or raise Exhausted leaving nothing behind."""
+        """Reserve everything the area will need, or raise Exhausted leaving nothing behind.
+        Runs in a worker thread."""
 
     def destroy(self, key: AreaKey, backing: Backing) -> None:
-        """Close the area and free its storage."""
+        """Close the area and free its storage. Runs in a worker thread."""
 
     def close(self) -> None: ...
 
 
-def runs(slots: Sequence[int]) -> Iterator[tuple[int, int, int]]:
-    """Split slots into runs of consecutive ascending slots, in request order.
-
-    Yields (index of the run's first page in the blob, first slot, page count),
-    so each run is one contiguous piece of the blob and of the backing medium:
-    one memory copy or one stretch of the file per run, never one piece per page.
-    """
-    n = len(slots)
-    if isinstance(slots, range) and slots.step == 1:
-        # One run, as a kernel's swap-out clusters and the NBD frontend's
-        # coalesced batches mostly are (AreaManager hands those over as a range).
-        if n:
-            yield 0, slots.start, n
-        return
-    i = 0
-    while i < n:
-        first = slots[i]
-        j = i + 1
-        while j < n and slots[j] == first + (j - i):
-            j += 1
-        yield i, first, j - i
-        i = j
-
-
-def blob_runs(slots: Sequence[int], blob: memoryview) -> Iterator[tuple[int, int, memoryview]]:
-    """runs(), each with its piece of the page blob: (first slot, page count, pages)."""
-    for index, first, count in runs(slots):
-        yield first, count, blob[index * PAGE_SIZE : (index + count) * PAGE_SIZE]
-
-
 class SlotMap:
-    """One byte per slot: 1 = holds data. Backed by a bytearray or a shared mmap.
+    """One byte per slot: 1 = holds data.
 
-    Counts stored slots incrementally so ListAreas and metrics scrapes cost
-    O(1) rather than a scan of the map.
+    Counts stored slots as it goes, so ListAreas and metrics scrapes cost O(1)
+    rather than a scan of the map.
     """
 
-    def __init__(self, buf: bytearray | mmap.mmap) -> None:
+    def __init__(self, buf: bytearray) -> None:
         self._buf = buf
-        self.stored = buf[:].count(1)
+        self.stored = buf.count(1)
 
-    def _fill(self, first: int, count: int, fill: memoryview) -> int:
+    def mark(self, first: int, count: int) -> None:
+        self.stored += count - self._set(first, count, _ONES)
+
+    def clear(self, first: int, count: int) -> None:
+        self.stored -= count - self._set(first, count, _NULS)
+
+    def _set(self, first: int, count: int, fill: memoryview) -> int:
         """Set slots [first, first+count) to fill[0]; return how many already were."""
         already: int = self._buf[first : first + count].count(fill[0])
         end = first + count
@@ -117,23 +107,8 @@ class SlotMap:
             first += step
         return already
 
-    def mark(self, first: int, count: int) -> None:
-        if count <= len(_ONES):  # any run of one request (max_batch_pages <= 4096): in this frame
-            end = first + count
-            self.stored += count - self._buf[first:end].count(1)
-            self._buf[first:end] = _ONES[:count]
-            return
-        self.stored += count - self._fill(first, count, _ONES)
-
-    def clear(self, first: int, count: int) -> None:
-        self.stored -= count - self._fill(first, count, _NULS)
-
-    def full(self, first: int, count: int) -> bool:
-        """Whether every slot of the run holds data."""
-        return 0 not in self._buf[first : first + count]
-
-    def empty_in(self, first: int, count: int) -> list[int]:
-        """Offsets (from `first`) of slots in the run that hold no data."""
+    def holes(self, first: int, count: int) -> list[int]:
+        """Offsets (from `first`) of the slots of the run that hold no data."""
         seg = self._buf[first : first + count]
         if 0 not in seg:
             return []
@@ -153,3 +128,53 @@ def zero_fill(out: memoryview) -> None:
         step = min(end - pos, len(_ZEROS))
         out[pos : pos + step] = _ZEROS[:step]
         pos += step
+
+
+# -- memory the GIL is not held for ---------------------------------------------------------
+# mmap(MAP_POPULATE) faults gigabytes in while holding the GIL (Python 3.11's
+# mmap module does not release it), which stops the event loop whatever thread
+# calls it. Mapped lazily and populated through ctypes, which releases the GIL
+# for the whole foreign call, the loop keeps serving meanwhile.
+
+_MADV_DONTNEED = 4
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14
+# In steps: faulting in (or dropping) a range holds the process's mmap lock,
+# and a thread that maps memory meanwhile -- the event loop's, allocating --
+# waits for it. A step of 4 MiB holds it for a millisecond or two.
+STEP = 4 << 20
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+
+def address_of(mm: mmap.mmap) -> int:
+    anchor = ctypes.c_char.from_buffer(mm)
+    address = ctypes.addressof(anchor)
+    del anchor  # only the address was needed; drop the buffer export
+    return address
+
+
+def populate(mm: mmap.mmap) -> None:
+    """Fault in every page of a private anonymous mapping, without holding the GIL."""
+    address, size = address_of(mm), len(mm)
+    for offset in range(0, size, STEP):
+        step = min(STEP, size - offset)
+        if _libc.madvise(address + offset, step, _MADV_POPULATE_WRITE) != 0:
+            err = ctypes.get_errno()
+            if err != errno.EINVAL:  # EINVAL: an older kernel; anything else is a real failure
+                raise OSError(err, os.strerror(err))
+            ctypes.memset(address + offset, 0, step)  # touching the pages faults them in just as well
+
+
+def drop(mm: mmap.mmap) -> None:
+    """Give a mapping's pages back to the kernel in steps, so that unmapping it is quick."""
+    address, size = address_of(mm), len(mm)
+    for offset in range(0, size, STEP):
+        _libc.madvise(address + offset, min(STEP, size - offset), _MADV_DONTNEED)
+
+
+def lock(mm: mmap.mmap) -> None:
+    """mlock the whole mapping (raises OSError with the kernel's reason)."""
+    if _libc.mlock(address_of(mm), len(mm)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))

@@ -18,16 +18,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import logging
-import mmap
 import os
-from collections.abc import Sequence
+import threading
 from pathlib import Path
 
 from netswap.common.limits import NAME_PATTERN, PAGE_SIZE
 from netswap.server.errors import Exhausted, FailedPrecondition
-from netswap.server.store.base import AreaKey, Backing, SlotMap, blob_runs, runs
+from netswap.server.slots import Slots
+from netswap.server.store.base import AreaKey, Backing, SlotMap
 
 log = logging.getLogger(__name__)
 
@@ -58,83 +59,91 @@ def _reserve(path: Path, size: int) -> int:
 
 
 class FileBacking:
-    def __init__(self, data_fd: int, map_fd: int, size_bytes: int) -> None:
+    """An area's data file and slot map. The map lives in memory and is written through to
+    its file, so no read on the event loop can fault on a page of it that the kernel dropped."""
+
+    blocking = True  # writes, discards and uncached reads go to worker threads (AreaManager)
+
+    def __init__(self, data_fd: int, map_fd: int, size_bytes: int, stored: bytearray) -> None:
         self._fd = data_fd
         self._map_fd = map_fd
         self._size = size_bytes
+        self._map = SlotMap(stored)
+        self._map_lock = threading.Lock()  # writes and discards update it from worker threads
         # Swap reads pages one at a time in no order: readahead would only
         # fetch pages nobody asked for -- and it fills the page cache with
         # large folios, which make every later 4 KiB write slow (WRITE_CHUNK).
-        # bench/pagecache.py, after cold 1 MiB reads: random page write ~20 -> ~2.5 us.
         with contextlib.suppress(OSError):  # advice: a file system may not take it
             os.posix_fadvise(data_fd, 0, 0, os.POSIX_FADV_RANDOM)
-        # MAP_SHARED: map updates reach the page cache at once and survive
-        # kill -9 like the data they describe. The map file is fallocate'd, so
-        # touching it can never fault for lack of space (which would SIGBUS).
-        self._map_mm = mmap.mmap(map_fd, size_bytes // PAGE_SIZE, mmap.MAP_SHARED)
-        self._map = SlotMap(self._map_mm)
 
     @property
     def size_bytes(self) -> int:
         return self._size
 
-    def write(self, slots: Sequence[int], pages: memoryview, later: bool = False) -> None:
+    def write(self, slots: Slots, pages: memoryview, later: bool = False) -> None:
         # Always at once, `later` or not: acknowledged pages must survive a
         # crash of the server process (see the module docstring).
-        if type(slots) is range and slots.step == 1:  # one run, as most requests are: no generators
-            pwrite_all(self._fd, pages[: len(slots) * PAGE_SIZE], slots.start * PAGE_SIZE)
-            self._map.mark(slots.start, len(slots))  # after the data, as below
-            return
-        for first, count, src in blob_runs(slots, pages):
-            pwrite_all(self._fd, src, first * PAGE_SIZE)
+        for index, first, count in slots.runs:
+            pwrite_all(self._fd, pages[index * PAGE_SIZE : (index + count) * PAGE_SIZE], first * PAGE_SIZE)
             # Data first, then the map: a crash in between leaves the slot
             # reading as its old contents, never as garbage.
-            self._map.mark(first, count)
+            self._set_map(first, count, _ONES)
+            with self._map_lock:
+                self._map.mark(first, count)
 
     def settle(self) -> None:
         pass  # nothing is ever pending (write)
 
-    def read(self, slots: Sequence[int]) -> list[bytes | memoryview]:
-        # os.pread's bytes are the read's only buffer: no zeroed buffer filled
-        # and then copied again into the reply.
-        if type(slots) is range and slots.step == 1 and self._map.full(slots.start, len(slots)):
-            # One run of stored pages, as most reads are: one pread, no generators.
-            return [_pread_exact(self._fd, len(slots) * PAGE_SIZE, slots.start * PAGE_SIZE)]
+    def read(self, slots: Slots, wait: bool = True) -> list[bytes | memoryview] | None:
         pieces: list[bytes | memoryview] = []
-        for _, first, count in runs(slots):
+        scratch = 0  # where in _SCRATCH the next cached read goes (wait=False)
+        for _, first, count in slots.runs:
             # Discarded slots keep their old bytes on disk (discard writes
-            # nothing); the map says to show zeros instead.
+            # nothing there); the map says to show zeros instead.
             start = 0
-            for off in [*self._map.empty_in(first, count), count]:
+            for off in [*self._map.holes(first, count), count]:
                 if off > start:  # stored pages [start, off) of the run
-                    pieces.append(
-                        _pread_exact(self._fd, (off - start) * PAGE_SIZE, (first + start) * PAGE_SIZE)
-                    )
+                    size, offset = (off - start) * PAGE_SIZE, (first + start) * PAGE_SIZE
+                    if wait:
+                        pieces.append(_pread_exact(self._fd, size, offset))
+                    else:
+                        piece = _pread_cached(self._fd, size, offset, scratch)
+                        if piece is None:
+                            return None
+                        pieces.append(piece)
+                        scratch += size
                 if off < count:
                     pieces.append(_ZERO_PAGE)
                 start = off + 1
         return pieces
 
-    def discard(self, slots: Sequence[int]) -> None:
-        for _, first, count in runs(slots):
-            self._map.clear(first, count)
+    def discard(self, slots: Slots) -> None:
+        for _, first, count in slots.runs:
+            with self._map_lock:
+                self._map.clear(first, count)
+            self._set_map(first, count, _NULS)
+
+    def _set_map(self, first: int, count: int, fill: memoryview) -> None:
+        while count:
+            step = min(count, len(fill))
+            pwrite_all(self._map_fd, fill[:step], first)
+            first, count = first + step, count - step
 
     def stored_pages(self) -> int:
         return self._map.stored
 
     def close(self) -> None:
-        self._map_mm.close()
         os.close(self._map_fd)
         os.close(self._fd)
 
 
+_ONES = memoryview(b"\x01" * 4096)
+_NULS = memoryview(bytes(4096))
+
 # At most this much per write(2). The kernel sizes page-cache folios by the
-# write that creates them; since Linux 6.x ext4 makes large folios, and every
-# later 4 KiB write into one walks all of its block buffers. bench/pagecache.py
-# on 6.18/ext4: a random 4 KiB page write costs 2.6-2.9 us in a file written
-# in 16 KiB pieces and 9.9-11.8 us in one written in 1 MiB pieces, and the
-# 16 KiB pieces showed no clear cost of their own (server CPU per page at 4k
-# qd32: 56 -> 25 us). Swap rewrites pages one at a time, so small folios win.
+# write that creates them, and since Linux 6.x ext4 makes large ones; every
+# later 4 KiB write into a large folio walks all of its block buffers. Swap
+# rewrites pages one at a time, so small folios win (docs/performance.md).
 WRITE_CHUNK = 16 * 1024
 
 
@@ -146,6 +155,22 @@ def pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
 
 
 _ZERO_PAGE = bytes(PAGE_SIZE)
+# Cached reads on the event loop land here, not in a fresh (zero-filled)
+# buffer: the caller joins the pieces into its reply before anything else runs.
+_SCRATCH = bytearray()
+
+
+def _pread_cached(fd: int, size: int, offset: int, at: int) -> memoryview | None:
+    """`size` bytes at `offset` if the page cache holds all of them (into _SCRATCH at `at`), else None."""
+    global _SCRATCH  # noqa: PLW0603 (one buffer for the whole process, grown to the largest read)
+    if len(_SCRATCH) < at + size:
+        _SCRATCH = bytearray(at + size)  # a new one: views of the old may still be alive
+    view = memoryview(_SCRATCH)[at : at + size]
+    try:
+        got = os.preadv(fd, [view], offset, os.RWF_NOWAIT)
+    except OSError:  # EAGAIN: not all cached; EOPNOTSUPP: a file system that cannot tell (tmpfs)
+        return None
+    return view if got == size else None
 
 
 def _pread_exact(fd: int, size: int, offset: int) -> bytes:
@@ -161,6 +186,23 @@ def _pread_exact(fd: int, size: int, offset: int) -> bytes:
         pieces.append(more)
         got += len(more)
     return b"".join(pieces)
+
+
+class StoreBusy(RuntimeError):
+    """Another process holds the file store (a running server, or `netswap-server areas`)."""
+
+
+def hold(root: str | os.PathLike[str]) -> int:
+    """Take the store's lock for as long as the returned descriptor stays open: one process
+    at a time may change a file store."""
+    Path(root).mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(Path(root) / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreBusy(f"the file store {root} is in use by another process (a running server?)") from None
+    return fd
 
 
 def _rmdir_if_empty(owner_dir: Path) -> None:
@@ -233,7 +275,8 @@ class FileStore:
             os.close(data_fd)
             os.close(map_fd)
             return None
-        return key, FileBacking(data_fd, map_fd, size)
+        stored = bytearray(_pread_exact(map_fd, size // PAGE_SIZE, 0))
+        return key, FileBacking(data_fd, map_fd, size, stored)
 
     def create(self, key: AreaKey, size_bytes: int) -> Backing:
         data_path, map_path, meta_path = self._paths(key)
@@ -246,7 +289,7 @@ class FileStore:
             fds.append(_reserve(map_path, size_bytes // PAGE_SIZE))
             made.append(map_path)
             self._write_meta(key, size_bytes, meta_path)
-            return FileBacking(fds[0], fds[1], size_bytes)
+            return FileBacking(fds[0], fds[1], size_bytes, bytearray(size_bytes // PAGE_SIZE))
         except BaseException as e:
             for fd in fds:
                 os.close(fd)

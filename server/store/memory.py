@@ -2,53 +2,53 @@
 
 from __future__ import annotations
 
-import ctypes
 import mmap
-import os
-from collections.abc import Sequence
 
 from netswap.common.limits import PAGE_SIZE
 from netswap.server.errors import Exhausted
-from netswap.server.store.base import AreaKey, Backing, SlotMap, blob_runs, runs, zero_fill
+from netswap.server.slots import Slots
+from netswap.server.store.base import AreaKey, Backing, SlotMap, drop, lock, populate, zero_fill
 
 
 class MemoryBacking:
-    def __init__(self, size_bytes: int, *, lock: bool = False) -> None:
-        # An anonymous mapping, populated now: the pages are really allocated at
-        # swapon (not lazily at the first SwapOut), so a later write cannot be
-        # the thing that runs the host out of memory. Fresh pages are zeroed by
-        # the kernel, so no previous area's data can show through.
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+    blocking = False  # copies within memory: short enough for the event loop
+
+    def __init__(self, size_bytes: int, *, locked: bool = False) -> None:
+        # An anonymous mapping, faulted in now: the pages are really allocated
+        # at swapon (not lazily at the first SwapOut), so a later write cannot
+        # be the thing that runs the host out of memory. Fresh pages are zeroed
+        # by the kernel, so no previous area's data can show through.
         try:
-            self._mm = mmap.mmap(-1, size_bytes, flags=flags)
+            self._mm = mmap.mmap(-1, size_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         except OSError as e:
             raise Exhausted(f"cannot allocate {size_bytes} bytes of memory: {e.strerror}") from e
-        if lock:
-            self._lock(size_bytes)
+        try:
+            populate(self._mm)
+            if locked:
+                self._lock(size_bytes)
+        except BaseException:
+            self._mm.close()
+            raise
         self._data = memoryview(self._mm)
         self._map = SlotMap(bytearray(size_bytes // PAGE_SIZE))
         self._size = size_bytes
-        self._later: tuple[Sequence[int], memoryview] | None = None  # see write()
+        self._later: tuple[Slots, memoryview] | None = None  # see write()
 
     def _lock(self, size_bytes: int) -> None:
         """mlock the area so the server's host can never swap the swapped-out pages."""
-        anchor = ctypes.c_char.from_buffer(self._mm)
-        address = ctypes.addressof(anchor)
-        del anchor  # only the address was needed; drop the buffer export
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.mlock(ctypes.c_void_p(address), ctypes.c_size_t(size_bytes)) != 0:
-            err = ctypes.get_errno()
-            self._mm.close()
+        try:
+            lock(self._mm)
+        except OSError as e:
             raise Exhausted(
-                f"cannot lock {size_bytes} bytes of memory ({os.strerror(err)}): the server's"
+                f"cannot lock {size_bytes} bytes of memory ({e.strerror}): the server's"
                 " RLIMIT_MEMLOCK or CAP_IPC_LOCK does not allow it"
-            )
+            ) from e
 
     @property
     def size_bytes(self) -> int:
         return self._size
 
-    def write(self, slots: Sequence[int], pages: memoryview, later: bool = False) -> None:
+    def write(self, slots: Slots, pages: memoryview, later: bool = False) -> None:
         if self._later is not None:  # writes land in the order they were taken
             self.settle()
         if later:
@@ -59,15 +59,11 @@ class MemoryBacking:
             return
         self._copy(slots, pages)
 
-    def _copy(self, slots: Sequence[int], pages: memoryview) -> None:
-        if type(slots) is range and slots.step == 1:  # one run, as most requests are: no generators
-            first, size = slots.start, len(slots) * PAGE_SIZE
-            # The run's pages only, as blob_runs would give: never past its slots.
-            self._data[first * PAGE_SIZE : first * PAGE_SIZE + size] = pages[:size]
-            self._map.mark(first, len(slots))
-            return
-        for first, count, src in blob_runs(slots, pages):
-            self._data[first * PAGE_SIZE : (first + count) * PAGE_SIZE] = src
+    def _copy(self, slots: Slots, pages: memoryview) -> None:
+        for index, first, count in slots.runs:
+            self._data[first * PAGE_SIZE : (first + count) * PAGE_SIZE] = pages[
+                index * PAGE_SIZE : (index + count) * PAGE_SIZE
+            ]
             self._map.mark(first, count)
 
     def settle(self) -> None:
@@ -77,20 +73,16 @@ class MemoryBacking:
             # this area would fail with it -- never read what it left out.
             self._later = None
 
-    def read(self, slots: Sequence[int]) -> list[bytes | memoryview]:
+    def read(self, slots: Slots, wait: bool = True) -> list[bytes | memoryview]:
         # Views: the reply encoder's join is the only copy. Discard zeroes the
         # memory itself, so reads need not consult the map.
         if self._later is not None:
             self.settle()
-        if type(slots) is range and slots.step == 1:  # one run: as in write
-            return [self._data[slots.start * PAGE_SIZE : slots.stop * PAGE_SIZE]]
-        return [
-            self._data[first * PAGE_SIZE : (first + count) * PAGE_SIZE] for _, first, count in runs(slots)
-        ]
+        return [self._data[first * PAGE_SIZE : (first + count) * PAGE_SIZE] for _, first, count in slots.runs]
 
-    def discard(self, slots: Sequence[int]) -> None:
+    def discard(self, slots: Slots) -> None:
         self.settle()
-        for _, first, count in runs(slots):
+        for _, first, count in slots.runs:
             zero_fill(self._data[first * PAGE_SIZE : (first + count) * PAGE_SIZE])
             self._map.clear(first, count)
 
@@ -98,9 +90,10 @@ class MemoryBacking:
         return self._map.stored
 
     def close(self) -> None:
-        self._data.release()
-        self._mm.close()
         self._later = None  # the area is gone: nothing left to copy into
+        self._data.release()
+        drop(self._mm)
+        self._mm.close()
 
 
 class MemoryStore:
@@ -113,7 +106,7 @@ class MemoryStore:
         return []
 
     def create(self, key: AreaKey, size_bytes: int) -> Backing:
-        return MemoryBacking(size_bytes, lock=self.lock)
+        return MemoryBacking(size_bytes, locked=self.lock)
 
     def destroy(self, key: AreaKey, backing: Backing) -> None:
         backing.close()

@@ -11,7 +11,7 @@ import yaml
 
 from netswap.server.config import config_from_args
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 
 

@@ -10,10 +10,11 @@ import pytest
 
 from netswap.client import ConnectionLost, SwapClient
 from netswap.client.nbd import protocol as p
-from netswap.client.nbd.device import AreaDevice, DeviceError, RangeLocks
+from netswap.client.nbd.device import AreaDevice, DeviceError
+from netswap.client.nbd.locks import RangeLocks
 from netswap.client.pool import PagePool
 from tests.helpers import PS, TOKENS, pattern, running_server
-from tests.nbdenv import RawClient, nbd_export
+from tests.nbdenv import RawClient, finished, nbd_export
 
 
 class FlakyArea:
@@ -68,7 +69,7 @@ async def test_a_failed_part_does_not_release_the_request_early() -> None:
     area.delay = 0.05
     buf = bytearray(8 * PS)
     with pytest.raises(DeviceError) as err:
-        await device.read(0, 8 * PS, memoryview(buf))
+        await finished(device.read, 0, 8 * PS, memoryview(buf))
     assert err.value.errno == p.EIO
     # the second part was finished before the request said so: the buffer is quiet now
     snapshot = bytes(buf)
@@ -82,7 +83,7 @@ async def test_the_retry_deadline_counts_from_when_a_request_arrived() -> None:
     area.down = True
     loop = asyncio.get_running_loop()
     start = loop.time()
-    reads = [device.read(i * PS, PS, memoryview(bytearray(PS))) for i in range(12)]
+    reads = [finished(device.read, i * PS, PS, memoryview(bytearray(PS))) for i in range(12)]
     results = await asyncio.gather(*reads, return_exceptions=True)
     assert all(isinstance(r, DeviceError) and r.errno == p.EIO for r in results)
     assert loop.time() - start < 2.5  # not 12 waves of 1 s
@@ -120,12 +121,11 @@ async def test_queued_parts_are_recut_when_the_batch_limit_shrinks(tmp_path: Pat
         area = await client.swapon("vm1", 1 << 20)
         device = AreaDevice(area)
         data = pattern(3, 40)
-        await device.write(0, len(data), memoryview(bytearray(data)))
+        await finished(device.write, 0, len(data), memoryview(bytearray(data)))
         area.max_batch_pages = 64  # as learned from an earlier server start
         out = bytearray(len(data))
-        read = asyncio.ensure_future(device.read(0, len(data), memoryview(out)))
-        await asyncio.sleep(0)  # queued as one 40-page part
-        area.max_batch_pages = 8  # ... and then the limit shrinks
+        read = finished(device.read, 0, len(data), memoryview(out))  # queued as one 40-page part
+        area.max_batch_pages = 8  # ... and then the limit shrinks, before its batch is cut
         await read
         assert out == data
         assert device.rpcs["in"] == 5
@@ -139,7 +139,9 @@ async def test_a_batch_of_adjacent_parts_is_one_run() -> None:
     area.delay = 0.05
 
     async def writes(*firsts: int) -> None:
-        await asyncio.gather(*(device.write(f * PS, 2 * PS, memoryview(pattern(f, 2))) for f in firsts))
+        await asyncio.gather(
+            *(finished(device.write, f * PS, 2 * PS, memoryview(pattern(f, 2))) for f in firsts)
+        )
 
     await writes(0, 2, 4)  # one batch, no gaps: one run
     await writes(20, 30, 40)  # one batch with gaps: listed
@@ -182,14 +184,10 @@ async def test_a_whole_page_write_waits_for_a_read_modify_write_of_its_page() ->
     device = AreaDevice(area)
     partial_buf = bytearray(2 * PS)  # the page, then scratch for its edge
     partial_buf[100:600] = b"a" * 500
-    partial = asyncio.ensure_future(device.write(3 * PS + 100, 500, memoryview(partial_buf)))
+    partial = finished(device.write, 3 * PS + 100, 500, memoryview(partial_buf))
     await asyncio.sleep(0.01)  # it holds the page; its read is on the way
     whole = memoryview(bytearray(b"b" * PS))
-    done: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
-    if device.start_write(3 * PS, PS, whole, done.set_result):
-        assert await done is None
-    else:  # what the NBD connection does then: the general path, which waits
-        await device.write(3 * PS, PS, whole)
+    await finished(device.write, 3 * PS, PS, whole)  # on the path that waits for the page
     await partial
     b_then_a = bytearray(b"b" * PS)
     b_then_a[100:600] = b"a" * 500

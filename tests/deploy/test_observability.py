@@ -21,7 +21,7 @@ from tests.frontend import Frontend
 from tests.helpers import PS, TOKENS, ServerProcess, free_port
 from tests.nbdenv import require_tools, run
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "netswap-dashboard.json"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from netswap.server.errors import Exhausted
+from netswap.server.slots import Run, Scattered, Slots
 from netswap.server.store import AreaKey, FileStore, MemoryStore, Store
-from netswap.server.store.base import runs
+from netswap.server.store.base import Backing
 from tests.helpers import PS, pattern
 
 KEY = AreaKey("alice", "vm1")
@@ -24,27 +26,35 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     s.close()
 
 
+def S(slots: list[int] | range) -> Slots:
+    """Slots as AreaManager hands them over: a range as a Run, a list as a Scattered."""
+    return Run(slots.start, len(slots)) if isinstance(slots, range) else Scattered(list(slots))
+
+
+def read(b: Backing, slots: list[int] | range) -> bytes:
+    pieces = b.read(S(slots))
+    assert pieces is not None
+    return b"".join(pieces)
+
+
 def test_runs_split_on_gaps_and_reversals() -> None:
-    assert list(runs([4, 5, 6, 1, 2, 9, 8])) == [(0, 4, 3), (3, 1, 2), (5, 9, 1), (6, 8, 1)]
-    assert list(runs([])) == []
-    # AreaManager hands one ascending run over as a range: taken whole, as the list would be
-    assert list(runs(range(7, 11))) == list(runs([7, 8, 9, 10])) == [(0, 7, 4)]
-    assert list(runs(range(3, 3))) == []
-    assert list(runs(range(9, 5, -1))) == list(runs([9, 8, 7, 6]))  # any other range: slot by slot
+    assert Scattered([4, 5, 6, 1, 2, 9, 8]).runs == ((0, 4, 3), (3, 1, 2), (5, 9, 1), (6, 8, 1))
+    assert Scattered([]).runs == ()
+    # one ascending run is one piece, as a Run is
+    assert Run(7, 4).runs == Scattered([7, 8, 9, 10]).runs == ((0, 7, 4),)
+    assert Scattered([9, 8, 7, 6]).runs == ((0, 9, 1), (1, 8, 1), (2, 7, 1), (3, 6, 1))
 
 
 def test_write_read_discard(store: Store) -> None:
     b = store.create(KEY, 64 * PS)
     data = pattern(1, 5)
     slots = [3, 4, 5, 0, 63]
-    b.write(slots, memoryview(data))
-    assert b"".join(b.read(slots)) == data
+    b.write(S(slots), memoryview(data))
+    assert read(b, slots) == data
     assert b.stored_pages() == 5
-    b.discard([4, 0, 1])  # 1 was never written: no change to the count
+    b.discard(S([4, 0, 1]))  # 1 was never written: no change to the count
     assert b.stored_pages() == 3
-    assert (
-        b"".join(b.read(slots)) == data[:PS] + bytes(PS) + data[2 * PS : 3 * PS] + bytes(PS) + data[4 * PS :]
-    )
+    assert read(b, slots) == data[:PS] + bytes(PS) + data[2 * PS : 3 * PS] + bytes(PS) + data[4 * PS :]
     store.destroy(KEY, b)
 
 
@@ -52,23 +62,23 @@ def test_a_run_given_as_a_range_is_stored_and_read_as_its_slots_one_by_one(store
     # AreaManager hands one ascending run over as a range, which both stores
     # take on a path of their own: it must agree with the slot-by-slot one.
     b = store.create(KEY, 64 * PS)
-    b.write(range(8, 16), memoryview(pattern(1, 8)))
+    b.write(S(range(8, 16)), memoryview(pattern(1, 8)))
     assert b.stored_pages() == 8
-    assert b"".join(b.read(range(8, 16))) == pattern(1, 8) == b"".join(b.read(list(range(8, 16))))
-    b.write(range(12, 20), memoryview(pattern(2, 8)))  # overlaps: 4 new slots
+    assert read(b, range(8, 16)) == pattern(1, 8) == read(b, list(range(8, 16)))
+    b.write(S(range(12, 20)), memoryview(pattern(2, 8)))  # overlaps: 4 new slots
     assert b.stored_pages() == 12
-    b.discard([13])
+    b.discard(S([13]))
     expected = pattern(1, 4) + pattern(2, 1) + bytes(PS) + pattern(2, 8)[2 * PS :]
-    assert b"".join(b.read(range(8, 20))) == expected  # one discarded slot: zeros there
-    assert b"".join(b.read(range(18, 24))) == pattern(2, 8)[6 * PS :] + bytes(4 * PS)  # runs past the data
-    b.write(range(60, 64), memoryview(pattern(3, 4)))  # up to the end of the area
-    b.discard([63])  # only the run's last slot empty
-    assert b"".join(b.read(range(60, 64))) == pattern(3, 3) + bytes(PS)
-    b.discard([60])  # and only its first
-    assert b"".join(b.read(range(60, 63))) == bytes(PS) + pattern(3, 3)[PS:]
+    assert read(b, range(8, 20)) == expected  # one discarded slot: zeros there
+    assert read(b, range(18, 24)) == pattern(2, 8)[6 * PS :] + bytes(4 * PS)  # runs past the data
+    b.write(S(range(60, 64)), memoryview(pattern(3, 4)))  # up to the end of the area
+    b.discard(S([63]))  # only the run's last slot empty
+    assert read(b, range(60, 64)) == pattern(3, 3) + bytes(PS)
+    b.discard(S([60]))  # and only its first
+    assert read(b, range(60, 63)) == bytes(PS) + pattern(3, 3)[PS:]
     assert b.stored_pages() == 11 + 2
-    b.write(range(30, 31), memoryview(pattern(4, 2)))  # more pages than slots: the run's are taken
-    assert b"".join(b.read(range(30, 32))) == pattern(4, 1) + bytes(PS)
+    b.write(S(range(30, 31)), memoryview(pattern(4, 2)))  # more pages than slots: the run's are taken
+    assert read(b, range(30, 32)) == pattern(4, 1) + bytes(PS)
     assert b.stored_pages() == 11 + 2 + 1
     store.destroy(KEY, b)
 
@@ -78,20 +88,20 @@ def test_a_write_taken_later_is_what_every_next_call_sees(store: Store) -> None:
     # so that PageStream answers a SwapOut first -- but whatever comes next on
     # the area sees the write: a read, a discard, another write.
     b = store.create(KEY, 64 * PS)
-    b.write(range(0, 4), memoryview(pattern(1, 4)), later=True)
-    assert b"".join(b.read(range(0, 4))) == pattern(1, 4)
-    b.write([4], memoryview(pattern(2, 1)), later=True)
-    b.write([5], memoryview(pattern(3, 1)), later=True)  # the write before it is not lost...
-    b.write([5], memoryview(pattern(4, 1)), later=True)  # ...and lands before it
-    b.write(range(6, 8), memoryview(pattern(5, 2)), later=True)
-    b.discard([6])  # discards what was written, not what comes after
-    assert b"".join(b.read([4, 5, 6, 7])) == pattern(2, 1) + pattern(4, 1) + bytes(PS) + pattern(5, 2)[PS:]
-    b.write([9], memoryview(pattern(6, 1)), later=True)
+    b.write(S(range(0, 4)), memoryview(pattern(1, 4)), later=True)
+    assert read(b, range(0, 4)) == pattern(1, 4)
+    b.write(S([4]), memoryview(pattern(2, 1)), later=True)
+    b.write(S([5]), memoryview(pattern(3, 1)), later=True)  # the write before it is not lost...
+    b.write(S([5]), memoryview(pattern(4, 1)), later=True)  # ...and lands before it
+    b.write(S(range(6, 8)), memoryview(pattern(5, 2)), later=True)
+    b.discard(S([6]))  # discards what was written, not what comes after
+    assert read(b, [4, 5, 6, 7]) == pattern(2, 1) + pattern(4, 1) + bytes(PS) + pattern(5, 2)[PS:]
+    b.write(S([9]), memoryview(pattern(6, 1)), later=True)
     b.settle()
     b.settle()  # nothing pending
     assert b.stored_pages() == 8  # slots 0-5, 7 and 9
-    assert b"".join(b.read([9])) == pattern(6, 1)
-    b.write([10], memoryview(pattern(7, 1)), later=True)
+    assert read(b, [9]) == pattern(6, 1)
+    b.write(S([10]), memoryview(pattern(7, 1)), later=True)
     store.destroy(KEY, b)  # going with a write pending: nothing to copy it into, no error
 
 
@@ -99,8 +109,8 @@ def test_file_store_layout_modes_and_reopen(tmp_path: Path) -> None:
     root = tmp_path / "root"
     store = FileStore(root)
     b = store.create(KEY, 16 * PS)
-    b.write([1, 2], memoryview(pattern(2, 2)))
-    b.discard([2])
+    b.write(S([1, 2]), memoryview(pattern(2, 2)))
+    b.discard(S([2]))
     owner_dir = root / b"alice".hex()
     assert stat.S_IMODE(owner_dir.stat().st_mode) == 0o700
     files = sorted(p.name for p in owner_dir.iterdir())
@@ -123,7 +133,7 @@ def test_file_store_layout_modes_and_reopen(tmp_path: Path) -> None:
     assert [k for k, _ in again] == [KEY]
     reopened = again[0][1]
     assert reopened.stored_pages() == 1
-    assert b"".join(reopened.read([1, 2])) == pattern(2, 2)[:PS] + bytes(PS)
+    assert read(reopened, [1, 2]) == pattern(2, 2)[:PS] + bytes(PS)
     FileStore(root).destroy(KEY, reopened)
     assert list(root.iterdir()) == []
 
@@ -157,3 +167,23 @@ def test_file_store_cleans_interrupted_creation_and_keeps_what_it_cannot_read(
 def test_memory_store_refuses_what_it_cannot_map() -> None:
     with pytest.raises(Exhausted, match="cannot allocate"):
         MemoryStore().create(KEY, 1 << 60)
+
+
+def test_file_store_reads_from_the_page_cache_at_once_and_says_when_the_disk_must_be_read(
+    tmp_path: Path,
+) -> None:
+    # AreaManager reads with wait=False on the event loop and, on None, again in an I/O thread.
+    root = tmp_path / "root"
+    b = FileStore(root).create(KEY, 64 * PS)
+    b.write(S(range(0, 8)), memoryview(pattern(1, 8)))
+    cached = b.read(S(range(0, 8)), wait=False)
+    assert cached is not None and b"".join(cached) == pattern(1, 8)
+    fd = os.open(root / b"alice".hex() / f"{b'vm1'.hex()}.data", os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # out of the page cache
+    finally:
+        os.close(fd)
+    assert b.read(S(range(0, 8)), wait=False) is None
+    assert read(b, range(0, 8)) == pattern(1, 8)
+    b.close()

@@ -18,6 +18,7 @@ from netswap.client.nbd.readahead import Readahead
 from netswap.client.pool import PagePool
 from tests.helpers import PS, pattern
 from tests.nbdenv import RawClient, server_and_export
+from tests.nbdenv import finished as done_by
 
 
 class ServerLikeArea:
@@ -83,7 +84,7 @@ def started_read(device: AreaDevice, first: int, count: int) -> tuple[asyncio.Fu
     """A read as the NBD connection starts it (the path read-ahead serves)."""
     buf = bytearray(count * PS)
     done, finished = completion()
-    assert device.start_read(first * PS, count * PS, memoryview(buf), finished)
+    device.read(first * PS, count * PS, memoryview(buf), finished)
     return done, buf
 
 
@@ -95,7 +96,7 @@ async def read(device: AreaDevice, first: int, count: int) -> bytes:
 
 def started_write(device: AreaDevice, first: int, data: bytes) -> asyncio.Future[None]:
     done, finished = completion()
-    assert device.start_write(first * PS, len(data), memoryview(bytearray(data)), finished)
+    device.write(first * PS, len(data), memoryview(bytearray(data)), finished)
     return done
 
 
@@ -172,7 +173,7 @@ async def test_a_failing_completion_does_not_strand_the_other_readers_of_a_windo
     def raising(error: BaseException | None) -> None:
         raise RuntimeError("a caller's completion failed")
 
-    assert device.start_read(16 * PS, 8 * PS, memoryview(bytearray(8 * PS)), raising)
+    device.read(16 * PS, 8 * PS, memoryview(bytearray(8 * PS)), raising)
     waiting, buf = started_read(device, 24, 8)  # waits for the window too
     await second
     await asyncio.wait_for(waiting, 5)
@@ -203,13 +204,13 @@ async def test_every_kind_of_write_drops_windows_read_while_it_was_on_its_way(ho
         buf = bytearray(2 * PS)  # the page, then scratch for its edges
         buf[100:600] = b"a" * 500
         expect[100:600] = b"a" * 500
-        write = asyncio.ensure_future(device.write(page * PS + 100, 500, memoryview(buf)))
+        write = done_by(device.write, page * PS + 100, 500, memoryview(buf))
     elif how == "write-zeroes":
         expect[:] = bytes(PS)
-        write = asyncio.ensure_future(device.write_zeroes(page * PS, PS, memoryview(bytearray(2 * PS))))
+        write = done_by(device.write_zeroes, page * PS, PS, memoryview(bytearray(2 * PS)))
     else:
         expect[:] = bytes(PS)
-        write = asyncio.ensure_future(device.trim(page * PS, PS))
+        write = done_by(device.trim, page * PS, PS)
     await asyncio.sleep(0.02)
     await read(device, 0, 8)
     await read(device, 8, 8)  # the window [16, 48) goes next, with the page still old

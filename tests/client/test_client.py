@@ -21,7 +21,7 @@ from netswap.client import (
     SizeMismatch,
     SwapClient,
 )
-from netswap.common.pagewire import decode_page_request
+from netswap.common.pagewire import Bounds, decode_page_request
 from netswap.v1 import swap_pb2
 from tests.helpers import PS, TOKENS, Running, pattern, running_server
 
@@ -92,7 +92,10 @@ class _Recorder(_StreamInterceptor):
 
     def named(self) -> list[str]:
         """How each request sent since the last look named its slots: "run" or "listed"."""
-        named = ["run" if decode_page_request(raw)[1].run_count else "listed" for raw in self.sent]
+        named = [
+            "run" if decode_page_request(raw, Bounds.for_batches(4096))[1].run_count else "listed"
+            for raw in self.sent
+        ]
         self.sent.clear()
         return named
 

@@ -20,16 +20,11 @@ from prometheus_client import CollectorRegistry
 
 from netswap.client import SwapClient
 from netswap.client.errors import AreaNotFound, ConnectionLost, InvalidRequest
-from netswap.common.pagewire import (
-    PageOp,
-    decode_page_reply,
-    decode_page_request,
-    encode_page_request,
-    encode_page_swap_out,
-)
-from netswap.server.interceptors import Malformed
+from netswap.common.pagewire import Bounds, decode_page_reply, encode_page_request, encode_page_swap_out
+from netswap.server.fairshare import FairShare
 from netswap.server.metrics import ServerMetrics
 from netswap.server.pagestream import PageStreams
+from netswap.server.requests import PagePath
 from netswap.v1 import swap_pb2
 from tests.helpers import PS, TOKENS, Running, ServerProcess, auth, pattern, running_server, stub_for
 
@@ -189,12 +184,12 @@ async def test_an_acknowledged_swap_out_is_there_for_whoever_asks_next(
         assert reply.pages == pattern(8, 2)
 
 
-def fed(*raws: bytes) -> AsyncIterator[PageOp | Malformed]:
-    """A stream's requests, as PageStreams.serve reads them (parsed by pagewire)."""
+def fed(*raws: bytes) -> AsyncIterator[bytes]:
+    """A stream's requests, as PageStreams reads them."""
 
-    async def requests() -> AsyncIterator[PageOp | Malformed]:
+    async def requests() -> AsyncIterator[bytes]:
         for raw in raws:
-            yield decode_page_request(raw)
+            yield raw
 
     return requests()
 
@@ -203,35 +198,36 @@ async def test_a_stream_copies_a_swap_out_after_its_reply_and_before_anyone_read
     # PageStreams.serve driven by hand, each stream parked right after its
     # reply: where the memory store's copy is still pending.
     manager = srv.server.manager
-    streams = PageStreams(manager, ServerMetrics(CollectorRegistry()))
+    path = PagePath(manager, ServerMetrics(CollectorRegistry()), FairShare())
+    streams = PageStreams(manager, srv.server.gate, path, Bounds.for_batches(manager.max_batch_pages))
     handle = (await manager.swapon("alice", "vm1", 64 * PS)).handle
 
-    def read(slots: list[int]) -> bytes:
-        return b"".join(manager.swap_in("alice", handle, slots))
+    async def read(slots: list[int]) -> bytes:
+        return b"".join(await manager.swap_in(manager.attached("alice", handle, "SwapIn"), slots))
 
-    first = streams.serve("alice", fed(swap_out(handle, [1, 2], pattern(1, 2))))
+    first = streams.replies("alice", fed(swap_out(handle, [1, 2], pattern(1, 2))))
     assert await first.__anext__() == b""  # an empty PageReply: OK
     # Not copied yet in memory (the scrape-time count does not settle); the
     # file store wrote before it answered.
     assert manager.stored_pages() == (0 if srv.store_root is None else 2)
-    second = streams.serve("alice", fed(swap_out(handle, [2, 3], pattern(2, 2))))
+    second = streams.replies("alice", fed(swap_out(handle, [2, 3], pattern(2, 2))))
     assert await second.__anext__() == b""
     # The first write landed before the second: the last acknowledged wins slot 2.
-    assert read([1, 2, 3]) == pattern(1, 2)[:PS] + pattern(2, 2)
+    assert await read([1, 2, 3]) == pattern(1, 2)[:PS] + pattern(2, 2)
     for stream in (second, first):  # resumed in the other order: nothing changes
         with pytest.raises(StopAsyncIteration):
             await stream.__anext__()
-    assert read([1, 2, 3]) == pattern(1, 2)[:PS] + pattern(2, 2)
+    assert await read([1, 2, 3]) == pattern(1, 2)[:PS] + pattern(2, 2)
     # A stream closed while parked (cancelled) copies at once.
-    third = streams.serve("alice", fed(swap_out(handle, [9], pattern(3, 1))))
+    third = streams.replies("alice", fed(swap_out(handle, [9], pattern(3, 1))))
     assert await third.__anext__() == b""
     await third.aclose()
     assert manager.stored_pages() == 4
     # One never resumed: whoever asks next finds the pages.
-    fourth = streams.serve("alice", fed(swap_out(handle, [10], pattern(4, 1))))
+    fourth = streams.replies("alice", fed(swap_out(handle, [10], pattern(4, 1))))
     assert await fourth.__anext__() == b""
     assert [a.pages_stored for a in manager.list_areas("alice")] == [5]
-    assert read([10, 9]) == pattern(4, 1) + pattern(3, 1)
+    assert await read([10, 9]) == pattern(4, 1) + pattern(3, 1)
     await fourth.aclose()
 
 
@@ -442,7 +438,7 @@ async def test_a_failing_medium_is_internal_on_both_paths_and_the_server_goes_on
     assert (await stream.ask(swap_out(handle, [1], pattern(1, 1))))[0] == OK
     (area,) = srv.server.manager._areas.values()
 
-    def dying_disk(slots: object) -> None:
+    def dying_disk(slots: object, wait: bool = True) -> None:
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(area.backing, "read", dying_disk)

@@ -1,0 +1,101 @@
+"""The one path every page request takes, unary or on a PageStream: its turn, the handle check,
+its slots, the manager, its metrics. Failures are raised; `outcome` times a request and maps
+its error to the status the caller is told, for both kinds of call."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from netswap.common.limits import PAGE_SIZE
+from netswap.common.pagewire import Op, PageHead
+from netswap.server import slots as wire_slots
+from netswap.server.areas import AreaManager
+from netswap.server.errors import InvalidArgument
+from netswap.server.fairshare import FairShare
+from netswap.server.metrics import ServerMetrics
+from netswap.server.status import status_for
+
+T = TypeVar("T")
+Pieces = list[bytes | memoryview]
+_NONE: Pieces = []
+
+
+class PagePath:
+    def __init__(self, manager: AreaManager, metrics: ServerMetrics, fair: FairShare) -> None:
+        self._manager = manager
+        self._metrics = metrics
+        self._fair = fair
+        self._ok = {
+            method: metrics.rpc_duration.labels(method, grpc.StatusCode.OK.name)
+            for method in ("SwapOn", "SwapOut", "SwapIn", "Discard", "SwapOff", "ListAreas", "PageStream")
+        }
+        pages = metrics.batch_pages
+        self._pages = {
+            Op.SWAP_OUT: pages["swap_out"],
+            Op.SWAP_IN: pages["swap_in"],
+            Op.DISCARD: pages["discard"],
+        }
+
+    async def execute(
+        self, principal: str, op: Op, head: PageHead, pages: memoryview, later: bool = False
+    ) -> Pieces:
+        """Do one page request; a SwapIn's pages (to join at once), else nothing.
+
+        With `later`, a SwapOut's copy may be left to the manager's settle()
+        (see AreaManager.swap_out), which the caller runs once its reply is sent."""
+        wait = self._fair.turn(principal)
+        if wait is not None:
+            try:
+                await wait
+            except asyncio.CancelledError:
+                if wait.done() and not wait.cancelled():  # woken and cancelled at once: pass the turn on
+                    self._fair.used(principal, 0.0, waited=True)
+                raise
+        start = time.perf_counter()
+        try:
+            manager = self._manager
+            area = manager.attached(principal, head.handle, op.value)
+            slots = wire_slots.from_wire(head.slots, head.run_start, head.run_count)
+            if op is Op.SWAP_IN:
+                pieces = await manager.swap_in(area, slots)
+                self._pages[op].observe(sum(map(len, pieces)) // PAGE_SIZE)
+                return pieces
+            if op is Op.SWAP_OUT:
+                count = await manager.swap_out(area, slots, pages, later)
+            else:
+                count = await manager.discard(area, slots)
+            self._pages[op].observe(count)
+            return _NONE
+        finally:
+            self._fair.used(principal, time.perf_counter() - start, wait is not None)
+
+    def ok(self, method: str, start: float) -> None:
+        """Time a request that succeeded."""
+        self._ok[method].observe(time.perf_counter() - start)
+
+    def cancelled(self, method: str, start: float) -> None:
+        """Time a request its caller gave up on."""
+        code = grpc.StatusCode.CANCELLED.name
+        self._metrics.rpc_duration.labels(method, code).observe(time.perf_counter() - start)
+
+    def failed(self, method: str, start: float, error: Exception) -> tuple[grpc.StatusCode, str]:
+        """Time a request that failed; the status code and message its caller is told."""
+        code, message = status_for(error, method)
+        self._metrics.rpc_duration.labels(method, code.name).observe(time.perf_counter() - start)
+        return code, message
+
+
+def decoded(what: str, parse: Callable[[bytes], T], raw: bytes) -> T:
+    """`parse(raw)` of untrusted bytes, or InvalidArgument saying what was wrong with them."""
+    try:
+        return parse(raw)
+    except (ValueError, DecodeError) as e:
+        why = str(e)
+    # Raised outside the handler: no chain back to the parser's frames, which hold the bytes.
+    raise InvalidArgument(f"malformed {what} request: {why}")
