@@ -10,9 +10,9 @@ and runs a hog of about 2.5x its RAM that writes every page and verifies it.
 
 Pass: every page verifies; no hung task, stuck NBD request or OOM kill in
 the console; pswpout is large; the frontend's startup line reports its
-PR_SET_IO_FLUSHER and oom_score_adj -1000 in force, and the guest, reading
-/proc from outside it, finds IO_FLUSHER and SCHED_FIFO on every one of its
-threads (they are per thread: see client/reserve.py). The second case
+PR_SET_IO_FLUSHER, SCHED_FIFO and oom_score_adj -1000 in force, and the
+guest, reading /proc from outside it, finds IO_FLUSHER and SCHED_FIFO on
+every one of its threads (they are per thread: see client/reserve.py). The second case
 kills and restarts the server mid-run. The same guest also swaps through a
 frontend on the host (QEMU as the NBD client) for comparison; wall times are
 printed at the end of the session.
@@ -62,7 +62,7 @@ MIN_PSWPOUT = 50_000
 # Under half full: a page read back keeps its slot, and going out again costs no write
 # (the kernel frees the slots of a swap device over half full): the same pressure, less time.
 AREA_SIZE = "2GiB"
-SECTION = f"QEMU TCG, {HOG_MIB} MiB hog, {MEMORY_MB} MB RAM"
+SECTION = f"QEMU TCG, {HOG_MIB} MiB hog, {MEMORY_MB} MiB RAM"
 
 pytestmark = [pytest.mark.inside_vm, pytest.mark.timeout(900)]
 
