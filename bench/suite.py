@@ -6,6 +6,8 @@
 2. block path                      bench/block.py (fio via NBD: netswap vs nbdkit memory, CPU s/GB)
 3. guest                           the QEMU guest swap test on netswap vs on nbdkit memory
 4. memory                          bench/memory.py (frontend RSS against 2 GiB of traffic)
+5. neighbours                      bench/neighbours.py (a probe tenant's latency under attacks)
+6. fleet                           bench/fleet.py (mirrored vs single, failover pause, rebuild rate)
 
 Every comparison is a ratio of numbers measured in the same run on the same
 machine; the targets of the performance issue are printed next to them.
@@ -103,6 +105,31 @@ def summary(res: dict[str, Any]) -> list[tuple[str, float, str, bool, float | No
         rows.append((f"block {name}: MB/s", mbps, ">= 300", mbps >= 300, None))
     wall = g["netswap"]["seconds"] / g["nbdkit"]["seconds"]
     rows.append(("guest swap test: wall time vs nbdkit", wall, "<= 1.30", wall <= 1.3, None))
+    for attack in res.get("neighbours", [])[1:]:  # the first row is the baseline
+        worst = attack["max"] * 1e3
+        fine = (
+            attack["failed"] == 0
+            and attack["p99"] < 0.02
+            and attack["rss_after_mib"] - attack["rss_before_mib"] < 16
+        )
+        rows.append(
+            (f"neighbours {attack['name']}: probe max ms", worst, "< 100", fine and worst < 100, None)
+        )
+    if "fleet" in res:
+        f = res["fleet"]
+        if "guest" in f:
+            ratio = f["guest"]["mirrored"] / f["guest"]["single"]
+            rows.append(("fleet guest wall: mirrored vs single", ratio, "<= 1.15", ratio <= 1.15, None))
+        rows.append(("fleet failover pause: s", f["pause_s"], "<= 1.5", f["pause_s"] <= 1.5, None))
+        rows.append(
+            (
+                "fleet rebuild of a lost copy: MiB/s",
+                f["resync_mib_s"],
+                ">= 200",
+                f["resync_mib_s"] >= 200,
+                None,
+            )
+        )
     return rows
 
 
@@ -159,6 +186,8 @@ def main() -> int:
     res["block"] = run_script("block", args.out, "--runs", str(args.runs))
     res["guest"] = guest(args.runs)
     res["memory"] = run_script("memory", args.out)
+    res["neighbours"] = run_script("neighbours", args.out)
+    res["fleet"] = run_script("fleet", args.out, "--runs", str(max(1, args.runs - 1)))
     res["targets"] = [
         {"what": w, "value": v, "target": t, "met": m, "bound": b} for w, v, t, m, b in summary(res)
     ]

@@ -12,8 +12,10 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from netswap.client.core import DEFAULT_TIMEOUT, Area, SwapClient, TlsFiles
+from netswap.client.core import DEFAULT_TIMEOUT, PageArea, TlsFiles
 from netswap.client.errors import NetswapError
+from netswap.client.fleet import Fleet
+from netswap.client.mirror import MirroredArea
 from netswap.client.nbd.serve import NBD_MAX_BATCH, NbdOptions, run_nbd
 from netswap.client.reserve import ReserveError, before_threads, reserve_safe_process_or_reexec
 from netswap.common import loop
@@ -27,7 +29,26 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument(
         "--server",
         default=environ.get("NETSWAP_SERVER", "127.0.0.1:50051"),
-        help="HOST:PORT or unix:PATH [env NETSWAP_SERVER] (default %(default)s)",
+        help="HOST:PORT or unix:PATH; several as A,B,C; or dns-srv:NAME for a DNS SRV name"
+        " [env NETSWAP_SERVER] (default %(default)s)",
+    )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=int(environ.get("NETSWAP_REPLICAS", "1")),
+        help="copies of an area, each on its own server (2: a mirror) [env NETSWAP_REPLICAS] (default %(default)s)",
+    )
+    parser.add_argument(
+        "--failover-timeout",
+        type=float,
+        default=float(environ.get("NETSWAP_FAILOVER_TIMEOUT", "1")),
+        help="mirrored areas: seconds a replica may take to answer before I/O goes on without it"
+        " [env NETSWAP_FAILOVER_TIMEOUT] (default %(default)s)",
+    )
+    parser.add_argument(
+        "--dns-server",
+        default=environ.get("NETSWAP_DNS_SERVER"),
+        help="HOST:PORT of the nameserver for dns-srv: names [env NETSWAP_DNS_SERVER] (default: resolv.conf's)",
     )
     parser.add_argument(
         "--token-file",
@@ -87,6 +108,19 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         dest="mlock",
         action="store_false",
         help="do not lock memory (not reserve-safe: tests only)",
+    )
+    nbd.add_argument(
+        "--replace-after",
+        type=float,
+        default=NbdOptions.replace_after,
+        help="mirrored: seconds a copy may be down before the next server takes its place; 0: never"
+        " (default %(default)s)",
+    )
+    nbd.add_argument(
+        "--resync-rate",
+        type=size_arg,
+        default=int(NbdOptions.resync_rate),
+        help="mirrored: bytes per second copied to a copy that is behind, e.g. 256MiB (default 384MiB)",
     )
     nbd.add_argument(
         "--max-connections",
@@ -164,8 +198,7 @@ def _pattern(seed: int, first_slot: int, nbytes: int) -> bytes:
     return random.Random(seed * 1_000_003 + first_slot).randbytes(nbytes)  # noqa: S311
 
 
-async def run_demo(client: SwapClient, args: argparse.Namespace) -> int:
-    area: Area = await client.swapon(args.name, args.size)
+async def run_demo(area: PageArea, args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)  # noqa: S311
     total = area.slot_count
     batch = area.max_batch_pages
@@ -243,6 +276,10 @@ def nbd_options(args: argparse.Namespace) -> NbdOptions:
             realtime=args.realtime,
             max_rpcs=args.max_rpcs,
             readahead_pages=args.readahead_pages,
+            replicas=args.replicas,
+            failover_timeout=args.failover_timeout,
+            replace_after=args.replace_after,
+            resync_rate=args.resync_rate,
             max_connections=args.max_connections,
             handshake_timeout=args.handshake_timeout,
             allow_remote=args.allow_remote,
@@ -253,46 +290,71 @@ def nbd_options(args: argparse.Namespace) -> NbdOptions:
 
 
 async def run(args: argparse.Namespace, token: str | None) -> int:
+    if args.replicas < 1:
+        raise SystemExit("netswap: --replicas must be at least 1")
+    where = {"tls": tls_files(args), "dns_server": args.dns_server}
     if args.command == "nbd":
         opts = nbd_options(args)
         # Bounded: the frontend keeps at most NbdOptions.max_rpcs RPCs in flight,
-        # each of at most NBD_MAX_BATCH pages (servers default to 256).
-        connect = SwapClient.connect(
+        # each of at most NBD_MAX_BATCH pages (servers default to 256). A mirror's
+        # replicas answer within the failover timeout, or I/O goes on without them.
+        timeout = args.failover_timeout if args.replicas > 1 else args.rpc_timeout
+        connect = Fleet.connect(
             args.server,
             token,
-            timeout=args.rpc_timeout,
+            timeout=timeout,
             max_batch_pages=NBD_MAX_BATCH,
             max_rpcs=args.max_rpcs,
-            tls=tls_files(args),
+            **where,
         )
     else:
-        connect = SwapClient.connect(args.server, token, timeout=DEFAULT_TIMEOUT, tls=tls_files(args))
-    async with await connect as client:
+        connect = Fleet.connect(args.server, token, timeout=DEFAULT_TIMEOUT, **where)
+    async with await connect as fleet:
         if args.command == "nbd":
-            return await run_nbd(client, opts)
+            return await run_nbd(fleet, opts)
         if args.command == "swapon":
-            existing = {a.name: a for a in await client.list_areas()}.get(args.name)
-            if existing is not None and existing.size_bytes == args.size:
-                # Re-attaching would take the area over from whoever uses it
-                # (their handle would stop working); reserving is all we want.
-                print(f"exists {args.name}: {format_size(args.size)} ({args.size // PAGE_SIZE} pages)")
-                return 0
-            area = await client.swapon(args.name, args.size, pool_pages=1)
-            print(f"created {area.name}: {format_size(area.size_bytes)} ({area.slot_count} pages)")
-            area.detach()
-        elif args.command == "ls":
-            areas = await client.list_areas()
-            print(f"{'NAME':20} {'SIZE':>10} {'PAGES STORED':>14}")
-            for a in areas:
-                pct = 100 * a.pages_stored * PAGE_SIZE / a.size_bytes
-                size = format_size(a.size_bytes)
-                print(f"{a.name:20} {size:>10} {a.pages_stored:>8} {pct:4.0f}%")
+            return await run_swapon(fleet, args)
+        if args.command == "ls":
+            await run_ls(fleet)
         elif args.command == "swapoff":
-            await client.swapoff(args.name)
-            print(f"destroyed {args.name}")
+            servers = await fleet.swapoff(args.name)
+            print(f"destroyed {args.name}" + (f" on {', '.join(servers)}" if fleet.single is None else ""))
         elif args.command == "demo":
-            return await run_demo(client, args)
+            area = await fleet.swapon(args.name, args.size, replicas=args.replicas)
+            return await run_demo(area, args)
     return 0
+
+
+async def run_swapon(fleet: Fleet, args: argparse.Namespace) -> int:
+    areas, _ = await fleet.areas()
+    existing = next((a for a in areas if a.name == args.name), None)
+    if existing is not None and existing.size_bytes == args.size and len(existing.copies) >= args.replicas:
+        # Re-attaching would take the area over from whoever uses it
+        # (their handle would stop working); reserving is all we want.
+        print(f"exists {args.name}: {format_size(args.size)} ({args.size // PAGE_SIZE} pages)")
+        return 0
+    area = await fleet.swapon(args.name, args.size, replicas=args.replicas, pool_pages=1)
+    print(f"created {area.name}: {format_size(area.size_bytes)} ({area.slot_count} pages)")
+    if isinstance(area, MirroredArea):
+        await area.close()
+        for replica in area.replicas:
+            print(f"  replica on {replica.server}: {replica.state.value}")
+    area.detach()
+    return 0
+
+
+async def run_ls(fleet: Fleet) -> None:
+    areas, unreachable = await fleet.areas()
+    several = fleet.single is None
+    print(f"{'NAME':20} {'SIZE':>10} {'PAGES STORED':>14}" + ("  REPLICAS" if several else ""))
+    for a in areas:
+        pct = 100 * a.pages_stored * PAGE_SIZE / a.size_bytes
+        line = f"{a.name:20} {format_size(a.size_bytes):>10} {a.pages_stored:>8} {pct:4.0f}%"
+        if several:
+            line += "  " + " ".join(f"{c.server}={c.state}({c.pages_stored})" for c in a.copies)
+        print(line)
+    for server, error in unreachable.items():
+        print(f"unreachable: {server}: {error}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

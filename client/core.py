@@ -59,6 +59,13 @@ class AreaInfo:
     pages_stored: int
 
 
+@dataclass(frozen=True)
+class Listing:
+    areas: list[AreaInfo]
+    server_id: bytes
+    principal: str  # "" from a server that does not say
+
+
 class SwapClient:
     """A connection to a netswap server, authenticated with a bearer token."""
 
@@ -125,19 +132,25 @@ class SwapClient:
             channel = grpc.aio.secure_channel(target, tls.credentials(), options=channel_options)
         return cls(channel, token, timeout=timeout, max_batch_pages=max_batch_pages)
 
-    async def _call(self, method: Callable[..., Awaitable[T]], request: Any) -> T:
-        """Invoke one RPC with credentials and deadline; gRPC errors become NetswapErrors."""
+    async def _call(
+        self, method: Callable[..., Awaitable[T]], request: Any, timeout: float | None = None
+    ) -> T:
+        """Invoke one RPC with credentials and deadline (the client's unless given); gRPC errors
+        become NetswapErrors."""
         try:
-            return await method(request, metadata=self._metadata, timeout=self.timeout)
+            return await method(request, metadata=self._metadata, timeout=timeout or self.timeout)
         except grpc.aio.AioRpcError as e:
             raise error_from_rpc(e) from None
 
-    async def swapon(self, name: str, size_bytes: int, *, pool_pages: int | None = None) -> Area:
+    async def swapon(
+        self, name: str, size_bytes: int, *, pool_pages: int | None = None, timeout: float | None = None
+    ) -> Area:
         """Attach (creating if needed) the area `name`; allocate its page pool now.
 
         pool_pages defaults to two batches' worth (max_batch_pages * 2).
         """
-        reply = await self._call(self._stub.SwapOn, swap_pb2.SwapOnRequest(name=name, size_bytes=size_bytes))
+        request = swap_pb2.SwapOnRequest(name=name, size_bytes=size_bytes)
+        reply = await self._call(self._stub.SwapOn, request, timeout)
         pool = PagePool(pool_pages or reply.max_batch_pages * 2, reply.page_size)
         return Area(
             self,
@@ -152,16 +165,18 @@ class SwapClient:
             takes_runs=reply.takes_runs,
         )
 
-    async def list_areas(self) -> list[AreaInfo]:
-        return (await self._list())[1]
+    async def list_areas(self, timeout: float | None = None) -> list[AreaInfo]:
+        return (await self.listing(timeout)).areas
 
     async def server_id(self) -> bytes:
         """The server's per-start identity (changes when the server restarts)."""
-        return (await self._list())[0]
+        return (await self.listing()).server_id
 
-    async def _list(self) -> tuple[bytes, list[AreaInfo]]:
-        reply = await self._call(self._stub.ListAreas, swap_pb2.ListAreasRequest())
-        return reply.server_id, [AreaInfo(a.name, a.size_bytes, a.pages_stored) for a in reply.areas]
+    async def listing(self, timeout: float | None = None) -> Listing:
+        """The caller's areas on this server, the server's identity and the caller's principal."""
+        reply = await self._call(self._stub.ListAreas, swap_pb2.ListAreasRequest(), timeout)
+        areas = [AreaInfo(a.name, a.size_bytes, a.pages_stored) for a in reply.areas]
+        return Listing(areas, reply.server_id, reply.principal)
 
     async def swapoff(self, name: str) -> None:
         """Destroy the area `name` without holding its handle (re-attaches to get one)."""
@@ -185,38 +200,19 @@ class SwapClient:
         await self.close()
 
 
-class Area:
-    """One attached area. Slots are 0..slot_count-1; each holds one page of page_size bytes."""
+class PageArea:
+    """What every kind of area offers on top of its three one-request operations
+    (write_batch, read_batch, discard_batch): any number of slots, split into batches."""
 
-    def __init__(
-        self,
-        client: SwapClient,
-        name: str,
-        *,
-        handle: bytes,
-        slot_count: int,
-        page_size: int,
-        max_batch_pages: int,
-        created: bool,
-        pool: PagePool,
-        server_id: bytes = b"",
-        takes_runs: bool = False,
-    ) -> None:
-        self._client = client
-        self._handle = handle
-        self.name = name
-        self.slot_count = slot_count
-        self.page_size = page_size
-        self.max_batch_pages = max_batch_pages
-        self.created = created
-        self.pool = pool
-        self.server_id = server_id  # the server start this handle belongs to
-        # The server takes a run of slots as two numbers (swap.proto): slots
-        # given as a range go that way.
-        self.takes_runs = takes_runs
-        # Batches of one call in flight at once: enough to keep the pipe full,
-        # few enough that one caller cannot monopolise the connection.
-        self.parallel = 4
+    name: str
+    slot_count: int
+    page_size: int
+    max_batch_pages: int
+    pool: PagePool
+    created: bool  # made by the SwapOn that attached it (empty), not found there
+    # Batches of one call in flight at once: enough to keep the pipe full,
+    # few enough that one caller cannot monopolise the connection.
+    parallel = 4
 
     @property
     def size_bytes(self) -> int:
@@ -307,6 +303,62 @@ class Area:
 
         await self._batches(len(slots), one)
 
+    async def write_batch(self, slots: Sequence[int], pages: Sequence[memoryview]) -> None:
+        raise NotImplementedError
+
+    async def read_batch(self, slots: Sequence[int], into: Sequence[memoryview]) -> None:
+        raise NotImplementedError
+
+    async def discard_batch(self, slots: Sequence[int]) -> None:
+        raise NotImplementedError
+
+    async def reattach(self) -> bool:
+        """Take the area back after its handle died; True if it had to be made anew (empty)."""
+        raise NotImplementedError
+
+    async def superseded(self) -> bool:
+        """Whether someone else took the area over while its server kept running."""
+        raise NotImplementedError
+
+    def detach(self) -> None:
+        """Free what this process holds for the area, leaving the area on its server(s)."""
+        raise NotImplementedError
+
+    async def swapoff(self) -> None:
+        """Destroy the area and free what this process holds for it."""
+        raise NotImplementedError
+
+
+class Area(PageArea):
+    """One attached area. Slots are 0..slot_count-1; each holds one page of page_size bytes."""
+
+    def __init__(
+        self,
+        client: SwapClient,
+        name: str,
+        *,
+        handle: bytes,
+        slot_count: int,
+        page_size: int,
+        max_batch_pages: int,
+        created: bool,
+        pool: PagePool,
+        server_id: bytes = b"",
+        takes_runs: bool = False,
+    ) -> None:
+        self._client = client
+        self._handle = handle
+        self.name = name
+        self.slot_count = slot_count
+        self.page_size = page_size
+        self.max_batch_pages = max_batch_pages
+        self.created = created
+        self.pool = pool
+        self.server_id = server_id  # the server start this handle belongs to
+        # The server takes a run of slots as two numbers (swap.proto): slots
+        # given as a range go that way.
+        self.takes_runs = takes_runs
+
     # -- one request each: at most max_batch_pages slots, pages scattered/gathered --
 
     async def write_batch(self, slots: Sequence[int], pages: Sequence[memoryview]) -> None:
@@ -329,15 +381,14 @@ class Area:
         request = swap_pb2.DiscardRequest(handle=self._handle, **slot_fields(slots, self.takes_runs))
         await self._client._pages.request(encode_page_request(request))
 
-    async def reattach(self) -> bool:
+    async def reattach(self, timeout: float | None = None) -> bool:
         """SwapOn again with the same name and size for a fresh handle (e.g. after a server restart).
 
         Returns `created`: True means the area did not exist any more and an
         empty one was made in its place -- everything stored before is gone.
         """
-        reply = await self._client._call(
-            self._client._stub.SwapOn, swap_pb2.SwapOnRequest(name=self.name, size_bytes=self.size_bytes)
-        )
+        request = swap_pb2.SwapOnRequest(name=self.name, size_bytes=self.size_bytes)
+        reply = await self._client._call(self._client._stub.SwapOn, request, timeout)
         self._handle = reply.handle
         self.server_id = reply.server_id
         self.takes_runs = reply.takes_runs  # the server that restarted may be another version

@@ -10,6 +10,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from netswap.client import reserve
+from netswap.client.mirror import MirroredArea, State
 from netswap.common import loopmetrics
 
 if TYPE_CHECKING:
@@ -117,6 +118,45 @@ class NbdCollector(Collector):
             "1 if the last RPC reached the server, 0 while retrying.",
             int(device.server_up),
         )
+        yield from _replicas(s.area, device.server_up)
+
+
+def _replicas(area: object, server_up: bool) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """The area's copies: how many are in each state, and how far behind they are. An area on
+    one server is one copy, up while its server answers."""
+    mirror = area if isinstance(area, MirroredArea) else None
+    replicas = GaugeMetricFamily(
+        "netswap_client_replicas", "Copies of the area by state (up, syncing, down).", labels=["state"]
+    )
+    states = [r.state for r in list(mirror.replicas)] if mirror else [State.UP if server_up else State.DOWN]
+    for state in State:
+        replicas.add_metric([state.value], states.count(state))
+    yield replicas
+    yield GaugeMetricFamily(
+        "netswap_client_area_degraded",
+        "1 while a copy of a mirrored area is down or behind.",
+        int(mirror.degraded) if mirror else 0,
+    )
+    yield CounterMetricFamily(
+        "netswap_client_degraded_seconds",
+        "Seconds a mirrored area has spent degraded.",
+        mirror.degraded_seconds if mirror else 0.0,
+    )
+    yield CounterMetricFamily(
+        "netswap_client_failovers",
+        "Copies marked down (a failed or late request); I/O went on with the others.",
+        mirror.failovers if mirror else 0,
+    )
+    yield GaugeMetricFamily(
+        "netswap_client_resync_remaining_slots",
+        "Slots still to be copied to copies that are behind.",
+        mirror.resync_remaining if mirror else 0,
+    )
+    yield CounterMetricFamily(
+        "netswap_client_resync_bytes",
+        "Bytes copied to copies that were behind.",
+        mirror.resync_bytes if mirror else 0,
+    )
 
 
 def frontend_registry() -> tuple[CollectorRegistry, FrontendMetrics]:

@@ -126,6 +126,7 @@ class SwapService:
                 for a in self._manager.list_areas(principal)
             ],
             server_id=self._manager.server_id,
+            principal=principal,
         ).SerializeToString()
 
     def _control(self, method: str, principal: str, message: Any, raw: bytes) -> Any:

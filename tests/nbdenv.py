@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from netswap.client import SwapClient
+from netswap.client.fleet import Fleet
 from netswap.client.nbd import protocol as p
 from netswap.client.nbd.serve import NbdOptions, NbdServer, attach
 from tests.helpers import TOKENS, Running, running_server
@@ -30,7 +30,7 @@ def require_tools() -> None:
 class Export:
     server: NbdServer
     socket: Path
-    client: SwapClient
+    fleet: Fleet
 
     @property
     def uri(self) -> str:
@@ -41,18 +41,22 @@ class Export:
 async def nbd_export(
     address: str, socket: Path, name: str = "vm1", size: int = 64 << 20, **opts: Any
 ) -> AsyncIterator[Export]:
+    """`netswap nbd` in this process; `address` may name several servers (A,B,C), as --server does."""
     require_tools()
-    client = await SwapClient.connect(address, TOKENS["alice"], timeout=opts.pop("rpc_timeout", 10.0))
-    options = NbdOptions(name=name, size=size, socket=socket, **opts)
-    area = await attach(client, options)
+    options = NbdOptions(
+        name=name, size=size, socket=socket, **{k: v for k, v in opts.items() if k != "rpc_timeout"}
+    )
+    timeout = options.failover_timeout if options.replicas > 1 else opts.get("rpc_timeout", 10.0)
+    fleet = await Fleet.connect(address, TOKENS["alice"], timeout=timeout)
+    area = await attach(fleet, options)
     server = NbdServer(area, options)
     await server.start()
     try:
-        yield Export(server, socket, client)
+        yield Export(server, socket, fleet)
     finally:
         await server.stop()
         area.detach()
-        await client.close()
+        await fleet.close()
 
 
 @contextlib.asynccontextmanager

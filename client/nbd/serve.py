@@ -13,9 +13,11 @@ from pathlib import Path
 
 from prometheus_client import start_http_server
 
-from netswap.client.core import Area, SwapClient
+from netswap.client.core import PageArea
 from netswap.client.errors import ConnectionLost
+from netswap.client.fleet import Fleet
 from netswap.client.metrics import NbdCollector, frontend_registry
+from netswap.client.mirror import MirrorOptions
 from netswap.client.nbd import protocol as p
 from netswap.client.nbd.connection import NbdConnection
 from netswap.client.nbd.device import AreaDevice
@@ -45,6 +47,10 @@ class NbdOptions:
     max_rpcs: int = 2
     # Two windows of this many pages (see readahead.py): 512 KiB, allocated at start.
     readahead_pages: int = 64
+    replicas: int = 1  # copies of the area, on as many servers (2: a mirror)
+    failover_timeout: float = 1.0  # mirrored: seconds a replica may take before it is marked down
+    replace_after: float = MirrorOptions.replace_after  # mirrored: seconds down before a stand-in
+    resync_rate: float = MirrorOptions.resync_rate  # mirrored: bytes per second copied to a copy behind
     max_connections: int = 4  # clients served at once; as many more may be in their handshake
     handshake_timeout: float = 10.0  # seconds a client has to finish its handshake
     # --listen on an address other hosts can reach: whoever reaches it reads
@@ -63,12 +69,17 @@ class NbdOptions:
             )
 
 
-async def attach(client: SwapClient, opts: NbdOptions) -> Area:
-    """SwapOn, waiting for the server for up to retry_deadline (it may start after us)."""
+async def attach(fleet: Fleet, opts: NbdOptions) -> PageArea:
+    """SwapOn, waiting for the servers for up to retry_deadline (they may start after us)."""
     backoff = Backoff(asyncio.get_running_loop().time() + opts.retry_deadline)
+    mirror = MirrorOptions(
+        failover_timeout=opts.failover_timeout, replace_after=opts.replace_after, resync_rate=opts.resync_rate
+    )
     while True:
         try:
-            return await client.swapon(opts.name, opts.size, pool_pages=opts.pool_pages)
+            return await fleet.swapon(
+                opts.name, opts.size, replicas=opts.replicas, pool_pages=opts.pool_pages, options=mirror
+            )
         except ConnectionLost as e:
             if backoff.expired():
                 raise
@@ -79,7 +90,7 @@ async def attach(client: SwapClient, opts: NbdOptions) -> Area:
 class NbdServer:
     """The listening side: one AreaDevice shared by every connection."""
 
-    def __init__(self, area: Area, opts: NbdOptions) -> None:
+    def __init__(self, area: PageArea, opts: NbdOptions) -> None:
         self.area = area
         self.opts = opts
         self.registry, self.metrics = frontend_registry()
@@ -180,8 +191,8 @@ def _loopback(listen: str) -> bool:
         return False
 
 
-async def run_nbd(client: SwapClient, opts: NbdOptions) -> int:
-    area = await attach(client, opts)
+async def run_nbd(fleet: Fleet, opts: NbdOptions) -> int:
+    area = await attach(fleet, opts)
     server = NbdServer(area, opts)
     where = await server.start()
     state = "created" if area.created else "re-attached"

@@ -93,3 +93,23 @@ def test_dockerfile_and_compose_agree_with_the_server() -> None:
     (target,) = netswap_job["static_configs"][0]["targets"]
     host, _, port = target.partition(":")
     assert host in compose["services"] and int(port) == port_of(config.metrics_listen)
+
+
+def test_the_fleet_keeps_one_copy_of_every_mirror() -> None:
+    docs = manifests()
+    sts = docs["StatefulSet/netswap"]
+    assert sts["spec"]["replicas"] >= 3  # two copies of an area, and a third server to rebuild one on
+    spread = sts["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    by_node = next(c for c in spread if c["topologyKey"] == "kubernetes.io/hostname")
+    assert by_node["whenUnsatisfiable"] == "DoNotSchedule" and by_node["maxSkew"] == 1
+    assert (
+        by_node["labelSelector"]["matchLabels"].items()
+        <= sts["spec"]["template"]["metadata"]["labels"].items()
+    )
+    pdb = docs["PodDisruptionBudget/netswap"]["spec"]
+    assert pdb.get("maxUnavailable") == 1 and "minAvailable" not in pdb  # never both copies of a mirror
+    service = docs["Service/netswap"]["spec"]
+    assert service["clusterIP"] == "None"  # headless: DNS names every pod...
+    assert any(
+        p["name"] == "grpc" and p["protocol"] == "TCP" for p in service["ports"]
+    )  # ...as _grpc._tcp SRV

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from netswap.client import SwapClient
+from netswap.client.fleet import Fleet
 from netswap.client.nbd.serve import NbdOptions, NbdServer, attach
 from tests.helpers import TOKENS, ServerProcess, running_server
 from tests.nbdenv import require_tools, run, server_and_export
@@ -140,7 +141,7 @@ async def test_tcp_listener(tmp_path: Path) -> None:
         await SwapClient.connect(srv.address, TOKENS["alice"]) as client,
     ):
         options = NbdOptions(name="tcp", size=8 << 20, listen="127.0.0.1:0")
-        nbd = NbdServer(await attach(client, options), options)
+        nbd = NbdServer(await attach(Fleet({srv.address: client}), options), options)
         where = await nbd.start()
         try:
             host, port = where.rsplit(":", 1)

@@ -329,8 +329,13 @@ class ListAreasResponse(_message.Message):
 
     AREAS_FIELD_NUMBER: _builtins.int
     SERVER_ID_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
     server_id: _builtins.bytes
     """as in SwapOnResponse"""
+    principal: _builtins.str
+    """The caller, as this server knows it. A client that spreads its areas over
+    several servers places them by (principal, area name, server set).
+    """
     @_builtins.property
     def areas(self) -> _containers.RepeatedCompositeFieldContainer[Global___AreaInfo]: ...
     def __init__(
@@ -338,10 +343,11 @@ class ListAreasResponse(_message.Message):
         *,
         areas: _abc.Iterable[Global___AreaInfo] | None = ...,
         server_id: _builtins.bytes = ...,
+        principal: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["areas", b"areas", "server_id", b"server_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["areas", b"areas", "principal", b"principal", "server_id", b"server_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

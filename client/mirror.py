@@ -1,0 +1,479 @@
+"""An area kept on several servers at once, so that losing a server loses no page.
+
+Every copy (a *replica*) is an ordinary area on its server. A write is
+acknowledged once every live replica has it; a read goes to one replica that
+has every slot it asks for, and fails over to the next on an error or when
+the replica does not answer within the failover timeout. A replica that fails
+a request is marked down: I/O goes on with the others, and every slot
+written meanwhile is marked in the replica's dirty map (one byte per slot,
+allocated when the area is attached: nothing grows while serving).
+
+A background task probes down replicas. One that answers again is
+re-attached -- which also fences off whatever it still had in flight, since
+re-attaching issues a new handle -- and, if it kept its data, only its dirty
+slots are copied to it; a replica that came back empty (or the next server in
+placement order, standing in for one down too long) gets every slot. Copies
+run at a bounded rate beside the I/O, holding off writes to the slots being
+copied; writes go to the replica being synced as well, and a slot it is
+still behind on is never read from it. With every replica down, or none
+holding a slot's latest write, requests fail with ConnectionLost -- the NBD
+frontend retries until its deadline and then answers EIO, never zeros.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from netswap.client.core import Area, PageArea, SwapClient
+from netswap.client.errors import ConnectionLost, InvalidRequest, NetswapError
+from netswap.client.pool import PagePool
+
+log = logging.getLogger(__name__)
+
+_ONES = b"\x01" * 65536
+_NULS = bytes(65536)
+
+
+class State(enum.Enum):
+    UP = "up"  # has every acknowledged write
+    SYNCING = "syncing"  # reachable, takes writes; its dirty slots are being copied to it
+    DOWN = "down"  # unreachable or failing: writes skip it, their slots go dirty
+
+
+@dataclass(eq=False)
+class Replica:
+    server: str
+    client: SwapClient
+    area: Area | None  # None while no area is attached on `server`
+    dirty: bytearray  # one byte per slot: 1 = behind on it
+    state: State = State.DOWN
+    dirty_count: int = 0
+    since: float = 0.0  # when it entered its state (monotonic)
+    probed: float = 0.0  # when it was last asked to come back
+
+    def clean_for(self, first: int, end: int) -> bool:
+        return self.dirty_count == 0 or self.dirty.find(1, first, end) < 0
+
+    def mark(self, runs: Sequence[tuple[int, int]]) -> None:
+        for first, end in runs:
+            self.dirty_count += (end - first) - self.dirty.count(1, first, end)
+            _fill(self.dirty, first, end, _ONES)
+
+    def clear(self, runs: Sequence[tuple[int, int]]) -> None:
+        if self.dirty_count:
+            for first, end in runs:
+                self.dirty_count -= self.dirty.count(1, first, end)
+                _fill(self.dirty, first, end, _NULS)
+
+    def mark_all(self) -> None:
+        self.mark([(0, len(self.dirty))])
+
+
+@dataclass(frozen=True)
+class MirrorOptions:
+    failover_timeout: float = 1.0  # seconds a replica may take to answer before it is marked down
+    probe_every: float = 1.0  # seconds between attempts to bring a down replica back
+    control_timeout: float = 10.0  # seconds a re-attach (SwapOn) may take
+    replace_after: float = 60.0  # seconds down before the next server in placement order stands in (0: never)
+    resync_rate: float = 384 << 20  # bytes per second copied to replicas that are behind
+    resync_workers: int = 4  # copies in flight at once
+
+
+@dataclass
+class _Spans:
+    """Writes in flight and resync copies in progress, which must not overlap each other."""
+
+    writes: list[tuple[int, int]] = field(default_factory=list)
+    copies: list[tuple[int, int]] = field(default_factory=list)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @staticmethod
+    def overlap(spans: list[tuple[int, int]], first: int, end: int) -> bool:
+        return any(a < end and first < b for a, b in spans)
+
+    async def _wait(self) -> None:
+        self.changed.clear()
+        await self.changed.wait()
+
+    async def write(self, first: int, end: int) -> tuple[int, int]:
+        while self.copies and self.overlap(self.copies, first, end):
+            await self._wait()
+        span = (first, end)
+        self.writes.append(span)
+        return span
+
+    def copy(self, first: int, end: int) -> tuple[int, int]:
+        """Claim a span to copy: from now on, new writes to it wait (see settled)."""
+        span = (first, end)
+        self.copies.append(span)
+        return span
+
+    async def settled(self, first: int, end: int) -> None:
+        """Wait until no write to the span is in flight."""
+        while self.overlap(self.writes, first, end):
+            await self._wait()
+
+    def done(self, spans: list[tuple[int, int]], span: tuple[int, int]) -> None:
+        spans.remove(span)
+        self.changed.set()
+
+
+class MirroredArea(PageArea):
+    def __init__(
+        self,
+        name: str,
+        size_bytes: int,
+        replicas: list[Replica],
+        *,
+        spares: Sequence[tuple[str, SwapClient]] = (),
+        pool_pages: int = 512,
+        page_size: int = 4096,
+        options: MirrorOptions = MirrorOptions(),
+    ) -> None:
+        self.name = name
+        self.page_size = page_size
+        self.slot_count = size_bytes // page_size
+        self.replicas = replicas
+        self.spares = list(spares)  # servers in placement order that hold no replica
+        self.options = options
+        attached = [r.area for r in replicas if r.area is not None]
+        self.max_batch_pages = min(a.max_batch_pages for a in attached)
+        self.takes_runs = all(a.takes_runs for a in attached)
+        self.pool = PagePool(pool_pages, page_size)
+        self.created = all(a.created for a in attached)
+        # Allocated now, as everything the data path uses.
+        self._buffers = [bytearray(self.max_batch_pages * page_size) for _ in range(options.resync_workers)]
+        self._zeros = bytes(self.max_batch_pages * page_size)
+        self._paced_until = 0.0
+        self._spans = _Spans()
+        self._wake = asyncio.Event()  # a replica has something to sync
+        self._tasks: list[asyncio.Task[None]] = []
+        self.failovers = 0
+        self.resync_bytes = 0
+        self._degraded_since: float | None = None
+        self._degraded_total = 0.0
+        self._note_degraded()
+
+    # -- state, for metrics and `netswap ls` ------------------------------------------
+
+    @property
+    def size_bytes(self) -> int:
+        return self.slot_count * self.page_size
+
+    @property
+    def degraded(self) -> bool:
+        return any(r.state is not State.UP for r in self.replicas)
+
+    @property
+    def degraded_seconds(self) -> float:
+        now = time.monotonic()
+        return self._degraded_total + (
+            now - self._degraded_since if self._degraded_since is not None else 0.0
+        )
+
+    @property
+    def resync_remaining(self) -> int:
+        return sum(r.dirty_count for r in self.replicas if r.state is not State.UP)
+
+    def _note_degraded(self) -> None:
+        now = time.monotonic()
+        if self.degraded and self._degraded_since is None:
+            self._degraded_since = now
+        elif not self.degraded and self._degraded_since is not None:
+            self._degraded_total += now - self._degraded_since
+            self._degraded_since = None
+
+    def _set(self, replica: Replica, state: State) -> None:
+        if replica.state is not state:
+            replica.state = state
+            replica.since = time.monotonic()
+            self._note_degraded()
+            if state is State.SYNCING:
+                self._wake.set()
+
+    # -- the three operations --------------------------------------------------------
+
+    async def write_batch(self, slots: Sequence[int], pages: Sequence[memoryview]) -> None:
+        await self._to_all(slots, lambda area: area.write_batch(slots, pages))
+
+    async def discard_batch(self, slots: Sequence[int]) -> None:
+        await self._to_all(slots, lambda area: area.discard_batch(slots))
+
+    async def read_batch(self, slots: Sequence[int], into: Sequence[memoryview]) -> None:
+        first, end = _span(slots)
+        for replica in self.replicas:  # placement order: the first live one with the slots reads
+            if not self._has(replica, first, end):
+                continue
+            assert replica.area is not None
+            try:
+                await replica.area.read_batch(slots, into)
+                return
+            except InvalidRequest:
+                raise
+            except NetswapError as e:
+                self._lost(replica, e)
+        raise ConnectionLost(f"no replica of {self.name!r} that holds these pages can be reached")
+
+    async def _to_all(self, slots: Sequence[int], rpc: Callable[[Area], Awaitable[None]]) -> None:
+        """rpc on every live replica at once; acknowledged when all of them have it."""
+        runs = _runs(slots)
+        span = await self._spans.write(*_span(slots))
+        try:
+            live = []
+            for replica in self.replicas:
+                if replica.state is State.DOWN or replica.area is None:
+                    replica.mark(runs)  # it misses this write
+                else:
+                    live.append(replica)
+            if not live:
+                raise ConnectionLost(f"no replica of {self.name!r} can be reached")
+            errors = await _each(live, rpc)
+            landed = 0
+            rejected: InvalidRequest | None = None
+            for replica, error in zip(live, errors, strict=True):
+                if error is None:
+                    landed += 1
+                    replica.clear(runs)  # a syncing replica is up to date on these slots now
+                elif isinstance(error, InvalidRequest):
+                    rejected = error
+                else:
+                    self._lost(replica, error)
+                    replica.mark(runs)
+            if rejected is not None:
+                raise rejected
+            if not landed:
+                raise ConnectionLost(f"no replica of {self.name!r} took the write")
+        finally:
+            self._spans.done(self._spans.writes, span)
+
+    def _lost(self, replica: Replica, error: BaseException) -> None:
+        if replica.state is not State.DOWN:
+            self.failovers += 1
+            log.warning("replica of %r on %s is down: %s", self.name, replica.server, error)
+            self._set(replica, State.DOWN)
+
+    # -- bringing replicas back ------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the background work: probing down replicas, copying to those behind."""
+        if not self._tasks:
+            self._tasks = [asyncio.ensure_future(self._probe_loop())] + [
+                asyncio.ensure_future(self._copy_loop(buf)) for buf in self._buffers
+            ]
+
+    async def _probe_loop(self) -> None:
+        while True:
+            for replica in self.replicas:
+                if replica.state is State.DOWN:
+                    await self._probe(replica)
+            await asyncio.sleep(self.options.probe_every)
+
+    async def _probe(self, replica: Replica) -> None:
+        opts = self.options
+        now = time.monotonic()
+        if opts.replace_after and now - replica.since > opts.replace_after and self.spares:
+            self._replace(replica)
+        replica.probed = now
+        try:
+            if replica.area is None:
+                replica.area = await replica.client.swapon(
+                    self.name, self.size_bytes, pool_pages=1, timeout=opts.control_timeout
+                )
+                created = replica.area.created
+            else:
+                created = await replica.area.reattach(timeout=opts.control_timeout)
+        except NetswapError as e:
+            log.debug("replica of %r on %s still down: %s", self.name, replica.server, e)
+            return
+        if created:  # empty: every slot must come from another replica
+            replica.mark_all()
+        log.warning(
+            "replica of %r on %s is back (%s); %d slots to copy",
+            self.name, replica.server, "empty" if created else "kept its data", replica.dirty_count,
+        )  # fmt: skip
+        self._set(replica, State.SYNCING if replica.dirty_count else State.UP)
+
+    def _replace(self, replica: Replica) -> None:
+        """Let the next server in placement order stand in for a replica down too long."""
+        server, client = self.spares.pop(0)
+        self.spares.append((replica.server, replica.client))
+        log.warning("replica of %r on %s down too long: moving it to %s", self.name, replica.server, server)
+        if replica.area is not None:
+            replica.area.detach()
+        replica.server, replica.client, replica.area = server, client, None
+        replica.mark_all()
+        replica.since = time.monotonic()
+
+    async def _copy_loop(self, buf: bytearray) -> None:
+        """One copier: the next run of dirty slots of a syncing replica, from a replica that has it."""
+        while True:
+            claim = self._claim()
+            if claim is None:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            target, first, end = claim
+            span = self._spans.copy(first, end)  # now, before anything awaits: no other copier takes it
+            try:
+                await self._pace((end - first) * self.page_size)
+                copied = await self._copy(target, first, end, buf)
+            except NetswapError:
+                continue  # a replica was lost (see _lost); the next claim finds what is left
+            finally:
+                self._spans.done(self._spans.copies, span)
+            if not copied:  # nobody reachable has these pages now
+                await asyncio.sleep(self.options.probe_every)
+            if target.state is State.SYNCING and target.dirty_count == 0:
+                log.warning("replica of %r on %s is up to date", self.name, target.server)
+                self._set(target, State.UP)
+
+    async def _pace(self, size: int) -> None:
+        """Wait for this copy's turn at the resync rate (shared by every copier)."""
+        now = time.monotonic()
+        at = max(now, self._paced_until)
+        self._paced_until = at + size / self.options.resync_rate
+        if at > now:
+            await asyncio.sleep(at - now)
+
+    def _claim(self) -> tuple[Replica, int, int] | None:
+        for target in self.replicas:
+            if target.state is not State.SYNCING or not target.dirty_count:
+                continue
+            start = 0
+            while True:
+                first = target.dirty.find(1, start)
+                if first < 0:
+                    break
+                end = target.dirty.find(0, first, first + self.max_batch_pages)
+                end = min(first + self.max_batch_pages if end < 0 else end, self.slot_count)
+                if not self._spans.overlap(self._spans.copies, first, end):
+                    return target, first, end  # the caller claims it before it awaits anything
+                start = end
+        return None
+
+    async def _copy(self, target: Replica, first: int, end: int, buf: bytearray) -> bool:
+        """Copy slots [first, end) to `target` from a replica that has them; False if none can."""
+        await self._spans.settled(first, end)
+        if target.state is not State.SYNCING or target.area is None or target.dirty.find(1, first, end) < 0:
+            return True  # written (or lost) meanwhile: nothing to copy here
+        source = next((r for r in self.replicas if r is not target and self._has(r, first, end)), None)
+        if source is None or source.area is None:
+            return False
+        slots = range(first, end)
+        data = memoryview(buf)[: (end - first) * self.page_size]
+        try:
+            await source.area.read_batch(slots, [data])
+        except NetswapError as e:
+            self._lost(source, e)
+            raise
+        try:
+            if _zero(buf, len(data), self._zeros):  # never written, or discarded: no page to send
+                await target.area.discard_batch(slots)
+            else:
+                await target.area.write_batch(slots, [data])
+        except NetswapError as e:
+            self._lost(target, e)
+            raise
+        target.clear([(first, end)])
+        self.resync_bytes += len(data)
+        return True
+
+    @staticmethod
+    def _has(replica: Replica, first: int, end: int) -> bool:
+        return replica.state is not State.DOWN and replica.area is not None and replica.clean_for(first, end)
+
+    # -- life ------------------------------------------------------------------------
+
+    async def reattach(self) -> bool:
+        """Replicas come back on their own (see the module docstring): nothing to do here."""
+        return False
+
+    async def superseded(self) -> bool:
+        return False
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+
+    def detach(self) -> None:
+        """Stop the background work and free the pools, leaving every replica on its server."""
+        for task in self._tasks:
+            task.cancel()
+        self._tasks = []
+        for replica in self.replicas:
+            if replica.area is not None:
+                replica.area.detach()
+        self.pool.close()
+
+    async def swapoff(self) -> None:
+        """Destroy every replica that can be reached (the others stay where they are)."""
+        await self.close()
+        for replica in self.replicas:
+            if replica.area is not None:
+                with contextlib.suppress(NetswapError):
+                    await replica.area.swapoff()
+        self.pool.close()
+
+
+async def _each(live: list[Replica], rpc: Callable[[Area], Awaitable[None]]) -> list[BaseException | None]:
+    """rpc on every replica at once (the first in this task, the rest in tasks of their own)."""
+
+    async def one(replica: Replica) -> BaseException | None:
+        assert replica.area is not None
+        try:
+            await rpc(replica.area)
+        except NetswapError as e:
+            return e
+        return None
+
+    if len(live) == 1:
+        return [await one(live[0])]
+    others = [asyncio.ensure_future(one(r)) for r in live[1:]]
+    try:
+        first = await one(live[0])
+    except BaseException:
+        for task in others:
+            task.cancel()
+        raise
+    return [first, *[await task for task in others]]
+
+
+def _span(slots: Sequence[int]) -> tuple[int, int]:
+    if type(slots) is range:
+        return slots.start, slots.stop
+    return min(slots), max(slots) + 1
+
+
+def _runs(slots: Sequence[int]) -> list[tuple[int, int]]:
+    """slots as (first, end) runs of consecutive slots."""
+    if type(slots) is range:
+        return [(slots.start, slots.stop)]
+    out: list[tuple[int, int]] = []
+    for slot in slots:
+        if out and out[-1][1] == slot:
+            out[-1] = (out[-1][0], slot + 1)
+        else:
+            out.append((slot, slot + 1))
+    return out
+
+
+def _zero(buf: bytearray, size: int, zeros: bytes) -> bool:
+    """Whether buf[:size] is all zeros (a whole buffer compares at memcmp speed)."""
+    return buf == zeros if size == len(buf) else bytes(buf[:size]) == zeros[:size]
+
+
+def _fill(buf: bytearray, first: int, end: int, source: bytes) -> None:
+    while first < end:
+        step = min(end - first, len(source))
+        buf[first : first + step] = source[:step]
+        first += step

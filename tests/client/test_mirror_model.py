@@ -1,0 +1,347 @@
+"""The mirror's logic against a reference, under random writes, reads, failures, losses and returns.
+
+Replicas here are in-memory stand-ins for servers (the mirror is what is under
+test; tests/nbd/test_mirror.py runs it against real servers). After every
+step: a read returns the latest acknowledged data or fails, never anything
+else; a replica marked up holds every acknowledged write, and a syncing one
+every slot it is not behind on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any, cast
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from netswap.client.errors import ConnectionLost, NetswapError
+from netswap.client.mirror import MirroredArea, MirrorOptions, Replica, State
+
+PS = 4096
+SLOTS = 32
+BATCH = 8
+
+
+class FakeServer:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.up = True
+        self.pages: dict[str, dict[int, bytes]] = {}  # area -> slot -> page
+        self.epoch = 0  # bumped when it loses its data
+        self.lag = 0  # turns of the loop a request spends on its way (and a reply on its way back)
+
+    async def trip(self) -> None:
+        for _ in range(self.lag + 1):
+            await asyncio.sleep(0)
+
+    def check(self) -> None:
+        if not self.up:
+            raise ConnectionLost(f"{self.name} is down")
+
+
+class FakeArea:
+    """What the mirror uses of an Area, on a FakeServer."""
+
+    page_size = PS
+    max_batch_pages = BATCH
+    takes_runs = True
+
+    def __init__(self, server: FakeServer, name: str, created: bool) -> None:
+        self.server, self.name, self.created = server, name, created
+        self.epoch = server.epoch
+
+    def _pages(self) -> dict[int, bytes]:
+        self.server.check()
+        if self.epoch != self.server.epoch:  # the server lost the area: our handle is dead
+            raise ConnectionLost("unknown handle")
+        return self.server.pages.setdefault(self.name, {})
+
+    # Each request takes turns of the loop on its way, as a real one does: a
+    # write lands after its trip there, a read is what was stored when it
+    # arrived, seen after its trip back.
+
+    async def write_batch(self, slots: Sequence[int], pages: Sequence[memoryview]) -> None:
+        blob = b"".join(bytes(p) for p in pages)
+        await self.server.trip()
+        store = self._pages()
+        for i, slot in enumerate(slots):
+            store[slot] = blob[i * PS : (i + 1) * PS]
+        await self.server.trip()
+
+    async def read_batch(self, slots: Sequence[int], into: Sequence[memoryview]) -> None:
+        await asyncio.sleep(0)
+        store = self._pages()
+        blob = b"".join(store.get(s, bytes(PS)) for s in slots)
+        await self.server.trip()
+        self._pages()  # and it is still there to answer
+        pos = 0
+        for view in into:
+            view[:] = blob[pos : pos + len(view)]
+            pos += len(view)
+
+    async def discard_batch(self, slots: Sequence[int]) -> None:
+        await self.server.trip()
+        store = self._pages()
+        for slot in slots:
+            store.pop(slot, None)
+        await self.server.trip()
+
+    async def reattach(self, timeout: float | None = None) -> bool:
+        self.server.check()
+        created = self.epoch != self.server.epoch or self.name not in self.server.pages
+        self.epoch = self.server.epoch
+        self.server.pages.setdefault(self.name, {})
+        return created
+
+    def detach(self) -> None:
+        pass
+
+
+class FakeClient:
+    def __init__(self, server: FakeServer) -> None:
+        self.server = server
+
+    async def swapon(self, name: str, size: int, **kw: Any) -> FakeArea:
+        self.server.check()
+        created = name not in self.server.pages
+        self.server.pages.setdefault(name, {})
+        return FakeArea(self.server, name, created)
+
+
+def page(value: int) -> bytes:
+    return bytes([value]) * PS
+
+
+class MirrorMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.servers = [FakeServer(f"s{i}") for i in range(3)]
+        replicas = [
+            Replica(
+                s.name,
+                cast(Any, FakeClient(s)),
+                cast(Any, FakeArea(s, "m", True)),
+                bytearray(SLOTS),
+                State.UP,
+            )
+            for s in self.servers[:2]
+        ]
+        for s in self.servers[:2]:
+            s.pages["m"] = {}
+        spare = self.servers[2]
+        self.mirror = self.loop.run_until_complete(self._make(replicas, spare))
+        # slot -> the values a read may return: one once a write is acknowledged, more while unknown
+        self.ref: dict[int, set[bytes]] = {s: {bytes(PS)} for s in range(SLOTS)}
+        self.value = 0
+
+    async def _make(self, replicas: list[Replica], spare: FakeServer) -> MirroredArea:
+        options = MirrorOptions(replace_after=0, probe_every=0.001, resync_workers=2)
+        spares = [(spare.name, cast(Any, FakeClient(spare)))]
+        return MirroredArea("m", SLOTS * PS, replicas, spares=spares, pool_pages=16, options=options)
+
+    def teardown(self) -> None:
+        self.mirror.detach()
+        self.loop.close()
+
+    def run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(coro)
+
+    # -- I/O ------------------------------------------------------------------------
+
+    @rule(first=st.integers(0, SLOTS - 1), count=st.integers(1, BATCH), discard=st.booleans())
+    def write(self, first: int, count: int, discard: bool) -> None:
+        slots = range(first, min(first + count, SLOTS))
+        self.value = self.value % 250 + 1
+        values = [bytes(PS) if discard else page(self.value + i % 3) for i in range(len(slots))]
+        try:
+            if discard:
+                self.run(self.mirror.discard_batch(slots))
+            else:
+                self.run(self.mirror.write_batch(slots, [memoryview(b"".join(values))]))
+        except NetswapError:
+            for slot, value in zip(slots, values, strict=True):  # not acknowledged: either may be there
+                self.ref[slot].add(value)
+            return
+        for slot, value in zip(slots, values, strict=True):
+            self.ref[slot] = {value}
+
+    @rule(first=st.integers(0, SLOTS - 1), count=st.integers(1, BATCH))
+    def read(self, first: int, count: int) -> None:
+        slots = range(first, min(first + count, SLOTS))
+        buf = bytearray(len(slots) * PS)
+        able = any(r.state is State.UP and self._intact(r) for r in self.mirror.replicas)
+        try:
+            self.run(self.mirror.read_batch(slots, [memoryview(buf)]))
+        except ConnectionLost:
+            assert not able, "a replica with every write was up, and the read failed"
+            return
+        for i, slot in enumerate(slots):
+            assert bytes(buf[i * PS : (i + 1) * PS]) in self.ref[slot], f"slot {slot} read wrong data"
+
+    # -- servers --------------------------------------------------------------------
+
+    @rule(i=st.integers(0, 2))
+    def fail(self, i: int) -> None:
+        self.servers[i].up = False
+
+    @rule(i=st.integers(0, 2))
+    def lose(self, i: int) -> None:
+        """The machine is gone, and comes back empty."""
+        server = self.servers[i]
+        server.up = False
+        server.pages.clear()
+        server.epoch += 1
+
+    @rule(i=st.integers(0, 2))
+    def restore(self, i: int) -> None:
+        self.servers[i].up = True
+
+    @rule(i=st.integers(0, 2), lag=st.integers(0, 4))
+    def slow(self, i: int, lag: int) -> None:
+        self.servers[i].lag = lag
+
+    @precondition(lambda self: any(r.state is State.DOWN for r in self.mirror.replicas))
+    @rule()
+    def stand_in(self) -> None:
+        down = next(r for r in self.mirror.replicas if r.state is State.DOWN)
+        self.mirror._replace(down)
+
+    @rule()
+    def probe(self) -> None:
+        """Down replicas that answer come back as syncing; nothing is copied yet."""
+
+        async def probe() -> None:
+            for replica in self.mirror.replicas:
+                if replica.state is State.DOWN:
+                    await self.mirror._probe(replica)
+
+        self.run(probe())
+
+    @rule()
+    def settle(self) -> None:
+        """What the background tasks do: probe down replicas, copy what syncing ones lack."""
+        self.run(self._settle())
+
+    @rule(first=st.integers(0, SLOTS - 1), count=st.integers(1, BATCH), head_start=st.integers(0, 3))
+    def write_while_settling(self, first: int, count: int, head_start: int) -> None:
+        """A write that races the copies to a syncing replica."""
+        slots = range(first, min(first + count, SLOTS))
+        self.value = self.value % 250 + 1
+        values = [page(self.value)] * len(slots)
+
+        async def both() -> BaseException | None:
+            write = asyncio.ensure_future(self.mirror.write_batch(slots, [memoryview(b"".join(values))]))
+            for _ in range(head_start):  # the write this far along when the copies start
+                await asyncio.sleep(0)
+            await self._settle()
+            try:
+                await write
+            except NetswapError as e:
+                return e
+            return None
+
+        failed = self.run(both())
+        for slot, value in zip(slots, values, strict=True):
+            if failed:
+                self.ref[slot].add(value)
+            else:
+                self.ref[slot] = {value}
+
+    async def _settle(self) -> None:
+        for replica in self.mirror.replicas:
+            if replica.state is State.DOWN:
+                await self.mirror._probe(replica)
+        while (claim := self.mirror._claim()) is not None:
+            target, first, end = claim
+            span = self.mirror._spans.copy(first, end)
+            try:
+                copied = await self.mirror._copy(target, first, end, bytearray(BATCH * PS))
+            except NetswapError:
+                copied = True
+            finally:
+                self.mirror._spans.done(self.mirror._spans.copies, span)
+            if not copied:
+                break
+            if target.state is State.SYNCING and target.dirty_count == 0:
+                self.mirror._set(target, State.UP)
+
+    def _server(self, replica: Replica) -> FakeServer:
+        return next(s for s in self.servers if s.name == replica.server)
+
+    def _intact(self, replica: Replica) -> bool:
+        """Its server is up and has kept what this replica wrote there."""
+        server = self._server(replica)
+        return server.up and replica.area is not None and replica.area.epoch == server.epoch  # type: ignore[attr-defined]
+
+    # -- what must always hold --------------------------------------------------------
+
+    @invariant()
+    def replicas_hold_what_they_claim(self) -> None:
+        for replica in self.mirror.replicas:
+            if replica.state is State.DOWN or replica.area is None:
+                continue
+            server = self._server(replica)
+            if replica.area.epoch != server.epoch:  # type: ignore[attr-defined]
+                continue  # lost since: the next request finds out
+            stored = server.pages.get("m", {})
+            for slot in range(SLOTS):
+                if replica.state is State.UP or replica.dirty[slot] == 0:
+                    got = stored.get(slot, bytes(PS))
+                    assert got in self.ref[slot], f"{replica.server} ({replica.state}) slot {slot} is stale"
+
+
+MirrorMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
+test_the_mirror_against_a_reference = MirrorMachine.TestCase
+
+
+async def _pair(lag: int) -> tuple[MirroredArea, FakeServer, FakeServer]:
+    """A mirror whose first replica (the source) is slow and whose second is syncing, all behind."""
+    source, target = FakeServer("s0"), FakeServer("s1")
+    source.lag = lag
+    replicas = []
+    for server, state in ((source, State.UP), (target, State.SYNCING)):
+        server.pages["m"] = {}
+        area = FakeArea(server, "m", True)
+        replicas.append(
+            Replica(server.name, cast(Any, FakeClient(server)), cast(Any, area), bytearray(SLOTS), state)
+        )
+    replicas[1].mark_all()
+    return MirroredArea("m", SLOTS * PS, replicas, pool_pages=16), source, target
+
+
+async def _copy_all(mirror: MirroredArea) -> None:
+    while (claim := mirror._claim()) is not None:
+        target, first, end = claim
+        span = mirror._spans.copy(first, end)
+        try:
+            await mirror._copy(target, first, end, bytearray(BATCH * PS))
+        finally:
+            mirror._spans.done(mirror._spans.copies, span)
+
+
+@pytest.mark.parametrize("write_first", [True, False])
+async def test_a_copy_and_a_write_to_the_same_slots_never_leave_the_old_data(write_first: bool) -> None:
+    # The copy reads the slow source, then writes the target; the write goes to both.
+    # Whichever starts first, the target ends with the write's data.
+    mirror, source, target = await _pair(lag=3)
+    source.pages["m"][0] = page(1)
+    slots = range(0, 1)
+    if write_first:
+        write = asyncio.ensure_future(mirror.write_batch(slots, [memoryview(page(2))]))
+        await asyncio.sleep(0)  # the write is on its way
+        await _copy_all(mirror)
+    else:
+        copy = asyncio.ensure_future(_copy_all(mirror))
+        await asyncio.sleep(0)  # the copy has claimed slot 0 and is reading it
+        write = asyncio.ensure_future(mirror.write_batch(slots, [memoryview(page(2))]))
+        await copy
+    await write
+    await _copy_all(mirror)
+    assert target.pages["m"].get(0) == page(2) == source.pages["m"][0]
+    assert mirror.replicas[1].dirty_count == 0
+    mirror.detach()
