@@ -67,7 +67,7 @@ async def test_guest_swaps_onto_nbdkit_memory_for_reference(tmp_path: Path) -> N
         nbdkit.terminate()
         nbdkit.wait(timeout=30)
     assert result.ok, explain(result)
-    walltimes.record(SECTION, "nbdkit memory", result)
+    walltimes.record(SECTION, "nbdkit memory", result, base=True)
 
 
 async def test_guest_swaps_onto_netswap_and_the_pages_reach_the_server(tmp_path: Path) -> None:

@@ -247,7 +247,7 @@ async def test_guest_swaps_through_a_frontend_on_the_host_for_comparison(tmp_pat
             await nbd.stop()
         server.stop_quietly()
     check_no_stall(result, nbd.log, server.log)
-    walltimes.record(SECTION, "netswap nbd on the host (QEMU's NBD client)", result)
+    walltimes.record(SECTION, "netswap nbd on the host (QEMU's NBD client)", result, base=True)
 
 
 async def test_guest_swaps_through_netswap_nbd_running_inside_it(tmp_path: Path) -> None:

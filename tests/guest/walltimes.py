@@ -1,7 +1,7 @@
 """Guest runs' wall times, by guest configuration, for conftest's end-of-session summary.
 
-Measured, never asserted: the machines are shared. The first run recorded in
-a section is the one the others are compared with.
+Measured, never asserted: the machines are shared. Each section's runs are
+compared with the one recorded as its base (else the first recorded).
 """
 
 from __future__ import annotations
@@ -19,15 +19,19 @@ class Run:
 
 
 SECTIONS: dict[str, dict[str, Run]] = {}
+BASES: dict[str, str] = {}
 
 
-def record(section: str, name: str, result: GuestResult, note: str = "") -> None:
+def record(section: str, name: str, result: GuestResult, note: str = "", *, base: bool = False) -> None:
     SECTIONS.setdefault(section, {})[name] = Run(result.seconds, result.pswpout, note)
+    if base:
+        BASES[section] = name
 
 
 def lines(section: str) -> list[str]:
     runs = SECTIONS[section]
-    base_name, base = next(iter(runs.items()))
+    base_name = BASES.get(section, next(iter(runs)))
+    base = runs[base_name]
     out = []
     for name, run in runs.items():
         ratio = f"({run.seconds / base.seconds:.2f}x)" if name != base_name else "(base)"
