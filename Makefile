@@ -7,10 +7,11 @@ BIN    := $(VENV)/bin
 VAR    := var
 LISTEN ?= 127.0.0.1:50051
 
-# Real NBD clients and a QEMU guest for the frontend's tests; podman, runc and mmdebstrap
-# (images from Debian's packages) for the container tests (Debian packages).
+# Real NBD clients and QEMU guests for the frontend's tests; nbd-client, kmod and e2fsprogs
+# build the guest that runs the frontend itself (tests/guest/rootfs.py); podman, runc and
+# mmdebstrap (images from Debian's packages) for the container tests (Debian packages).
 DEBIAN_TEST_PACKAGES := qemu-system-x86 qemu-utils libnbd-bin fio busybox-static nbdkit prometheus dnsmasq-base \
-	podman runc netavark aardvark-dns mmdebstrap
+	nbd-client kmod e2fsprogs podman runc netavark aardvark-dns mmdebstrap
 # checkov pins half of PyPI: it gets a venv of its own.
 CHECKOV_VERSION := 3.3.30
 

@@ -17,7 +17,7 @@ from netswap.client.errors import NetswapError
 from netswap.client.fleet import Fleet
 from netswap.client.mirror import MirroredArea
 from netswap.client.nbd.serve import NBD_MAX_BATCH, NbdOptions, run_nbd
-from netswap.client.reserve import ReserveError, reserve_safe_process_or_reexec
+from netswap.client.reserve import ReserveError, before_threads, reserve_safe_process_or_reexec
 from netswap.common import loop
 from netswap.common.heap import keep_heap
 from netswap.common.limits import PAGE_SIZE
@@ -139,6 +139,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         action="store_true",
         help="let --listen take an address other hosts can reach (NBD has no authentication:"
         " whoever reaches it reads and writes the area)",
+    )
+    nbd.add_argument(
+        "--no-realtime",
+        dest="realtime",
+        action="store_false",
+        help="do not run SCHED_FIFO (not reserve-safe: for hosts where it would starve others)",
     )
     nbd.add_argument("--metrics-listen", default="", help="HOST:PORT for Prometheus metrics (default: off)")
     return parser
@@ -267,6 +273,7 @@ def nbd_options(args: argparse.Namespace) -> NbdOptions:
             retry_deadline=args.retry_deadline,
             rpc_timeout=args.rpc_timeout,
             mlock=args.mlock,
+            realtime=args.realtime,
             max_rpcs=args.max_rpcs,
             readahead_pages=args.readahead_pages,
             replicas=args.replicas,
@@ -356,6 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         nbd_options(args)  # a mistake is reported before the process re-executes itself
     if args.command == "nbd" and argv is None:
         reserve_safe_process_or_reexec(sys.argv[1:])  # before any thread exists; see reserve.py
+        before_threads(realtime=args.realtime)  # so that gRPC's threads inherit them
     keep_heap()  # see netswap.common.heap (`nbd` has it from its environment already)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = read_token(args, os.environ)

@@ -10,7 +10,14 @@ needs is allocated and touched (page pool, receive buffers, gRPC channel):
 - prctl(PR_SET_IO_FLUSHER): the kernel treats us like a block-layer flusher
   (memory allocations avoid recursing into I/O, and the task is throttled
   less), Linux >= 5.6 with CAP_SYS_RESOURCE;
+- SCHED_FIFO: the page allocator lets a realtime task take pages below the
+  min watermark, where every other task's allocation stops and waits for
+  reclaim -- which, for swap on our device, waits for us (CAP_SYS_NICE);
 - oom_score_adj = -1000: the OOM killer never picks us.
+
+PR_SET_IO_FLUSHER and the scheduling policy belong to one thread, and a
+thread inherits them only when it is created: before_threads() applies them
+while the process has a single thread, so gRPC's threads have them too.
 
 Each step reports what it achieved; only a refused mlockall is an error
 (unless the caller opted out), because without it the rest is moot.
@@ -35,6 +42,9 @@ MCL_CURRENT = 1
 MCL_FUTURE = 2
 PR_SET_IO_FLUSHER = 57
 PR_GET_IO_FLUSHER = 58
+# The lowest realtime priority: enough for the allocator's reserve, and
+# below any realtime task an operator runs on purpose.
+SCHED_PRIORITY = 1
 
 # Thread stacks are locked (and so resident) in full under MCL_FUTURE: gRPC's
 # threads would each pin the default 8 MiB. netswap's own code runs shallow.
@@ -51,6 +61,7 @@ class ReserveReport:
     locked: bool
     locked_bytes: int
     io_flusher: bool
+    realtime: bool
     oom_score_adj: int | None
     notes: tuple[str, ...]
 
@@ -58,6 +69,7 @@ class ReserveReport:
         parts = [
             f"mlockall {'on' if self.locked else 'off'} ({self.locked_bytes >> 20} MiB locked)",
             f"IO_FLUSHER {'set' if self.io_flusher else 'not set'}",
+            f"SCHED_FIFO {'on' if self.realtime else 'off'}",
             f"oom_score_adj {self.oom_score_adj if self.oom_score_adj is not None else 'unknown'}",
         ]
         return ", ".join(parts)
@@ -141,6 +153,31 @@ def io_flusher_set() -> bool:
     return bool(_libc().prctl(PR_GET_IO_FLUSHER, 0, 0, 0, 0) == 1)
 
 
+def set_realtime() -> str | None:
+    """SCHED_FIFO at SCHED_PRIORITY for the calling thread; None on success, else why not."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(SCHED_PRIORITY))
+    except OSError as e:
+        return (
+            f"cannot set SCHED_FIFO: {e.strerror} (needs CAP_SYS_NICE or RLIMIT_RTPRIO >= {SCHED_PRIORITY})"
+        )
+    return None
+
+
+def is_realtime() -> bool:
+    return os.sched_getscheduler(0) == os.SCHED_FIFO
+
+
+def before_threads(*, realtime: bool = True) -> None:
+    """Apply the per-thread measures while this is the only thread, so every later one inherits them.
+
+    What fails here is tried again, and reported, by make_reserve_safe.
+    """
+    set_io_flusher()
+    if realtime:
+        set_realtime()
+
+
 def set_oom_score_adj(value: int = -1000) -> str | None:
     """Lower our OOM score; None on success, else why not."""
     try:
@@ -157,12 +194,16 @@ def oom_score_adj() -> int | None:
         return None
 
 
-def make_reserve_safe(*, mlock: bool = True) -> ReserveReport:
-    """Apply all three measures (mlock optional); warn about what could not be done."""
+def make_reserve_safe(*, mlock: bool = True, realtime: bool = True) -> ReserveReport:
+    """Apply every measure (mlock and realtime optional); warn about what could not be done.
+
+    The per-thread ones reach only this thread and those it starts from now
+    on, unless before_threads() ran first.
+    """
     notes = []
     if mlock:
         lock_memory()
-    for problem in (set_io_flusher(), set_oom_score_adj()):
+    for problem in (set_io_flusher(), set_realtime() if realtime else None, set_oom_score_adj()):
         if problem:
             notes.append(problem)
             log.warning("%s", problem)
@@ -170,6 +211,7 @@ def make_reserve_safe(*, mlock: bool = True) -> ReserveReport:
         locked=mlock,
         locked_bytes=status_bytes("VmLck"),
         io_flusher=io_flusher_set(),
+        realtime=is_realtime(),
         oom_score_adj=oom_score_adj(),
         notes=tuple(notes),
     )

@@ -21,12 +21,10 @@ async def srv(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[R
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """Print the guest swap test's wall times side by side (measured, never asserted)."""
-    from tests.test_nbd_guest import GUEST_TIMES  # noqa: PLC0415 (only once tests ran)
+    """Print the guest swap tests' wall times side by side (measured, never asserted)."""
+    from tests.guest import walltimes  # noqa: PLC0415 (only once tests ran)
 
-    if GUEST_TIMES:
-        terminalreporter.section("guest swap test wall times (QEMU TCG, 280 MiB hog, 61 MB RAM)")
-        base = GUEST_TIMES.get("nbdkit memory")
-        for name, seconds in GUEST_TIMES.items():
-            ratio = f"  ({seconds / base:.2f}x nbdkit)" if base and name != "nbdkit memory" else ""
-            terminalreporter.write_line(f"{name:46} {seconds:6.1f} s{ratio}")
+    for section in walltimes.SECTIONS:
+        terminalreporter.section(f"guest swap test wall times ({section})")
+        for line in walltimes.lines(section):
+            terminalreporter.write_line(line)

@@ -125,7 +125,9 @@ def _module_bytes(moddir: Path, name: str) -> bytes | None:
     raise RuntimeError(f"module {name} neither in {moddir}/kernel nor built in")
 
 
-def _build_initramfs(out: Path, moddir: Path, hog: Path) -> None:
+def build_initramfs(out: Path, moddir: Path, files: dict[str, Path], modules: tuple[str, ...]) -> None:
+    """A gzipped busybox initramfs at out: files (name in the archive -> source; "init"
+    among them), and modules/ holding each module's ELF, with modules/order to insmod them by."""
     busybox = shutil.which("busybox")
     if busybox is None:
         raise RuntimeError("busybox not found (apt-get install busybox-static)")
@@ -135,12 +137,11 @@ def _build_initramfs(out: Path, moddir: Path, hog: Path) -> None:
             (root / d).mkdir()
         shutil.copy(busybox, root / "bin" / "busybox")
         (root / "bin" / "sh").symlink_to("busybox")  # for init's #!/bin/sh
-        shutil.copy(GUEST_SRC / "init.sh", root / "init")
-        shutil.copy(hog, root / "hog")
-        (root / "init").chmod(0o755)
-        (root / "hog").chmod(0o755)
+        for name, src in files.items():
+            shutil.copy(src, root / name)
+            (root / name).chmod(0o755)
         order = []
-        for name in MODULES:
+        for name in modules:
             data = _module_bytes(moddir, name)
             if data is not None:
                 (root / "modules" / f"{name}.ko").write_bytes(data)
@@ -153,40 +154,67 @@ def _build_initramfs(out: Path, moddir: Path, hog: Path) -> None:
     partial.rename(out)
 
 
-def guest_assets(build_dir: Path) -> GuestAssets:
-    """Kernel + initramfs under build_dir, rebuilt only when their inputs change.
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    image: Path
+    version: str
+    moddir: Path  # lib/modules/VERSION of the unpacked package
 
-    The kernel is fetched once. hog and the initramfs are keyed by a hash of
-    hog.c, init.sh, the kernel version and this module's module list, so an edit
-    to either guest file produces a new initramfs on the next call.
-    """
-    build_dir = build_dir.resolve()
-    tree = _kernel_tree(build_dir / "kernel")
+
+def kernel(build_dir: Path) -> Kernel:
+    """Debian's cloud kernel, fetched once into build_dir/kernel."""
+    tree = _kernel_tree(build_dir.resolve() / "kernel")
     kernels = sorted((tree / "boot").glob("vmlinuz-*"))
     if not kernels:
         raise RuntimeError(f"no boot/vmlinuz-* in {tree}")
-    kernel = kernels[-1]
-    version = kernel.name.removeprefix("vmlinuz-")
-    moddir = tree / "lib" / "modules" / version
+    version = kernels[-1].name.removeprefix("vmlinuz-")
+    return Kernel(image=kernels[-1], version=version, moddir=tree / "lib" / "modules" / version)
 
+
+def input_key(*parts: bytes) -> str:
+    """A short hash naming a build product after everything it is made from."""
     h = hashlib.sha256()
-    for part in (
-        (GUEST_SRC / "hog.c").read_bytes(),
-        (GUEST_SRC / "init.sh").read_bytes(),
-        version.encode(),
-        " ".join(MODULES).encode(),
-    ):
+    for part in parts:
         h.update(hashlib.sha256(part).digest())
-    key = h.hexdigest()[:16]
+    return h.hexdigest()[:16]
+
+
+def build_hog(build_dir: Path) -> Path:
+    """tests/guest/hog.c as a static binary, rebuilt when the source changes."""
+    build_dir = build_dir.resolve()
+    build_dir.mkdir(parents=True, exist_ok=True)
+    hog = build_dir / f"hog-{input_key((GUEST_SRC / 'hog.c').read_bytes())}"
+    if not hog.exists():
+        partial = hog.with_suffix(".partial")
+        _run(["gcc", "-static", "-O2", "-Wall", "-o", str(partial), str(GUEST_SRC / "hog.c")])
+        partial.rename(hog)
+    return hog
+
+
+def remove_stale(build_dir: Path, pattern: str, keep: Path) -> None:
+    """Delete earlier builds matching pattern, all but keep."""
+    for stale in build_dir.glob(pattern):
+        if stale != keep:
+            stale.unlink()
+
+
+def guest_assets(build_dir: Path) -> GuestAssets:
+    """Kernel + initramfs under build_dir, rebuilt only when their inputs change.
+
+    The kernel is fetched once. The initramfs is keyed by a hash of the hog,
+    init.sh, the kernel version and this module's module list, so an edit
+    to either guest file produces a new initramfs on the next call.
+    """
+    build_dir = build_dir.resolve()
+    k = kernel(build_dir)
+    hog = build_hog(build_dir)
+    init = GUEST_SRC / "init.sh"
+    key = input_key(hog.read_bytes(), init.read_bytes(), k.version.encode(), " ".join(MODULES).encode())
     initramfs = build_dir / f"initramfs-{key}.cpio.gz"
     if not initramfs.exists():
-        hog = build_dir / f"hog-{key}"
-        _run(["gcc", "-static", "-O2", "-Wall", "-o", str(hog), str(GUEST_SRC / "hog.c")])
-        _build_initramfs(initramfs, moddir, hog)
-        for stale in [*build_dir.glob("initramfs-*.cpio.gz"), *build_dir.glob("hog-*")]:
-            if key not in stale.name:
-                stale.unlink()
-    return GuestAssets(kernel=kernel, initramfs=initramfs, kernel_version=version)
+        build_initramfs(initramfs, k.moddir, {"init": init, "hog": hog}, MODULES)
+        remove_stale(build_dir, "initramfs-*.cpio.gz", initramfs)
+    return GuestAssets(kernel=k.image, initramfs=initramfs, kernel_version=k.version)
 
 
 def _last_int(pattern: str, text: str) -> int | None:
@@ -209,31 +237,58 @@ def run_guest(
     pswpout exceeded min_pswpout. Any other outcome (guest failure code, panic,
     QEMU error, timeout) is ok=False with the console for diagnosis.
     """
-    append = f"console=ttyS0 panic=-1 hog_mib={hog_mib} min_pswpout={min_pswpout}"
+    # QEMU option values escape a literal comma by doubling it.
+    drive = ["-drive", f"file={nbd_uri.replace(',', ',,')},format=raw,if=virtio,cache=none"]
+    return boot(
+        assets.kernel,
+        assets.initramfs,
+        f"hog_mib={hog_mib} min_pswpout={min_pswpout}",
+        drive,
+        memory_mb=memory_mb,
+        timeout=timeout,
+    )
+
+
+def boot(
+    kernel: Path,
+    initramfs: Path,
+    append: str,
+    devices: list[str],
+    *,
+    memory_mb: int,
+    timeout: float,
+    console_log: Path | None = None,
+) -> GuestResult:
+    """Boot kernel + initramfs under QEMU TCG with `devices` (QEMU arguments), until the
+    guest ends QEMU through isa-debug-exit, panics, or `timeout` passes.
+
+    The console goes to console_log as it is written (tail -f it during a long run).
+    """
+    append = f"console=ttyS0 panic=-1 {append}"
     argv = ["timeout", "--kill-after=10", str(timeout), "qemu-system-x86_64"]
     argv += ["-machine", "q35,accel=tcg", "-m", str(memory_mb)]  # no usable KVM here
-    # -nodefaults drops the NIC and VGA the test never uses; the serial port on
-    # stdio is the console we capture.
+    # -nodefaults drops the NIC and VGA a test does not ask for; the serial
+    # port on stdio is the console we capture.
     argv += ["-nodefaults", "-display", "none", "-serial", "stdio"]
     argv += ["-no-reboot"]  # panic=-1 reboots at once; this makes that reboot end QEMU
-    argv += ["-kernel", str(assets.kernel), "-initrd", str(assets.initramfs), "-append", append]
-    # QEMU option values escape a literal comma by doubling it.
-    argv += ["-drive", f"file={nbd_uri.replace(',', ',,')},format=raw,if=virtio,cache=none"]
+    argv += ["-kernel", str(kernel), "-initrd", str(initramfs), "-append", append, *devices]
     argv += ["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]
     # QEMU's NBD client fails requests silently; these trace points say why
     # (they print only on failure, into the captured output).
     for event in ("nbd_read_reply_entry_fail", "nbd_co_request_fail", "nbd_unknown_error"):
         argv += ["-trace", event]
     start = time.monotonic()
-    proc = subprocess.run(
-        argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        timeout=timeout + 30,  # backstop only: `timeout` should always end it first
-    )
-    seconds = time.monotonic() - start
-    console = proc.stdout.decode(errors="replace").replace("\r\n", "\n")
+    with tempfile.TemporaryFile() if console_log is None else console_log.open("w+b") as log:
+        proc = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=timeout + 30,  # backstop only: `timeout` should always end it first
+        )
+        seconds = time.monotonic() - start
+        log.seek(0)
+        console = log.read().decode(errors="replace").replace("\r\n", "\n")
     # Both the exit status and the marker line: a stray write to the port
     # alone, or a marker echoed by a dying guest alone, must not pass.
     ok = (

@@ -116,9 +116,9 @@ async def stub_for(address: str) -> AsyncIterator[swap_pb2_grpc.SwapServiceAsync
 class ServerProcess:
     """`netswap-server` as a subprocess (for kill -9 and signal tests)."""
 
-    def __init__(self, tmp_path: Path, store_root: Path, *extra: str) -> None:
-        # A unix socket: the same address after a restart, and no port races.
-        self.address = f"unix:{tmp_path / 'grpc.sock'}"
+    def __init__(self, tmp_path: Path, store_root: Path, *extra: str, listen: str = "") -> None:
+        # By default a unix socket: the same address after a restart, and no port races.
+        self.address = listen or f"unix:{tmp_path / 'grpc.sock'}"
         self.log = tmp_path / "server.log"
         self.argv = [
             sys.executable, "-m", "netswap.server",

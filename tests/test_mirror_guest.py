@@ -7,10 +7,11 @@ import time
 from pathlib import Path
 
 from netswap.client.mirror import MirroredArea
+from tests.guest import walltimes
 from tests.guestvm import run_guest
 from tests.nbd.test_mirror import holding, lose_machine, three_servers
 from tests.nbdenv import nbd_export
-from tests.test_nbd_guest import GUEST_TIMES, assets, explain
+from tests.test_nbd_guest import SECTION, assets, explain
 
 
 async def test_guest_survives_losing_a_server_of_its_mirror(tmp_path: Path) -> None:
@@ -32,4 +33,4 @@ async def test_guest_survives_losing_a_server_of_its_mirror(tmp_path: Path) -> N
             assert result.ok, explain(result, *(s.log for s in servers))
             assert mirror.failovers >= 1
             assert device.failed is None and device.retries == 0  # the guest's kernel never waited on a retry
-    GUEST_TIMES["netswap mirrored on 3 servers, one lost"] = result.seconds
+    walltimes.record(SECTION, "netswap mirrored on 3 servers, one lost", result)

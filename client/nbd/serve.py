@@ -57,6 +57,7 @@ class NbdOptions:
     # and writes the guest's swapped-out memory, with no authentication at all.
     allow_remote: bool = False
     mlock: bool = True
+    realtime: bool = True  # SCHED_FIFO (client/reserve.py)
     metrics_listen: str = ""  # HOST:PORT for Prometheus, "" for none
 
     def __post_init__(self) -> None:
@@ -205,7 +206,7 @@ async def run_nbd(fleet: Fleet, opts: NbdOptions) -> int:
         http, _ = start_http_server(int(port), addr=host or "127.0.0.1", registry=server.registry)
         log.info("metrics at http://%s:%d/metrics", host or "127.0.0.1", http.server_port)
     # Last: everything the data path needs now exists and has been touched.
-    report = make_reserve_safe(mlock=opts.mlock)
+    report = make_reserve_safe(mlock=opts.mlock, realtime=opts.realtime)
     log.info("reserve safety: %s", report.summary())
     print(f"netswap nbd: serving {area.name} at {where}; {report.summary()}", flush=True)
     stop = asyncio.Event()

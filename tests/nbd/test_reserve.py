@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from collections.abc import AsyncIterator
@@ -25,6 +26,12 @@ async def server(tmp_path: Path) -> AsyncIterator[ServerProcess]:
     proc.stop_quietly()
 
 
+def thread_policy(task: Path) -> int:
+    """The scheduling policy of one thread (/proc/PID/task/TID/stat field 41)."""
+    fields = task.joinpath("stat").read_text().rpartition(") ")[2].split()
+    return int(fields[38])
+
+
 async def test_nbd_locks_itself_and_reports_it(tmp_path: Path, server: ServerProcess) -> None:
     nbd = Frontend(tmp_path, server.address, "vm1", "64MiB")
     await nbd.start()
@@ -38,6 +45,12 @@ async def test_nbd_locks_itself_and_reports_it(tmp_path: Path, server: ServerPro
         assert nbd.metric("netswap_client_pool_pages") == 2048
         flusher = nbd.metric("netswap_client_io_flusher")
         assert ("IO_FLUSHER set" in line) == (flusher == 1)
+        # Per-thread, so set before gRPC started its threads: every thread has it
+        # (this sandbox grants CAP_SYS_NICE; IO_FLUSHER's CAP_SYS_RESOURCE it does not:
+        # tests/guest/test_inside_vm.py checks that one, as root in a guest).
+        assert "SCHED_FIFO on" in line
+        policies = {tid.name: thread_policy(tid) for tid in Path(f"/proc/{nbd.pid}/task").iterdir()}
+        assert len(policies) > 1 and set(policies.values()) == {os.SCHED_FIFO}, policies
         # threads start with 1 MiB stacks, so locking them all stays cheap
         limits = Path(f"/proc/{nbd.pid}/limits").read_text()
         assert re.search(r"Max stack size\s+1048576\s", limits), limits
@@ -101,9 +114,12 @@ async def test_keeps_serving_inside_a_memory_limit_next_to_a_hog(
     fio verify run. The OOM killer must take the hogs, never the frontend, and fio must see
     no error."""
     cgroup = MemoryCgroup()
-    nbd = Frontend(tmp_path, server.address, "vm1", "256MiB")
+    # SCHED_FIFO off: a memory cgroup's limit gives a realtime task no reserve, and a busy
+    # realtime frontend slows the replacement of OOM-killed hogs, leaving it the only victim.
+    nbd = Frontend(tmp_path, server.address, "vm1", "256MiB", "--no-realtime")
     try:
         await nbd.start(cgroup)
+        assert "SCHED_FIFO off" in nbd.log.read_text()
         argv = ["fio", "--name=limited", "--ioengine=nbd", f"--uri={nbd.uri}", "--rw=randwrite"]
         argv += ["--bs=4k", "--iodepth=32", "--size=128M", "--io_size=256M"]
         argv += ["--verify=crc32c", "--do_verify=1", "--verify_fatal=1"]
