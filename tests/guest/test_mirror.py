@@ -8,10 +8,10 @@ from pathlib import Path
 
 from netswap.client.mirror import MirroredArea
 from tests.guest import walltimes
+from tests.guest.test_host_frontend import SECTION, assets, explain
 from tests.guestvm import run_guest
 from tests.nbd.test_mirror import holding, lose_machine, three_servers
 from tests.nbdenv import nbd_export
-from tests.test_nbd_guest import SECTION, assets, explain
 
 
 async def test_guest_survives_losing_a_server_of_its_mirror(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from tests.guestvm import GuestAssets, GuestResult, guest_assets, run_guest
 from tests.helpers import ServerProcess
 from tests.nbdenv import nbd_export, require_tools, run
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SECTION = "QEMU TCG, 280 MiB hog, 61 MB RAM"  # run_guest's defaults (-m 96: 61 MB usable)
 
 
