@@ -161,17 +161,11 @@ def build_server(config: Config, store: Store, registry: CollectorRegistry) -> N
             ),
         ],
     )
+    # SwapService alone: every call on this port is authenticated before its
+    # body is read, and health or reflection requests would be parsed for
+    # anyone, up to the message limit SwapOut needs. They get a port of their own.
     service.register(server)
     health_servicer = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [
-            SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ],
-        server,
-    )
     if config.tls_cert is not None and config.tls_key is not None:
         client_ca = config.tls_client_ca.read_bytes() if config.tls_client_ca else None
         tls = grpc.ssl_server_credentials(
@@ -198,10 +192,18 @@ def build_server(config: Config, store: Store, registry: CollectorRegistry) -> N
     )
     if config.health_listen:
         # Probes (kubelet's gRPC probes, Docker's HEALTHCHECK) speak plaintext
-        # and carry no token: they get a port of their own that serves the
-        # health service and nothing else.
-        built.health_server = grpc.aio.server()
+        # and carry no token: they get a port of their own that serves health
+        # and reflection, with messages capped at what those need.
+        built.health_server = grpc.aio.server(options=[("grpc.max_receive_message_length", 4096)])
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, built.health_server)
+        reflection.enable_server_reflection(
+            [
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            built.health_server,
+        )
         health_port = built.health_server.add_insecure_port(config.health_listen)
         built.health_address = f"{config.health_listen.rpartition(':')[0]}:{health_port}"
     return built

@@ -26,7 +26,7 @@ class Config:
     tokens: Path | None = None
     # "" disables the metrics endpoint.
     metrics_listen: str = "127.0.0.1:9108"
-    # A plaintext port with only grpc.health.v1 (for probes); "" for none.
+    # A plaintext port with gRPC health (probes) and reflection only; "" for none.
     health_listen: str = ""
     # Seconds in-flight calls get to finish on SIGTERM.
     grace_seconds: float = 10.0
@@ -163,7 +163,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     add("--metrics-listen", "Prometheus HOST:PORT, empty to disable (default %(default)s)")
     add(
         "--health-listen",
-        "HOST:PORT serving only the gRPC health service, plaintext, for probes (default off)",
+        "HOST:PORT serving gRPC health (for probes) and reflection, plaintext (default off)",
     )
     add("--grace-seconds", "time in-flight calls get on SIGTERM", type=float)
     add(

@@ -48,7 +48,10 @@ async def test_attack_suite(tmp_path: Path) -> None:
     (bystander / "a").write_text("keep me")
     (tmp_path / "a").write_text("and me")
     store = tmp_path / "store"
-    async with running_server(tmp_path, f"file:{store}") as srv, stub_for(srv.address) as stub:
+    async with (
+        running_server(tmp_path, f"file:{store}", health_listen="127.0.0.1:0") as srv,
+        stub_for(srv.address) as stub,
+    ):
         before = snapshot(tmp_path, store)
         A, B = auth("alice"), auth("bob")
         a = await stub.SwapOn(swap_pb2.SwapOnRequest(name="a", size_bytes=1 << 20), metadata=A)
@@ -143,9 +146,11 @@ async def test_attack_suite(tmp_path: Path) -> None:
 
 
 async def check_up(srv: Running) -> None:
-    async with grpc.aio.insecure_channel(srv.address) as channel:
+    assert srv.server.health_address is not None
+    async with grpc.aio.insecure_channel(srv.server.health_address) as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    async with grpc.aio.insecure_channel(srv.address) as channel:
         listed = await swap_pb2_grpc.SwapServiceStub(channel).ListAreas(
             swap_pb2.ListAreasRequest(), metadata=auth("alice")
         )

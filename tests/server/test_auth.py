@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from netswap.server.auth import TokensError, TokenTable, bearer_token
 from netswap.v1 import swap_pb2
-from tests.helpers import PS, Running, auth, pattern, stub_for
+from tests.helpers import PS, Running, auth, pattern, running_server, stub_for
 
 NO_AUTH: tuple[tuple[str, str], ...] = ()
 CALLS = {
@@ -49,8 +49,11 @@ async def test_unauthenticated_calls_never_reach_a_handler(
     )
 
 
-async def test_health_needs_no_token(srv: Running) -> None:
-    async with grpc.aio.insecure_channel(srv.address) as channel:
+async def test_health_needs_no_token(tmp_path: Path) -> None:
+    async with (
+        running_server(tmp_path, health_listen="127.0.0.1:0") as srv,
+        grpc.aio.insecure_channel(srv.server.health_address or "") as channel,
+    ):
         stub = health_pb2_grpc.HealthStub(channel)
         for service in ("", "netswap.v1.SwapService"):
             reply = await stub.Check(health_pb2.HealthCheckRequest(service=service))
