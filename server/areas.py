@@ -30,6 +30,7 @@ from typing import TypeVar
 from netswap.common.limits import NAME_PATTERN, PAGE_SIZE
 from netswap.server.audit import AuditLog, outcome_of
 from netswap.server.errors import Exhausted, InvalidArgument, NotFound, ServiceError, SizeMismatch
+from netswap.server.fairshare import current_turn
 from netswap.server.slots import Run, Scattered, Slots
 from netswap.server.store import AreaKey, Backing, Store
 
@@ -208,9 +209,16 @@ class AreaManager:
                 f"area {key.name!r} exists with size_bytes {area.size_bytes}, not {size_bytes}"
             )
         # One live handle per area: re-attaching (e.g. a client that lost
-        # its handle) takes the area over and the old handle stops working.
+        # its handle) takes the area over and the old handle stops working --
+        # and nothing sent with it lands afterwards: what it has in I/O
+        # threads finishes first (a fence, which the mirror relies on).
         if area.handle is not None:
             del self._handles[area.handle]
+            area.handle = None
+            await self._drained(area)
+        if not area.backing.trusted:  # it may have lost pages in a crash: as good as lost
+            await self._in_control(self.store.trust, key, area.backing)
+            created = True
         area.handle = secrets.token_bytes(HANDLE_BYTES)
         self._handles[area.handle] = area
         return Attachment(area.handle, area.slot_count, created)
@@ -359,23 +367,32 @@ class AreaManager:
     async def _offload(self, area: Area, fn: Callable[..., T], *args: object) -> T:
         """Run fn in an I/O thread, within the area's owner's share of them."""
         owner = area.key.owner
+        handle = area.handle  # the one the request came with
         gate = self._io_gates.get(owner)
         if gate is None:
             gate = self._io_gates[owner] = asyncio.Semaphore(self._io_share)
         async with gate:
-            if area.handle is None:  # swapped off while this waited its turn
+            if area.handle is None or area.handle != handle:  # swapped off or re-attached meanwhile
                 raise NotFound("unknown handle (expired by SwapOff, re-attach, or a server restart)")
             loop = asyncio.get_running_loop()
             area.busy += 1
             work = self._io.submit(fn, *args)
             # Counted until the thread is done, even if this caller is cancelled first.
             work.add_done_callback(lambda _: loop.call_soon_threadsafe(_idle, area))
-            return await asyncio.wrap_future(work)
+            turn = current_turn.get()
+            if turn is not None:  # the thread's time is not the loop's (fairshare.Turn)
+                turn.pause()
+            try:
+                return await asyncio.wrap_future(work)
+            finally:
+                if turn is not None:
+                    turn.resume()
 
     async def _drained(self, area: Area) -> None:
         if area.busy:
-            area.drained = asyncio.get_running_loop().create_future()
-            await area.drained
+            if area.drained is None or area.drained.done():
+                area.drained = asyncio.get_running_loop().create_future()
+            await asyncio.shield(area.drained)
 
     # -- checks -----------------------------------------------------------------
 
@@ -426,14 +443,17 @@ class AreaManager:
         for lock in list(self._control_locks.values()):  # let control operations in progress finish
             async with lock:
                 pass
+        for area in list(self._areas.values()):  # nothing new starts; what runs finishes
+            area.handle = None
+        self._handles.clear()
         for area in list(self._areas.values()):
             await self._drained(area)
         self.settle()
+        # The store first (a file store syncs every area and records a clean stop), in a thread.
+        await self._in_control(self.store.close)
         for area in self._areas.values():
             area.backing.close()
         self._areas.clear()
-        self._handles.clear()
-        self.store.close()
         self._control.shutdown(wait=False)
         self._io.shutdown(wait=False)
 

@@ -16,6 +16,7 @@ A principal alone on the server, or within its share, never waits here.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections import deque
 
@@ -53,11 +54,16 @@ class FairShare:
         return None
 
     def used(self, principal: str, seconds: float, waited: bool) -> None:
-        """Count `seconds` of loop time to `principal`; `waited`: it came through turn()."""
+        """Count `seconds` of loop time to `principal`; `waited`: it came through turn() and has
+        not passed the turn on yet."""
         self._now[principal] = self._now.get(principal, 0.0) + seconds
         self._now_total += seconds
-        if waited:  # the dispatcher waits for each queued request to finish: the next one may go
-            asyncio.get_running_loop().call_soon(self._dispatch)
+        if waited:
+            self.pass_turn()
+
+    def pass_turn(self) -> None:
+        """The request whose turn it was is done with the loop: the next queued one may go."""
+        asyncio.get_running_loop().call_soon(self._dispatch)
 
     def _roll(self, elapsed: float) -> None:
         if elapsed >= 2 * WINDOW:  # nothing for a whole window: the one before is empty too
@@ -104,3 +110,34 @@ class FairShare:
                 wait.set_result(None)
                 return
         self._dispatching = False
+
+
+class Turn:
+    """One request's time on the loop: what it spends awaiting work done elsewhere (I/O
+    threads) is not the loop's, and a request that waited for its turn passes it on then."""
+
+    __slots__ = ("_fair", "_principal", "_start", "_used", "_waited")
+
+    def __init__(self, fair: FairShare, principal: str, waited: bool) -> None:
+        self._fair = fair
+        self._principal = principal
+        self._waited = waited
+        self._used = 0.0
+        self._start = time.perf_counter()
+
+    def pause(self) -> None:
+        """Before awaiting what other threads do."""
+        self._used += time.perf_counter() - self._start
+        if self._waited:
+            self._waited = False
+            self._fair.pass_turn()
+
+    def resume(self) -> None:
+        self._start = time.perf_counter()
+
+    def end(self) -> None:
+        self._fair.used(self._principal, self._used + time.perf_counter() - self._start, self._waited)
+
+
+# The turn of the request being executed, in its own task (AreaManager pauses it).
+current_turn: contextvars.ContextVar[Turn | None] = contextvars.ContextVar("netswap_turn", default=None)

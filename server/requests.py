@@ -16,7 +16,7 @@ from netswap.common.pagewire import Op, PageHead
 from netswap.server import slots as wire_slots
 from netswap.server.areas import AreaManager
 from netswap.server.errors import InvalidArgument
-from netswap.server.fairshare import FairShare
+from netswap.server.fairshare import FairShare, Turn, current_turn
 from netswap.server.metrics import ServerMetrics
 from netswap.server.status import status_for
 
@@ -54,9 +54,10 @@ class PagePath:
                 await wait
             except asyncio.CancelledError:
                 if wait.done() and not wait.cancelled():  # woken and cancelled at once: pass the turn on
-                    self._fair.used(principal, 0.0, waited=True)
+                    self._fair.pass_turn()
                 raise
-        start = time.perf_counter()
+        turn = Turn(self._fair, principal, wait is not None)
+        reset = current_turn.set(turn)
         try:
             manager = self._manager
             area = manager.attached(principal, head.handle, op.value)
@@ -72,7 +73,8 @@ class PagePath:
             self._pages[op].observe(count)
             return _NONE
         finally:
-            self._fair.used(principal, time.perf_counter() - start, wait is not None)
+            current_turn.reset(reset)
+            turn.end()
 
     def ok(self, method: str, start: float) -> None:
         """Time a request that succeeded."""

@@ -49,6 +49,11 @@ def netswap(address: str, *args: str, token: str = TOKENS["alice"]) -> subproces
     )
 
 
+def stored_files(root: Path) -> list[Path]:
+    """What a file store keeps for areas: everything under its root but its own .state and .lock."""
+    return [p for p in root.rglob("*") if not (p.parent == root and p.name in (".state", ".lock"))]
+
+
 def free_port() -> int:
     """A loopback port free right now, for programs that cannot report the one they bound."""
     with socket.socket() as s:

@@ -30,6 +30,7 @@ class Backing(Protocol):
     """
 
     blocking: bool
+    trusted: bool  # False: it may have lost pages in a crash (Store.trust starts it afresh)
 
     @property
     def size_bytes(self) -> int: ...
@@ -75,7 +76,12 @@ class Store(Protocol):
         Runs in a worker thread."""
 
     def destroy(self, key: AreaKey, backing: Backing) -> None:
-        """Close the area and free its storage. Runs in a worker thread."""
+        """Close the area and free its storage. Runs in a worker thread. Raises only if
+        nothing has changed (the area is then as it was)."""
+
+    def trust(self, key: AreaKey, backing: Backing) -> None:
+        """Start an area that is not `trusted` afresh: empty, its reservation kept. Runs in a
+        worker thread."""
 
     def close(self) -> None: ...
 

@@ -12,6 +12,13 @@ only if its .meta does, so a creation cut short leaves files that the next
 start removes. Pages are written with pwrite and not fsync'd: they survive a
 crash of the server process (the page cache keeps them), not of the host --
 swap does not outlive its host's memory either.
+
+What a crash of the host took is not known, so the store says so rather than
+serve it: `.state` at the root records the boot the server runs in and
+whether it stopped cleanly (every file synced). An area found after an
+unclean stop in an earlier boot is *suspect*: the next SwapOn of it starts it
+afresh (empty, `created`), as if it had been lost -- which it may have been,
+in part. Suspects are kept in `.state` until then, across restarts.
 """
 
 from __future__ import annotations
@@ -69,7 +76,9 @@ class FileBacking:
         self._map_fd = map_fd
         self._size = size_bytes
         self._map = SlotMap(stored)
-        self._map_lock = threading.Lock()  # writes and discards update it from worker threads
+        self._map_bytes = stored
+        self._map_lock = threading.Lock()  # writes and discards update it (and the file) from worker threads
+        self.trusted = True  # see the module docstring: False for a suspect area
         # Swap reads pages one at a time in no order: readahead would only
         # fetch pages nobody asked for -- and it fills the page cache with
         # large folios, which make every later 4 KiB write slow (WRITE_CHUNK).
@@ -87,8 +96,8 @@ class FileBacking:
             pwrite_all(self._fd, pages[index * PAGE_SIZE : (index + count) * PAGE_SIZE], first * PAGE_SIZE)
             # Data first, then the map: a crash in between leaves the slot
             # reading as its old contents, never as garbage.
-            self._set_map(first, count, _ONES)
-            with self._map_lock:
+            with self._map_lock:  # the file and the map in memory change together
+                self._set_map(first, count, _ONES)
                 self._map.mark(first, count)
 
     def settle(self) -> None:
@@ -121,7 +130,7 @@ class FileBacking:
         for _, first, count in slots.runs:
             with self._map_lock:
                 self._map.clear(first, count)
-            self._set_map(first, count, _NULS)
+                self._set_map(first, count, _NULS)
 
     def _set_map(self, first: int, count: int, fill: memoryview) -> None:
         while count:
@@ -132,9 +141,24 @@ class FileBacking:
     def stored_pages(self) -> int:
         return self._map.stored
 
+    def sync(self) -> None:
+        os.fdatasync(self._fd)
+        os.fdatasync(self._map_fd)
+
+    def reset(self) -> None:
+        """Forget every page (the map says none is stored); the reservation stays."""
+        with self._map_lock:
+            self._map.clear(0, len(self._map_bytes))
+            os.ftruncate(self._map_fd, 0)
+            os.posix_fallocate(self._map_fd, 0, len(self._map_bytes))
+
     def close(self) -> None:
-        os.close(self._map_fd)
-        os.close(self._fd)
+        # Closed at most once, and never used after: a closed descriptor's number
+        # may be handed to another area's file.
+        fds, self._fd, self._map_fd = (self._fd, self._map_fd), -1, -1
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
 
 
 _ONES = memoryview(b"\x01" * 4096)
@@ -205,6 +229,34 @@ def hold(root: str | os.PathLike[str]) -> int:
     return fd
 
 
+STATE = ".state"
+
+
+def _boot_id() -> str:
+    """This boot of the host ("" where the kernel does not say)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    """Replace `path` with `data`, durably: a temporary file, fsync, rename, fsync of the directory."""
+    tmp = path.with_name(path.name + "-tmp") if path.suffix != ".meta" else path.with_suffix(".meta-tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def _rmdir_if_empty(owner_dir: Path) -> None:
     with contextlib.suppress(OSError):  # fails, as it should, while the principal has areas
         owner_dir.rmdir()
@@ -216,6 +268,36 @@ class FileStore:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._open: dict[AreaKey, FileBacking] = {}
+        self._suspects: set[tuple[str, str]] = set()
+
+    # -- what a crash of the host may have taken (see the module docstring) --------
+
+    def _read_state(self) -> dict[str, object]:
+        try:
+            state = json.loads((self.root / STATE).read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            log.error("%s unreadable (%s): every area is taken as suspect", self.root / STATE, e)
+            return {"clean": False, "boot_id": None}
+        return state if isinstance(state, dict) else {}
+
+    def _write_state(self, clean: bool) -> None:
+        state = {"boot_id": _boot_id(), "clean": clean, "suspect": sorted(list(s) for s in self._suspects)}
+        try:
+            _write_synced(self.root / STATE, json.dumps(state).encode())
+        except OSError as e:  # e.g. a full disk: the store still works, crash detection may not
+            log.error("cannot record the store's state in %s (%s): after a crash of the host its areas"
+                      " may be trusted wrongly", self.root / STATE, e)  # fmt: skip
+
+    def trust(self, key: AreaKey, backing: Backing) -> None:
+        """Start a suspect area afresh (empty), and say so in the state file."""
+        assert isinstance(backing, FileBacking)
+        backing.reset()
+        backing.trusted = True
+        self._suspects.discard((_hex(key.owner), _hex(key.name)))
+        self._write_state(clean=False)
 
     def _paths(self, key: AreaKey) -> tuple[Path, Path, Path]:
         base = self.root / _hex(key.owner) / _hex(key.name)
@@ -239,6 +321,27 @@ class FileStore:
                 area = self._load(owner, owner_dir / f"{stem}.meta")
                 if area is not None:
                     found.append(area)
+        state = self._read_state()
+        listed = state.get("suspect")
+        carried = (
+            {(s[0], s[1]) for s in listed if isinstance(s, list) and len(s) == 2}
+            if isinstance(listed, list)
+            else set()
+        )
+        crashed = bool(state) and not state.get("clean") and state.get("boot_id") != _boot_id()
+        for key, backing in found:
+            assert isinstance(backing, FileBacking)
+            self._open[key] = backing
+            tag = (_hex(key.owner), _hex(key.name))
+            if crashed or tag in carried:
+                backing.trusted = False
+                self._suspects.add(tag)
+                log.warning(
+                    "area %r of %r may have lost pages in a crash of the host (its last stop was not"
+                    " clean, in an earlier boot): its next SwapOn starts it afresh, empty",
+                    key.name, key.owner,
+                )  # fmt: skip
+        self._write_state(clean=False)
         return found
 
     def _load(self, owner: str, meta_path: Path) -> tuple[AreaKey, Backing] | None:
@@ -289,7 +392,9 @@ class FileStore:
             fds.append(_reserve(map_path, size_bytes // PAGE_SIZE))
             made.append(map_path)
             self._write_meta(key, size_bytes, meta_path)
-            return FileBacking(fds[0], fds[1], size_bytes, bytearray(size_bytes // PAGE_SIZE))
+            backing = FileBacking(fds[0], fds[1], size_bytes, bytearray(size_bytes // PAGE_SIZE))
+            self._open[key] = backing
+            return backing
         except BaseException as e:
             for fd in fds:
                 os.close(fd)
@@ -314,33 +419,31 @@ class FileStore:
             "size_bytes": size_bytes,
             "page_size": PAGE_SIZE,
         }
-        tmp = meta_path.with_suffix(".meta-tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, json.dumps(meta).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, meta_path)
-        dir_fd = os.open(meta_path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _write_synced(meta_path, json.dumps(meta).encode())
 
     def destroy(self, key: AreaKey, backing: Backing) -> None:
         data_path, map_path, meta_path = self._paths(key)
         # The .meta goes first: from then on the area no longer exists, even
         # if we die before the data file is gone. If it cannot go, nothing
-        # has changed and the error propagates.
+        # has changed and the error propagates; after it, nothing may.
         meta_path.unlink(missing_ok=True)
-        backing.close()
+        self._open.pop(key, None)
+        try:
+            backing.close()
+        except OSError as e:
+            log.warning("closing the files of %r of %r: %s", key.name, key.owner, e)
         for path in (data_path, map_path):
             try:
                 path.unlink(missing_ok=True)
             except OSError as e:  # harmless: removed as a leftover at the next start
                 log.warning("could not remove %s: %s", path, e)
         _rmdir_if_empty(data_path.parent)
+        if self._suspects:
+            self._suspects.discard((_hex(key.owner), _hex(key.name)))
+            self._write_state(clean=False)
 
     def close(self) -> None:
-        pass
+        """Sync every area's files, then record a clean stop (see the module docstring)."""
+        for backing in list(self._open.values()):
+            backing.sync()
+        self._write_state(clean=True)

@@ -12,6 +12,7 @@ from netswap.server.store.base import AreaKey, Backing, SlotMap, drop, lock, pop
 
 class MemoryBacking:
     blocking = False  # copies within memory: short enough for the event loop
+    trusted = True  # gone with the process: never found after a crash
 
     def __init__(self, size_bytes: int, *, locked: bool = False) -> None:
         # An anonymous mapping, faulted in now: the pages are really allocated
@@ -110,6 +111,9 @@ class MemoryStore:
 
     def destroy(self, key: AreaKey, backing: Backing) -> None:
         backing.close()
+
+    def trust(self, key: AreaKey, backing: Backing) -> None:
+        pass  # (every area is)
 
     def close(self) -> None:
         pass

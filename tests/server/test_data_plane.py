@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -11,7 +14,7 @@ import pytest
 
 from netswap.server.errors import InvalidArgument
 from netswap.v1 import swap_pb2, swap_pb2_grpc
-from tests.helpers import PS, Running, auth, pattern, stub_for
+from tests.helpers import PS, Running, auth, pattern, running_server, stored_files, stub_for
 
 
 @dataclass
@@ -333,7 +336,7 @@ async def test_swapoff_frees_everything_and_kills_the_handle(srv: Running, area:
     assert srv.server.manager.reserved_bytes == 0
     assert srv.server.manager.list_areas("alice") == []
     if srv.store_root is not None:
-        assert not [p for p in srv.store_root.rglob("*") if p.is_file()]
+        assert not stored_files(srv.store_root)
     for call in (area.get([0]), area.out([0], pattern(0, 1)), area.discard([0])):
         code, _ = await code_of(call)
         assert code == grpc.StatusCode.NOT_FOUND
@@ -358,3 +361,35 @@ async def test_list_areas(srv: Running, area: Attached) -> None:
         ("aaa", PS, 0),
         ("vm1", 1 << 20, 3),
     ]
+
+
+async def test_re_attaching_waits_for_what_the_old_handle_has_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A write of the old handle held up in an I/O thread lands before the new
+    # handle exists: nothing sent with a handle lands after it was replaced.
+    async with running_server(tmp_path, "file") as srv:
+        manager = srv.server.manager
+        old = (await manager.swapon("alice", "vm1", 16 * PS)).handle
+        (area,) = manager._areas.values()
+        release = threading.Event()
+        real = area.backing.write
+
+        def held_up(*args: Any, **kwargs: Any) -> None:
+            release.wait(10)
+            real(*args, **kwargs)
+
+        monkeypatch.setattr(area.backing, "write", held_up)
+        late = asyncio.ensure_future(
+            manager.swap_out(manager.attached("alice", old, "SwapOut"), [5], memoryview(pattern(1, 1)))
+        )
+        await asyncio.sleep(0.05)
+        again = asyncio.ensure_future(manager.swapon("alice", "vm1", 16 * PS))
+        await asyncio.sleep(0.05)
+        assert not again.done()  # the fence: the old handle's write is still on its way
+        release.set()
+        await late
+        new = (await again).handle
+        monkeypatch.undo()
+        await manager.swap_out(manager.attached("alice", new, "SwapOut"), [5], memoryview(pattern(2, 1)))
+        assert b"".join(await manager.swap_in(manager.attached("alice", new, "SwapIn"), [5])) == pattern(2, 1)

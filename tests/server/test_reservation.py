@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from netswap.v1 import swap_pb2
-from tests.helpers import auth, pattern, running_server, stub_for
+from tests.helpers import auth, pattern, running_server, stored_files, stub_for
 
 
 @contextlib.contextmanager
@@ -56,12 +56,12 @@ async def test_swap_out_into_every_slot_of_a_full_disk(tmp_path: Path) -> None:
             assert os.statvfs(mnt).f_bavail == 0
 
             # a second area cannot reserve, and leaves nothing behind
-            before = sorted(p.name for p in store.rglob("*"))
+            before = sorted(p.name for p in stored_files(store))
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await stub.SwapOn(swap_pb2.SwapOnRequest(name="vm2", size_bytes=size), metadata=auth("bob"))
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "not enough space" in (err.value.details() or "")
-            assert sorted(p.name for p in store.rglob("*")) == before
+            assert sorted(p.name for p in stored_files(store)) == before
             assert srv.server.manager.reserved_bytes == size
 
             # every slot of the reserved area still takes a write

@@ -14,7 +14,7 @@ from netswap.server.app import build_server
 from netswap.server.config import Config
 from netswap.server.store import AreaKey, Backing, FileStore
 from netswap.v1 import swap_pb2
-from tests.helpers import PS, Running, auth, running_server, stub_for, write_tokens
+from tests.helpers import PS, Running, auth, running_server, stored_files, stub_for, write_tokens
 
 
 async def swapon(srv: Running, name: str, size: int, who: str = "alice") -> swap_pb2.SwapOnResponse:
@@ -68,7 +68,7 @@ async def test_bad_names_are_invalid_argument(srv: Running, name: str) -> None:
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "name" in (err.details() or "")
     if srv.store_root is not None:
-        assert not any(srv.store_root.rglob("*")), "a refused swapon left files behind"
+        assert not stored_files(srv.store_root), "a refused swapon left files behind"
 
 
 @pytest.mark.parametrize("name", ["a" * 64, "..", ".", "a.b-c_D9"])
@@ -76,7 +76,7 @@ async def test_odd_but_valid_names_stay_inside_the_store(srv: Running, name: str
     reply = await swapon(srv, name, 1 << 20)
     assert reply.created
     if srv.store_root is not None:
-        files = [p for p in srv.store_root.rglob("*") if p.is_file()]
+        files = [p for p in stored_files(srv.store_root) if p.is_file()]
         assert files and all(p.resolve().is_relative_to(srv.store_root.resolve()) for p in files)
         assert all(name not in p.name for p in files if name not in (".",))
 
@@ -96,11 +96,11 @@ async def test_capacity_exhaustion_leaves_nothing_behind(srv: Running) -> None:
     # capacity 64 MiB, max area 32 MiB
     await swapon(srv, "a", 32 << 20)
     await swapon(srv, "b", 30 << 20, who="bob")
-    before = sorted(p.name for p in srv.store_root.rglob("*")) if srv.store_root else []
+    before = sorted(p.name for p in stored_files(srv.store_root)) if srv.store_root else []
     err = await swapon_error(srv, "c", 4 << 20)
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "capacity" in (err.details() or "")
-    after = sorted(p.name for p in srv.store_root.rglob("*")) if srv.store_root else []
+    after = sorted(p.name for p in stored_files(srv.store_root)) if srv.store_root else []
     assert after == before
     assert srv.server.manager.reserved_bytes == 62 << 20
     # what fits still fits
