@@ -284,10 +284,11 @@ class PageStream:
 # from Core" when the connection drops mid-operation -- only broke the
 # transport: its requests may succeed on a new stream. (A request the server
 # failed comes back in-band, with its own status.)
+# (RESOURCE_EXHAUSTED is not among them: for a whole stream it is the
+# server's limit on a principal's open streams, which a retry later may pass.)
 _FINAL = {
     grpc.StatusCode.UNAUTHENTICATED,
     grpc.StatusCode.PERMISSION_DENIED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.INVALID_ARGUMENT,
 }
 

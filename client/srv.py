@@ -9,6 +9,7 @@ UDP (with EDNS0, so a few dozen servers fit) to the first nameserver of
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import struct
 from dataclasses import dataclass
@@ -55,26 +56,54 @@ def query(name: str, ident: int) -> bytes:
     return header + labels + struct.pack(">HH", SRV, IN) + opt
 
 
-def _name(msg: bytes, pos: int, depth: int = 0) -> tuple[str, int]:
-    """A (possibly compressed) domain name at `pos`: (the name, where what follows it starts)."""
+_LABEL = re.compile(rb"[A-Za-z0-9_-]{1,63}")
+MAX_NAME = 255
+
+
+def _name(msg: bytes, pos: int) -> tuple[str, int]:
+    """A (possibly compressed) domain name at `pos`: (the name, where what follows it starts).
+
+    Pointers must point backwards (so they cannot loop), names are at most 255
+    bytes and labels are host name labels: anything else is a malformed answer."""
     labels: list[str] = []
+    size = 0
+    after = -1  # where the name ends in the message: after its first pointer, if any
     while True:
-        if pos >= len(msg) or depth > 16:
-            raise SrvError("malformed DNS answer (name)")
+        if pos >= len(msg):
+            raise SrvError("malformed DNS answer (a name runs past its end)")
         length = msg[pos]
-        if length & 0xC0 == 0xC0:  # a pointer to a name elsewhere in the message
-            target = struct.unpack(">H", msg[pos : pos + 2])[0] & 0x3FFF
-            rest, _ = _name(msg, target, depth + 1)
-            return ".".join([*labels, rest]) if rest else ".".join(labels), pos + 2
+        if length & 0xC0 == 0xC0:
+            if pos + 2 > len(msg):
+                raise SrvError("malformed DNS answer (a cut pointer)")
+            target = int.from_bytes(msg[pos : pos + 2], "big") & 0x3FFF
+            if target >= pos:
+                raise SrvError("malformed DNS answer (a pointer forwards)")
+            if after < 0:
+                after = pos + 2
+            pos = target
+            continue
+        if length & 0xC0:
+            raise SrvError("malformed DNS answer (an unknown label type)")
         pos += 1
         if length == 0:
-            return ".".join(labels), pos
-        labels.append(msg[pos : pos + length].decode("ascii", "replace"))
+            return ".".join(labels), after if after >= 0 else pos
+        label = msg[pos : pos + length]
+        size += length + 1
+        if len(label) != length or size > MAX_NAME or not _LABEL.fullmatch(label):
+            raise SrvError("malformed DNS answer (a name that is not a host name)")
+        labels.append(label.decode("ascii"))
         pos += length
 
 
 def parse(msg: bytes, ident: int) -> list[Target]:
-    """The SRV targets of an answer to query(..., ident)."""
+    """The SRV targets of an answer to query(..., ident); SrvError for anything malformed."""
+    try:
+        return _parse(msg, ident)
+    except struct.error as e:
+        raise SrvError(f"malformed DNS answer ({e})") from None
+
+
+def _parse(msg: bytes, ident: int) -> list[Target]:
     if len(msg) < 12:
         raise SrvError("malformed DNS answer (short)")
     got, flags, questions, answers, _, _ = struct.unpack(">HHHHHH", msg[:12])
@@ -99,6 +128,8 @@ def parse(msg: bytes, ident: int) -> list[Target]:
         _, pos = _name(msg, pos)
         rtype, _, _, length = struct.unpack(">HHIH", msg[pos : pos + 10])
         pos += 10
+        if pos + length > len(msg):
+            raise SrvError("malformed DNS answer (a record runs past its end)")
         if rtype == SRV:
             priority, weight, port = struct.unpack(">HHH", msg[pos : pos + 6])
             host, _ = _name(msg, pos + 6)

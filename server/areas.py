@@ -103,6 +103,7 @@ class AreaManager:
         # from someone else having attached its area.
         self.server_id = secrets.token_bytes(HANDLE_BYTES)
         self._areas: dict[AreaKey, Area] = {}
+        self._owned: dict[str, dict[str, Area]] = {}  # the same areas by owner, then name
         self._handles: dict[bytes, Area] = {}
         self._creating: dict[AreaKey, int] = {}  # reservations being made: counted against capacity
         self._unsettled: list[Backing] = []  # took a SwapOut `later` (see settle)
@@ -115,7 +116,7 @@ class AreaManager:
         self._io_share = max(1, io_threads // 2)
         self._io_gates: dict[str, asyncio.Semaphore] = {}
         for key, backing in store.existing():
-            self._areas[key] = Area(key, backing)
+            self._add(Area(key, backing))
 
     # -- accounting (read by metrics at scrape time) --------------------------
 
@@ -124,7 +125,7 @@ class AreaManager:
         return sum(a.size_bytes for a in list(self._areas.values())) + sum(list(self._creating.values()))
 
     def reserved_by(self, owner: str) -> int:
-        return sum(a.size_bytes for a in list(self._areas.values()) if a.key.owner == owner)
+        return sum(a.size_bytes for a in list(self._owned.get(owner, {}).values()))
 
     def area_count(self) -> int:
         return len(self._areas)
@@ -224,7 +225,7 @@ class AreaManager:
         return Attachment(area.handle, area.slot_count, created)
 
     async def _create(self, key: AreaKey, size_bytes: int) -> Area:
-        owned = sum(1 for k in self._areas if k.owner == key.owner)
+        owned = len(self._owned.get(key.owner, ()))
         if owned >= self.max_areas_per_principal:
             raise Exhausted(
                 f"area limit: {owned} areas exist; the server allows {self.max_areas_per_principal} per principal"
@@ -244,7 +245,7 @@ class AreaManager:
         finally:
             del self._creating[key]
         area = Area(key, backing)
-        self._areas[key] = area
+        self._add(area)
         return area
 
     async def swapoff(self, principal: str, handle: bytes) -> None:
@@ -266,7 +267,7 @@ class AreaManager:
             except Exception as e:  # refusals and failures (e.g. the disk) alike
                 self._audit.event("swapoff", principal=principal, area=None, outcome=outcome_of(e))
                 raise
-            del self._areas[area.key]
+            self._remove(area)
             self._audit.event("swapoff", principal=principal, area=area.key.name, outcome="ok")
 
     async def destroy(self, key: AreaKey) -> None:
@@ -281,16 +282,24 @@ class AreaManager:
             await self._drained(area)
             self.settle()
             await self._in_control(self.store.destroy, area.key, area.backing)
-            del self._areas[key]
+            self._remove(area)
             self._audit.event("destroy", principal=key.owner, area=key.name, outcome="ok")
 
     def list_areas(self, principal: str) -> list[AreaStats]:
         self.settle()  # count a SwapOut acknowledged a moment ago
-        return [
-            AreaStats(a.key.name, a.size_bytes, a.backing.stored_pages())
-            for key, a in sorted(self._areas.items())
-            if key.owner == principal
-        ]
+        owned = self._owned.get(principal, {})
+        return [AreaStats(name, a.size_bytes, a.backing.stored_pages()) for name, a in sorted(owned.items())]
+
+    def _add(self, area: Area) -> None:
+        self._areas[area.key] = area
+        self._owned.setdefault(area.key.owner, {})[area.key.name] = area
+
+    def _remove(self, area: Area) -> None:
+        del self._areas[area.key]
+        owned = self._owned[area.key.owner]
+        del owned[area.key.name]
+        if not owned:
+            del self._owned[area.key.owner]
 
     async def _in_control(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._control, fn, *args)
@@ -454,6 +463,7 @@ class AreaManager:
         for area in self._areas.values():
             area.backing.close()
         self._areas.clear()
+        self._owned.clear()
         self._control.shutdown(wait=False)
         self._io.shutdown(wait=False)
 

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -122,7 +123,7 @@ class Gate:
         state = self._peers.get(key)
         if state is None:
             if len(self._peers) >= _MAX_PEERS:
-                self.flush()  # the table is bounded: summarise and start again
+                self._evict()
             state = self._peers[key] = _Peer(float(self._limits.failure_burst), now)
         state.tokens = min(
             float(self._limits.failure_burst), state.tokens + (now - state.at) * self._limits.failure_rate
@@ -135,18 +136,29 @@ class Gate:
             state.folded[reason] = state.folded.get(reason, 0) + 1
             self._metrics.auth_failures_folded.inc()
 
-    def flush(self) -> None:
-        """Write the summary of each peer's folded failures; forget peers whose budget is whole again."""
-        now = time.monotonic()
-        for key, state in list(self._peers.items()):
+    def _evict(self) -> None:
+        """The table is full: summarise the older half of it and forget those peers."""
+        old = list(self._peers)[: _MAX_PEERS // 2]
+        self._summarise(old)
+        for key in old:
+            del self._peers[key]
+
+    def _summarise(self, keys: list[str]) -> None:
+        for key in keys:
+            state = self._peers[key]
             if state.folded:
                 self._audit.event(
                     "authn_failure_summary", outcome="too many failures to log one by one",
                     peer=key, failures=sum(state.folded.values()), reasons=dict(state.folded),
                 )  # fmt: skip
                 state.folded.clear()
-            refilled = state.tokens + (now - state.at) * self._limits.failure_rate
-            if refilled >= self._limits.failure_burst or len(self._peers) >= _MAX_PEERS:
+
+    def flush(self) -> None:
+        """Write the summary of each peer's folded failures; forget peers whose budget is whole again."""
+        now = time.monotonic()
+        self._summarise(list(self._peers))
+        for key, state in list(self._peers.items()):
+            if state.tokens + (now - state.at) * self._limits.failure_rate >= self._limits.failure_burst:
                 del self._peers[key]
 
     def _identify(self, table: TokenTable, token: str | None, context: Context) -> str:
@@ -185,7 +197,14 @@ _MAX_PEERS = 4096  # peer addresses tracked at once
 
 
 def _address(peer: str) -> str:
-    """The caller's address without its port: 'ipv4:10.0.0.7:40112' -> 'ipv4:10.0.0.7'."""
-    if peer.startswith(("ipv4:", "ipv6:")):
+    """Whom a failure counts against: an IPv4 address without its port ('ipv4:10.0.0.7:40112'
+    -> 'ipv4:10.0.0.7'), an IPv6 address's /64 (one host usually has all of it)."""
+    if peer.startswith("ipv4:"):
         return peer.rpartition(":")[0]
+    if peer.startswith("ipv6:"):
+        host = peer.removeprefix("ipv6:").rpartition(":")[0].strip("[]").partition("%")[0]
+        try:
+            return f"ipv6:{ipaddress.IPv6Network((host, 64), strict=False)}"
+        except ValueError:
+            return peer.rpartition(":")[0]
     return peer.partition(":")[0] or "unknown"  # unix sockets: one local peer

@@ -191,8 +191,11 @@ class AreaDevice:
 
     def _in_order(self, work: Coroutine[Any, Any, None], done: Done) -> None:
         self._ordered += 1
+        started = False
 
         async def run() -> None:
+            nonlocal started
+            started = True
             error: BaseException | None = None
             try:
                 await work
@@ -207,9 +210,16 @@ class AreaDevice:
                 self._ordered -= 1
                 done(error)
 
+        def ended(task: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            if not started:  # cancelled before its first step: run() never answered it
+                work.close()
+                self._ordered -= 1
+                done(DeviceError(EIO, "the frontend is stopping"))
+
         task = asyncio.ensure_future(run())
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(ended)
 
     async def _write(self, offset: int, length: int, buf: memoryview) -> None:
         ps = self.page_size

@@ -180,7 +180,9 @@ def drop(mm: mmap.mmap) -> None:
 
 
 def lock(mm: mmap.mmap) -> None:
-    """mlock the whole mapping (raises OSError with the kernel's reason)."""
-    if _libc.mlock(address_of(mm), len(mm)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    """mlock the whole mapping, in steps (raises OSError with the kernel's reason)."""
+    address, size = address_of(mm), len(mm)
+    for offset in range(0, size, STEP):
+        if _libc.mlock(address + offset, min(STEP, size - offset)) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))

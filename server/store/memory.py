@@ -27,6 +27,9 @@ class MemoryBacking:
             populate(self._mm)
             if locked:
                 self._lock(size_bytes)
+        except OSError as e:
+            self._mm.close()
+            raise Exhausted(f"cannot fault in {size_bytes} bytes of memory: {e.strerror}") from e
         except BaseException:
             self._mm.close()
             raise

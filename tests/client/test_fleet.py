@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import struct
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from netswap.client.fleet import Fleet
 from netswap.client.mirror import MirroredArea, State
 from netswap.client.placement import parse_servers, ranked
-from netswap.client.srv import SrvError, resolve
+from netswap.client.srv import SrvError, parse, query, resolve
 from tests.helpers import TOKENS, ServerProcess, free_port, netswap, pattern, running_server
 
 
@@ -154,3 +157,26 @@ def test_the_cli_with_three_servers_and_two_replicas(tmp_path: Path) -> None:
     finally:
         for server in servers:
             server.stop_quietly()
+
+
+@given(st.binary(max_size=600))
+def test_any_answer_is_parsed_or_refused_as_malformed(junk: bytes) -> None:
+    # Whatever comes back over UDP: targets, or SrvError -- never another exception.
+    ident = int.from_bytes(junk[:2].ljust(2, b"\0"), "big")
+    with contextlib.suppress(SrvError):
+        for target in parse(junk, ident):
+            assert 0 < len(target.host) <= 255
+
+
+def test_a_real_answer_with_compression_is_parsed() -> None:
+    question = query("_grpc._tcp.netswap.test", 7)[12:-11]  # the question's name and its type/class
+    answer = bytearray(struct.pack(">HHHHHH", 7, 0x8180, 1, 1, 0, 0)) + question
+    target = bytes([4]) + b"node" + b"\xc0\x0c"  # node.<the question's name>
+    rdata = struct.pack(">HHH", 1, 2, 50051) + target
+    answer += b"\xc0\x0c" + struct.pack(">HHIH", 33, 1, 60, len(rdata)) + rdata
+    (found,) = parse(bytes(answer), 7)
+    assert (found.priority, found.weight, found.address) == (1, 2, "node._grpc._tcp.netswap.test:50051")
+    looped = bytearray(answer)
+    looped[-2:] = b"\xc0" + bytes([len(answer) - 2])  # a pointer to itself
+    with pytest.raises(SrvError, match="pointer forwards"):
+        parse(bytes(looped), 7)
