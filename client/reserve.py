@@ -49,6 +49,9 @@ SCHED_PRIORITY = 1
 # Thread stacks are locked (and so resident) in full under MCL_FUTURE: gRPC's
 # threads would each pin the default 8 MiB. netswap's own code runs shallow.
 STACK_LIMIT = 1 << 20
+# vm.min_free_kbytes below this leaves a realtime task (a quarter of the
+# reserve) too little to send with while swap is the only way to free memory.
+MIN_FREE_KBYTES = 16384
 _REEXEC_MARK = "NETSWAP_RESERVE_REEXEC"
 
 
@@ -194,6 +197,20 @@ def oom_score_adj() -> int | None:
         return None
 
 
+def check_min_free(path: Path = Path("/proc/sys/vm/min_free_kbytes")) -> str | None:
+    """None if vm.min_free_kbytes leaves the frontend room to send with, else why not."""
+    try:
+        value = int(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if value >= MIN_FREE_KBYTES:
+        return None
+    return (
+        f"vm.min_free_kbytes is {value}, below {MIN_FREE_KBYTES}: if this machine swaps onto"
+        " netswap, its frontend may find no memory to send with (deploy/vm/90-netswap.conf)"
+    )
+
+
 def make_reserve_safe(*, mlock: bool = True, realtime: bool = True) -> ReserveReport:
     """Apply every measure (mlock and realtime optional); warn about what could not be done.
 
@@ -203,7 +220,8 @@ def make_reserve_safe(*, mlock: bool = True, realtime: bool = True) -> ReserveRe
     notes = []
     if mlock:
         lock_memory()
-    for problem in (set_io_flusher(), set_realtime() if realtime else None, set_oom_score_adj()):
+    checks = (set_io_flusher(), set_realtime() if realtime else None, set_oom_score_adj(), check_min_free())
+    for problem in checks:
         if problem:
             notes.append(problem)
             log.warning("%s", problem)

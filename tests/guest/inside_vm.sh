@@ -9,7 +9,7 @@
 # serves, for comparison.
 # Then the hog, and the verdict through QEMU's exit status (isa-debug-exit):
 #   16 ok               17 bad kernel cmdline   20 network failed
-#   21 a unit failed    22 hog failed           23 pswpout too low
+#   21 a unit or sysctl failed  22 hog failed           23 pswpout too low
 #   24 no /proc/vmstat  27 frontend died        28 swap on /dev/vdb failed
 # (QEMU exits 2N+1; boot.sh's own failures panic the kernel instead.)
 
@@ -41,6 +41,10 @@ for v in "$HOG_MIB" "$MIN_PSWPOUT"; do
 	'' | *[!0-9]*) fail 17 "bad-cmdline hog_mib=$HOG_MIB min_pswpout=$MIN_PSWPOUT" ;;
 	esac
 done
+# deploy/vm/90-netswap.conf, as the VM set-up installs it in /etc/sysctl.d
+if [ -f /etc/netswap/sysctl.conf ]; then
+	sysctl -p /etc/netswap/sysctl.conf >/dev/null || fail 21 sysctl
+fi
 echo "GUEST-START kernel=$(uname -r) swap=$SWAP hog_mib=$HOG_MIB min_pswpout=$MIN_PSWPOUT" \
 	"min_free_kbytes=$(cat /proc/sys/vm/min_free_kbytes)"
 # A task blocked this long is reported (Debian's default is 120 s): a stall

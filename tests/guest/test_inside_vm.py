@@ -54,6 +54,8 @@ GUEST_SRC = Path(__file__).resolve().parent
 DEPLOY = ROOT / "deploy" / "vm"
 UNITS = [DEPLOY / "netswap-nbd.service", DEPLOY / "netswap-swap.service"]
 ENV_PATH = "/etc/netswap/nbd.env"  # where both units read it
+# The sysctls the VM set-up installs (docs/nbd.md); the guest applies them before swapping.
+SYSCTL = {"sysctl.conf": (DEPLOY / "90-netswap.conf").read_text()}
 HOST_FROM_GUEST = "10.0.2.2"  # QEMU user networking: the host's loopback, seen from the guest
 
 MEMORY_MB = 256
@@ -145,6 +147,7 @@ def run_inside(tmp_path: Path, server: ServerProcess, area: str) -> GuestResult:
     env_text = env_file(f"{HOST_FROM_GUEST}:{port}", area)
     env = parse_env_file(env_text)
     config = {
+        **SYSCTL,
         "nbd.env": env_text,
         Path(env["NETSWAP_TOKEN_FILE"]).name: TOKENS["alice"] + "\n",
         "units.sh": script(UNITS, ENV_PATH, env),
@@ -240,7 +243,7 @@ async def test_guest_swaps_through_a_frontend_on_the_host_for_comparison(tmp_pat
     try:
         await nbd.start()
         disk = ["-drive", f"file={nbd.uri.replace(',', ',,')},format=raw,if=virtio,cache=none"]
-        result = await asyncio.to_thread(boot_guest, tmp_path, "vdb", {}, disk)
+        result = await asyncio.to_thread(boot_guest, tmp_path, "vdb", SYSCTL, disk)
         assert nbd.alive(), explain_death(nbd)
     finally:
         if nbd.proc is not None:

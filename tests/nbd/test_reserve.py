@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from netswap.client.reserve import MIN_FREE_KBYTES, check_min_free
 from netswap.v1 import swap_pb2
 from tests.frontend import Frontend, MemoryCgroup, MiB, explain_death, fence, hogs_at_the_limit
 from tests.helpers import PS, ServerProcess, auth, running_server, stub_for
@@ -203,3 +204,17 @@ async def test_memory_store_discard_keeps_the_reservation(tmp_path: Path) -> Non
             swap_pb2.SwapInRequest(handle=a.handle, slots=[0, 255]), metadata=auth("alice")
         )
         assert got.pages == pages[: 2 * PS]
+
+
+def test_low_min_free_kbytes_is_named(tmp_path: Path) -> None:
+    sysctl = tmp_path / "min_free_kbytes"
+    sysctl.write_text("1850\n")
+    note = check_min_free(sysctl)
+    assert note is not None and "vm.min_free_kbytes is 1850" in note and "90-netswap.conf" in note
+    sysctl.write_text(f"{MIN_FREE_KBYTES}\n")
+    assert check_min_free(sysctl) is None
+    # the file the docs install sets at least that much
+    conf = Path(__file__).parents[2] / "deploy" / "vm" / "90-netswap.conf"
+    lines = [ln for ln in conf.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    values = {k.strip(): v.strip() for k, _, v in (ln.partition("=") for ln in lines)}
+    assert int(values["vm.min_free_kbytes"]) >= MIN_FREE_KBYTES
