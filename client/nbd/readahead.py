@@ -43,9 +43,6 @@ class _Window:
     dropped: bool = False  # a write overlapped it: its data must never be used
     waiters: list[tuple[int, int, memoryview, Done]] = field(default_factory=list)
 
-    def covers(self, first: int, count: int) -> bool:
-        return self.first <= first and first + count <= self.first + self.count
-
 
 class Readahead:
     """At most `windows` windows of `window_pages` pages, each filled by one read.
@@ -89,7 +86,12 @@ class Readahead:
         sequential = first == self._next
         self._next = first + count
         self._clock += 1
-        window = next((w for w in self._windows if w.covers(first, count)), None)
+        end = first + count
+        for window in self._windows:
+            if window.first <= first and end <= window.first + window.count:
+                break
+        else:
+            window = None
         if window is not None:
             window.used = self._clock
             if window.ready:
