@@ -70,9 +70,9 @@ class PageStreams:
         try:
             op, head, pages = decoded("PageRequest", lambda b: decode_page_request(b, self._bounds), raw)
             method = op.value
-            pieces = await self._path.execute(principal, op, head, pages, later=True)
+            pieces, same = await self._path.execute(principal, op, head, pages, later=True)
         except Exception as e:
             code, message = self._path.failed(method, start, e)
             return encode_page_error(code.value[0], message)
         self._path.ok(method, start)
-        return encode_page_reply(pieces)
+        return encode_page_reply(pieces, same)

@@ -26,9 +26,10 @@ import threading
 from pathlib import Path
 
 from netswap.common.limits import NAME_PATTERN, PAGE_SIZE
+from netswap.common.samepages import SamePages, page_of
 from netswap.server.errors import Exhausted, FailedPrecondition
 from netswap.server.slots import Slots
-from netswap.server.store.base import AreaKey, Backing, SlotMap
+from netswap.server.store.base import AreaKey, Backing, SlotMap, layout
 
 log = logging.getLogger(__name__)
 
@@ -80,28 +81,51 @@ class FileBacking:
     def size_bytes(self) -> int:
         return self._size
 
-    def write(self, slots: Slots, pages: memoryview, later: bool = False) -> None:
+    def write(
+        self, slots: Slots, pages: memoryview, later: bool = False, same: SamePages | None = None
+    ) -> None:
         # Always at once, `later` or not: acknowledged pages must survive a
         # crash of the server process (see the module docstring).
-        for index, first, count in slots.runs:
-            pwrite_all(self._fd, pages[index * PAGE_SIZE : (index + count) * PAGE_SIZE], first * PAGE_SIZE)
-            # Data first, then the map: a crash in between leaves the slot
-            # reading as its old contents, never as garbage.
-            self._set_map(first, count, _ONES)
-            with self._map_lock:
+        if same is None:
+            for index, first, count in slots.runs:
+                self._store(first, count, pages[index * PAGE_SIZE : (index + count) * PAGE_SIZE])
+            return
+        for first, count, at, word in layout(slots.runs, same):
+            if word:  # the page itself too: the mark lives in memory only
+                self._store(first, 1, memoryview(page_of(word)), word)
+            else:
+                self._store(first, count, pages[at * PAGE_SIZE : (at + count) * PAGE_SIZE])
+
+    def _store(self, first: int, count: int, data: memoryview, word: bytes = b"") -> None:
+        pwrite_all(self._fd, data, first * PAGE_SIZE)
+        # Data first, then the map: a crash in between leaves the slot
+        # reading as its old contents, never as garbage. A rewrite of slots
+        # that hold data already leaves the map file as it is.
+        with self._map_lock:
+            if self._map.holes(first, count):
+                self._set_map(first, count, _ONES)
+            if word:
+                self._map.mark_same(first, word)
+            else:
                 self._map.mark(first, count)
 
     def settle(self) -> None:
         pass  # nothing is ever pending (write)
 
-    def read(self, slots: Slots, wait: bool = True) -> list[bytes | memoryview] | None:
+    def read(
+        self, slots: Slots, wait: bool = True, same: list[tuple[int, bytes]] | None = None
+    ) -> list[bytes | memoryview] | None:
         pieces: list[bytes | memoryview] = []
         scratch = 0  # where in _SCRATCH the next cached read goes (wait=False)
-        for _, first, count in slots.runs:
+        for index, first, count in slots.runs:
             # Discarded slots keep their old bytes on disk (discard writes
             # nothing there); the map says to show zeros instead.
+            if same is None:
+                gaps = [(off, b"") for off in self._map.holes(first, count)]
+            else:
+                gaps = self._map.same(first, count)
             start = 0
-            for off in [*self._map.holes(first, count), count]:
+            for off, word in [*gaps, (count, b"")]:
                 if off > start:  # stored pages [start, off) of the run
                     size, offset = (off - start) * PAGE_SIZE, (first + start) * PAGE_SIZE
                     if wait:
@@ -113,15 +137,18 @@ class FileBacking:
                         pieces.append(piece)
                         scratch += size
                 if off < count:
-                    pieces.append(_ZERO_PAGE)
+                    if same is None:
+                        pieces.append(_ZERO_PAGE)
+                    else:
+                        same.append((index + off, word))
                 start = off + 1
         return pieces
 
     def discard(self, slots: Slots) -> None:
         for _, first, count in slots.runs:
-            with self._map_lock:
+            with self._map_lock:  # the map file and the map in memory change together
                 self._map.clear(first, count)
-            self._set_map(first, count, _NULS)
+                self._set_map(first, count, _NULS)
 
     def _set_map(self, first: int, count: int, fill: memoryview) -> None:
         while count:
