@@ -169,10 +169,8 @@ def _same(keys: _Keys, same: SamePages | None) -> bytes:
     """The same_index and same_word fields of `same` (nothing for none)."""
     if not same:
         return b""
-    index = same.index
-    packed = (
-        bytes(index) if index[-1] < 0x80 else b"".join(map(varint, index))
-    )  # increasing: the last is the most
+    index = same.index  # increasing: one byte each when the last takes one
+    packed = bytes(index) if index[-1] < 0x80 else b"".join(map(varint, index))
     return b"".join(
         (keys.same_index, varint(len(packed)), packed, keys.same_word, varint(len(same.words)), same.words)
     )
@@ -212,13 +210,15 @@ def encode_page_swap_in(
     """A serialized PageRequest{swap_in}; `same_pages` lets the reply carry same-filled pages as words."""
     listed, run = _slots(_IN_KEYS, slots, runs)
     same = _IN_KEYS.same_pages + b"\x01" if same_pages else b""
-    return _field_of(PAGE_REQUEST_SWAP_IN, (_handle(_IN_KEYS, handle), listed, run, same))
+    inner = b"".join((_handle(_IN_KEYS, handle), listed, run, same))
+    return b"".join((PAGE_REQUEST_SWAP_IN, varint(len(inner)), inner))
 
 
 def encode_page_discard(handle: bytes, slots: Sequence[int], runs: bool = False) -> bytes:
     """A serialized PageRequest{discard}."""
     listed, run = _slots(_DISCARD_KEYS, slots, runs)
-    return _field_of(PAGE_REQUEST_DISCARD, (_handle(_DISCARD_KEYS, handle), listed, run))
+    inner = b"".join((_handle(_DISCARD_KEYS, handle), listed, run))
+    return b"".join((PAGE_REQUEST_DISCARD, varint(len(inner)), inner))
 
 
 def encode_page_request(op: swap_pb2.SwapInRequest | swap_pb2.DiscardRequest) -> bytes:

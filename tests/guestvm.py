@@ -200,16 +200,19 @@ def run_guest(
     *,
     memory_mb: int = 96,
     hog_mib: int = 280,
+    hog_same: int = 0,
     min_pswpout: int = 50000,
     timeout: float = 900,
 ) -> GuestResult:
     """Boot the guest with nbd_uri (e.g. nbd+unix:///?socket=/x.sock) as its swap disk.
 
+    `hog_same` percent of the hog's pages are same-filled (mostly zeros; see hog.c).
+
     ok means the guest itself reported success: the hog verified every page and
     pswpout exceeded min_pswpout. Any other outcome (guest failure code, panic,
     QEMU error, timeout) is ok=False with the console for diagnosis.
     """
-    append = f"console=ttyS0 panic=-1 hog_mib={hog_mib} min_pswpout={min_pswpout}"
+    append = f"console=ttyS0 panic=-1 hog_mib={hog_mib} hog_same={hog_same} min_pswpout={min_pswpout}"
     argv = ["timeout", "--kill-after=10", str(timeout), "qemu-system-x86_64"]
     argv += ["-machine", "q35,accel=tcg", "-m", str(memory_mb)]  # no usable KVM here
     # -nodefaults drops the NIC and VGA the test never uses; the serial port on
