@@ -23,9 +23,11 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ from netswap.common import grpcenv
 grpcenv.apply()
 
 from procs import TOKEN, server_argv, started
+from prometheus_client import start_http_server
 
 from netswap.client import SwapClient
 from netswap.client.nbd.serve import NBD_MAX_BATCH, NbdOptions, NbdServer
@@ -54,11 +57,20 @@ async def frontend(server: str, socket: Path, readahead: int, same_pages: bool) 
         server, TOKEN, timeout=10.0, max_batch_pages=NBD_MAX_BATCH, max_rpcs=2, same_pages=same_pages
     )
     area = await client.swapon("bench", SIZE, pool_pages=2048)
-    await NbdServer(
-        area, NbdOptions(name="bench", size=SIZE, socket=socket, readahead_pages=readahead)
-    ).start()
-    print("serving", flush=True)
+    nbd = NbdServer(area, NbdOptions(name="bench", size=SIZE, socket=socket, readahead_pages=readahead))
+    await nbd.start()
+    http, _ = start_http_server(0, addr="127.0.0.1", registry=nbd.registry)
+    print(f"serving; metrics=http://127.0.0.1:{http.server_port}/metrics", flush=True)
     await asyncio.Event().wait()
+
+
+def readahead_pages(log: Path) -> dict[str, float]:
+    """The frontend's read-ahead counters (fetched, hit, dropped), from its metrics."""
+    url = re.findall(r"metrics=(http://\S+)", log.read_text())[-1]
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode()
+    found = re.findall(r'^netswap_client_readahead_pages_total\{outcome="(\w+)"\} (\S+)$', text, re.MULTILINE)
+    return {outcome: float(n) for outcome, n in found}
 
 
 @contextlib.contextmanager
@@ -107,19 +119,31 @@ def main() -> int:
                 tmp = Path(tmp_s)
                 with nbdkit(tmp) if name == "nbdkit memory" else netswap(tmp, readahead, same_pages) as uri:
                     r = run_guest(assets, uri, hog_same=args.hog_same)
+                    ahead = readahead_pages(tmp / "nbd.log") if name != "nbdkit memory" else {}
             assert r.ok, r.verdict
             results.setdefault(name, []).append(
-                {"seconds": r.seconds, "pswpout": r.pswpout, "pswpin": r.pswpin}
+                {"seconds": r.seconds, "pswpout": r.pswpout, "pswpin": r.pswpin, "readahead": ahead}
             )
             print(f"run {run + 1}: {name}: {r.seconds:.1f} s; load {os.getloadavg()[0]:.2f}", file=sys.stderr)
     kit = statistics.median(r["seconds"] for r in results["nbdkit memory"])
     print(f"\nguest swap test, hog with {args.hog_same}% same-filled pages: medians of {args.runs} runs")
-    print(f"{'variant':40} {'seconds':>8} {'vs nbdkit':>9} {'pswpout':>8} {'pswpin':>8}")
+    print(
+        f"{'variant':40} {'seconds':>8} {'vs nbdkit':>9} {'pswpout':>8} {'pswpin':>8}"
+        f" {'read ahead':>10} {'used':>6} {'of reads':>8}"
+    )
     for name, rows in results.items():
         seconds = statistics.median(r["seconds"] for r in rows)
         out = statistics.median(r["pswpout"] or 0 for r in rows)
         back = statistics.median(r["pswpin"] or 0 for r in rows)
-        print(f"{name:40} {seconds:8.1f} {seconds / kit:9.2f} {out:8.0f} {back:8.0f}")
+        # Read-ahead: pages fetched, the share of them that reads used (accuracy), and the
+        # share of the pages swapped in that came from them (coverage).
+        fetched = statistics.median(r["readahead"].get("fetched", 0) for r in rows)
+        hit = statistics.median(r["readahead"].get("hit", 0) for r in rows)
+        used = f"{hit / fetched:6.0%}" if fetched else f"{'':6}"
+        covered = f"{hit / back:8.0%}" if back and rows[0]["readahead"] else f"{'':8}"
+        print(
+            f"{name:40} {seconds:8.1f} {seconds / kit:9.2f} {out:8.0f} {back:8.0f} {fetched:10.0f} {used} {covered}"
+        )
     if args.json:
         args.json.write_text(json.dumps({"hog_same": args.hog_same, "results": results}, indent=2))
     return 0

@@ -33,7 +33,8 @@ from netswap.common.limits import PAGE_SIZE
 
 __all__ = ["AreaDevice", "BatchArea", "DeviceError"]
 
-_ZERO_PAGE = memoryview(bytes(PAGE_SIZE))  # zero-fill source: zeroing allocates nothing
+_ZERO_PAGE = memoryview(bytes(PAGE_SIZE))
+READAHEAD_GROWTH = 4  # zero-fill source: zeroing allocates nothing
 
 
 class AreaDevice:
@@ -50,13 +51,15 @@ class AreaDevice:
         self.page_size = area.page_size
         self.size = area.size_bytes
         self.link = Resilience(area)
-        # Windows of at most one batch: each is one SwapIn.
+        # Windows of at most one batch: each is one SwapIn. They grow, while a reader
+        # keeps going, to READAHEAD_GROWTH times the first (see readahead.py).
         window = min(readahead_pages, area.max_batch_pages)
         self.readahead = (
             Readahead(
                 self.page_size,
                 self.size // self.page_size,
                 window,
+                max_window_pages=min(READAHEAD_GROWTH * window, area.max_batch_pages),
                 fetch=self._queue_read,
                 fetch_ahead=self._queue_read_ahead,
                 schedule=lambda done: asyncio.get_running_loop().call_soon(done, None),
