@@ -97,6 +97,18 @@ def fill(
             view[:] = pages[pos : pos + len(view)]
             pos += len(view)
         return
+    if len(into) == 1:  # one buffer, as a read-ahead window is
+        view, taken, done = into[0], 0, 0
+        for i, word in [*same, (len(view) // page_size, b"")]:
+            if i > done:
+                view[done * page_size : i * page_size] = pages[
+                    taken * page_size : (taken + i - done) * page_size
+                ]
+                taken += i - done
+            if word:
+                view[i * page_size : (i + 1) * page_size] = page_of(word, page_size)
+            done = i + 1
+        return
     ends = list(itertools.accumulate(len(view) // page_size for view in into))
     taken = 0  # pages of the blob used so far
     done = 0  # pages of the batch written so far
