@@ -148,7 +148,7 @@ async def serve_echo(address: str, stores: bool = False, files: Path | None = No
                 op, head, pages = decode_page_request(request, BOUNDS)
                 at, size = head.run_start * PAGE_SIZE, head.run_count * PAGE_SIZE
                 if op is Op.SWAP_OUT:
-                    pwrite_all(fd, pages, at)  # the file store's own writes
+                    pwrite_all(fd, [pages], at)  # the file store's own writes
                     yield encode_page_reply(())
                 else:
                     yield encode_page_reply([os.pread(fd, size, at)])

@@ -101,7 +101,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "--readahead-pages",
         type=int,
         default=NbdOptions.readahead_pages,
-        help="pages read ahead for sequential reads, in each of two windows; 0: off (default %(default)s)",
+        help="pages a sequential run first reads ahead (later windows grow to 4x); 0: off (default %(default)s)",
     )
     nbd.add_argument(
         "--no-mlock",

@@ -21,8 +21,9 @@ import grpc
 from netswap.client.errors import AreaNotFound, InvalidRequest, ServerError, error_from_rpc
 from netswap.client.pagestream import PageStream
 from netswap.client.pool import Lease, PagePool
+from netswap.common import samepages
 from netswap.common.limits import max_message_bytes
-from netswap.common.pagewire import encode_page_request, encode_page_swap_out, slot_fields
+from netswap.common.pagewire import encode_page_discard, encode_page_swap_in, encode_page_swap_out
 from netswap.v1 import swap_pb2, swap_pb2_grpc
 
 T = TypeVar("T")
@@ -76,6 +77,7 @@ class SwapClient:
         *,
         timeout: float = DEFAULT_TIMEOUT,
         max_batch_pages: int = MAX_BATCH_LIMIT,
+        same_pages: bool = True,
     ):
         self._channel = channel
         # No token: the client certificate alone says who we are (mutual TLS).
@@ -84,6 +86,8 @@ class SwapClient:
         # Batches are cut to what this channel's message limit carries, even
         # if the server would take more.
         self.max_batch_pages = max_batch_pages
+        # Same-filled pages travel as their words where the server takes them (swap.proto).
+        self.same_pages = same_pages
         self._stub = swap_pb2_grpc.SwapServiceStub(channel)
         self._pages = PageStream(channel, self._metadata, timeout)
 
@@ -107,6 +111,7 @@ class SwapClient:
         max_batch_pages: int = MAX_BATCH_LIMIT,
         max_rpcs: int | None = None,
         tls: TlsFiles | None = None,
+        same_pages: bool = True,
     ) -> SwapClient:
         """Open a channel to `target` ("HOST:PORT" or "unix:PATH"), over TLS if `tls` is given.
 
@@ -130,7 +135,7 @@ class SwapClient:
             channel = grpc.aio.insecure_channel(target, options=channel_options)
         else:
             channel = grpc.aio.secure_channel(target, tls.credentials(), options=channel_options)
-        return cls(channel, token, timeout=timeout, max_batch_pages=max_batch_pages)
+        return cls(channel, token, timeout=timeout, max_batch_pages=max_batch_pages, same_pages=same_pages)
 
     async def _call(
         self, method: Callable[..., Awaitable[T]], request: Any, timeout: float | None = None
@@ -163,6 +168,7 @@ class SwapClient:
             pool=pool,
             server_id=reply.server_id,
             takes_runs=reply.takes_runs,
+            takes_same_pages=reply.takes_same_pages and self.same_pages,
         )
 
     async def list_areas(self, timeout: float | None = None) -> list[AreaInfo]:
@@ -345,6 +351,7 @@ class Area(PageArea):
         pool: PagePool,
         server_id: bytes = b"",
         takes_runs: bool = False,
+        takes_same_pages: bool = False,
     ) -> None:
         self._client = client
         self._handle = handle
@@ -358,28 +365,41 @@ class Area(PageArea):
         # The server takes a run of slots as two numbers (swap.proto): slots
         # given as a range go that way.
         self.takes_runs = takes_runs
+        # It takes same-filled pages as their words, and sends them so (swap.proto).
+        self.takes_same_pages = takes_same_pages
 
     # -- one request each: at most max_batch_pages slots, pages scattered/gathered --
 
     async def write_batch(self, slots: Sequence[int], pages: Sequence[memoryview]) -> None:
         """One SwapOut: the pages of `slots` are the concatenation of `pages` (no copy to join them)."""
-        await self._client._pages.request(encode_page_swap_out(self._handle, slots, pages, self.takes_runs))
+        same = None
+        if self.takes_same_pages:  # same-filled pages go as their words
+            pages, same = samepages.find(pages, self.page_size)
+        await self._client._pages.request(
+            encode_page_swap_out(self._handle, slots, pages, self.takes_runs, same)
+        )
 
     async def read_batch(self, slots: Sequence[int], into: Sequence[memoryview]) -> None:
         """One SwapIn: the pages of `slots`, in order, fill the buffers of `into` one after another."""
-        request = swap_pb2.SwapInRequest(handle=self._handle, **slot_fields(slots, self.takes_runs))
-        got = await self._client._pages.request(encode_page_request(request))
-        if len(got) != len(slots) * self.page_size or len(got) != sum(map(len, into)):
-            raise ServerError(f"server returned {len(got)} bytes for {len(slots)} pages")
-        pos = 0
-        for view in into:
-            view[:] = got[pos : pos + len(view)]
-            pos += len(view)
+        request = encode_page_swap_in(self._handle, slots, self.takes_runs, self.takes_same_pages)
+        got, same = await self._client._pages.request(request)
+        words = len(same) if same is not None else 0
+        if (
+            len(got) != (len(slots) - words) * self.page_size
+            or len(slots) * self.page_size != sum(map(len, into))
+            or (same is not None and same.index[-1] >= len(slots))
+        ):
+            raise ServerError(
+                f"server returned {len(got)} bytes and {words} same pages for {len(slots)} pages"
+            )
+        if same is None and len(into) == 1:
+            into[0][:] = got
+        else:
+            samepages.fill(into, got, same, self.page_size)
 
     async def discard_batch(self, slots: Sequence[int]) -> None:
         """One Discard."""
-        request = swap_pb2.DiscardRequest(handle=self._handle, **slot_fields(slots, self.takes_runs))
-        await self._client._pages.request(encode_page_request(request))
+        await self._client._pages.request(encode_page_discard(self._handle, slots, self.takes_runs))
 
     async def reattach(self, timeout: float | None = None) -> bool:
         """SwapOn again with the same name and size for a fresh handle (e.g. after a server restart).
@@ -391,7 +411,9 @@ class Area(PageArea):
         reply = await self._client._call(self._client._stub.SwapOn, request, timeout)
         self._handle = reply.handle
         self.server_id = reply.server_id
-        self.takes_runs = reply.takes_runs  # the server that restarted may be another version
+        # The server that restarted may be another version.
+        self.takes_runs = reply.takes_runs
+        self.takes_same_pages = reply.takes_same_pages and self._client.same_pages
         # The restarted server may allow another size.
         self.max_batch_pages = min(reply.max_batch_pages, self._client.max_batch_pages)
         return reply.created

@@ -36,7 +36,8 @@ from netswap.client.errors import (
     error_from_rpc,
     error_from_status,
 )
-from netswap.common.pagewire import decode_page_reply
+from netswap.common.pagewire import split_page_reply
+from netswap.common.samepages import SamePages
 
 METHOD = "/netswap.v1.SwapService/PageStream"
 _EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]  # missing from grpc-stubs
@@ -73,8 +74,9 @@ class PageStream:
         self._stream: _Stream | None = None
         self._closed = False
 
-    async def request(self, raw: bytes) -> memoryview:
-        """Send one serialized PageRequest; return its reply's pages (empty unless SwapIn).
+    async def request(self, raw: bytes) -> tuple[memoryview, SamePages | None]:
+        """Send one serialized PageRequest; return its reply's pages (empty unless SwapIn) and
+        the same-filled pages they leave out.
 
         Raises the NetswapError of a failed request, or of the stream breaking
         before its reply came (ConnectionLost, mostly).
@@ -293,17 +295,17 @@ _FINAL = {
 }
 
 
-def _pages_of(raw_reply: bytes) -> memoryview:
-    """A PageReply's pages; or the error it carries, raised."""
+def _pages_of(raw_reply: bytes) -> tuple[memoryview, SamePages | None]:
+    """A PageReply's pages and same-filled pages; or the error it carries, raised."""
     if not raw_reply:  # an empty PageReply: SwapOut's or Discard's that succeeded
-        return _NO_PAGES
+        return _NO_PAGES, None
     try:
-        code, message, pages = decode_page_reply(raw_reply)
+        code, message, pages, same = split_page_reply(raw_reply)
     except ValueError as e:
         raise ServerError(f"malformed reply on the page stream: {e}") from None
     if code:
         raise error_from_status(_STATUS.get(code, grpc.StatusCode.UNKNOWN), message)
-    return pages
+    return pages, same
 
 
 def _stream_error(e: grpc.aio.AioRpcError) -> NetswapError:

@@ -24,6 +24,8 @@ class Lease:
     afterwards is a bug, so it is released with the lease.
     """
 
+    __slots__ = ("_pool", "pages", "start", "view")
+
     def __init__(self, pool: PagePool | None, start: int, pages: int, view: memoryview) -> None:
         self._pool = pool
         self.start = start
@@ -71,7 +73,8 @@ class PagePool:
 
     def try_acquire(self, pages: int) -> Lease | None:
         """A lease of `pages` contiguous pages now, or None if no such run is free."""
-        self._check(pages)
+        if self._closing or not 0 < pages <= self.capacity:
+            self._check(pages)  # raises
         if self._waiters:  # FIFO: do not overtake someone already waiting
             return None
         return self._take(pages)
@@ -130,7 +133,7 @@ class PagePool:
             self._free.insert(i, (start, end - start))
         if self._closing:
             self._unmap_if_idle()
-        else:
+        elif self._waiters:
             self._wake()
 
     def _wake(self) -> None:

@@ -22,6 +22,8 @@ in the PageRequest / PageReply messages of PageStream.
 from __future__ import annotations
 
 import enum
+import itertools
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,12 +31,15 @@ from typing import Any
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from netswap.common.limits import MESSAGE_OVERHEAD
+from netswap.common.samepages import SamePages
 from netswap.v1 import swap_pb2
 
 _VARINT, _LEN = 0, 2  # wire types
 
 
 def varint(n: int) -> bytes:
+    if n < 0x80:
+        return _ONE_BYTE[n]
     out = bytearray()
     while n > 0x7F:
         out.append((n & 0x7F) | 0x80)
@@ -43,13 +48,16 @@ def varint(n: int) -> bytes:
     return bytes(out)
 
 
+_ONE_BYTE = [bytes((n,)) for n in range(0x80)]
+
+
 def _field(message: Descriptor, name: str) -> FieldDescriptor:
     return message.fields_by_name[name]
 
 
-def _tag(message: Descriptor, name: str) -> bytes:
-    """The key of a length-delimited field, as its message's descriptor defines it."""
-    return varint(_field(message, name).number << 3 | _LEN)
+def _tag(message: Descriptor, name: str, wire: int = _LEN) -> bytes:
+    """The key of a field (length-delimited unless `wire` says), as its message's descriptor defines it."""
+    return varint(_field(message, name).number << 3 | wire)
 
 
 _SWAP_OUT = swap_pb2.SwapOutRequest.DESCRIPTOR
@@ -60,7 +68,31 @@ _PAGE_REPLY = swap_pb2.PageReply.DESCRIPTOR
 SWAP_OUT_PAGES = _tag(_SWAP_OUT, "pages")
 SWAP_IN_REPLY_PAGES = _tag(_SWAP_IN_REPLY, "pages")
 PAGE_REQUEST_SWAP_OUT = _tag(_PAGE_REQUEST, "swap_out")
+PAGE_REQUEST_SWAP_IN = _tag(_PAGE_REQUEST, "swap_in")
+PAGE_REQUEST_DISCARD = _tag(_PAGE_REQUEST, "discard")
 PAGE_REPLY_PAGES = _tag(_PAGE_REPLY, "pages")
+
+
+class _Keys:
+    """The keys of a message's fields that name slots and same-filled pages (those it has)."""
+
+    def __init__(self, message: Any) -> None:
+        d = message.DESCRIPTOR
+        self.message = message
+        has = d.fields_by_name
+        self.handle = _tag(d, "handle") if "handle" in has else b""
+        self.run_start = _tag(d, "run_start", _VARINT) if "run_start" in has else b""
+        self.run_count = _tag(d, "run_count", _VARINT) if "run_count" in has else b""
+        self.same_index = _tag(d, "same_index") if "same_index" in has else b""  # packed, as proto3 packs
+        self.same_word = _tag(d, "same_word") if "same_word" in has else b""
+        self.same_pages = _tag(d, "same_pages", _VARINT) if "same_pages" in has else b""
+
+
+_OUT_KEYS = _Keys(swap_pb2.SwapOutRequest)
+_IN_KEYS = _Keys(swap_pb2.SwapInRequest)
+_DISCARD_KEYS = _Keys(swap_pb2.DiscardRequest)
+_REPLY_KEYS = _Keys(swap_pb2.PageReply)
+_IN_REPLY_KEYS = _Keys(swap_pb2.SwapInResponse)
 
 
 class Op(enum.Enum):
@@ -69,6 +101,12 @@ class Op(enum.Enum):
     SWAP_OUT = "SwapOut"
     SWAP_IN = "SwapIn"
     DISCARD = "Discard"
+
+    __hash__ = object.__hash__  # members are singletons (see client.nbd.batcher.Kind)
+
+
+# The members as module constants for the hot path (see client.nbd.batcher.READ).
+SWAP_OUT, SWAP_IN, DISCARD = Op.SWAP_OUT, Op.SWAP_IN, Op.DISCARD
 
 
 _OP_OF_FIELD = {
@@ -88,9 +126,11 @@ class Bounds:
 
     @classmethod
     def for_batches(cls, max_batch_pages: int) -> Bounds:
-        """A page request's: its slots listed one varint field each (protobuf also reads
-        repeated numbers unpacked), and a handful of other fields."""
-        return cls(fields=max_batch_pages + 8, head_bytes=MESSAGE_OVERHEAD + max_batch_pages * 22)
+        """A page request's: its slots, same_index and same_word listed one field each
+        (protobuf also reads repeated numbers unpacked), and a handful of other fields."""
+        return cls(
+            fields=3 * max_batch_pages + 8, head_bytes=MESSAGE_OVERHEAD + max_batch_pages * (22 + 6 + 9)
+        )
 
 
 CONTROL = Bounds(fields=16, head_bytes=1 << 20)  # SwapOn, SwapOff, ListAreas
@@ -107,13 +147,46 @@ def slot_fields(slots: Sequence[int], runs: bool) -> dict[str, Any]:
 Pieces = Sequence[bytes | bytearray | memoryview]
 
 
-def _swap_out_parts(handle: bytes, slots: Sequence[int], pages: Pieces, runs: bool) -> list[Any]:
+# -- encoding: field by field in field-number order, as protobuf serializes -------------
+
+
+def _handle(keys: _Keys, handle: bytes) -> bytes:
+    return b"".join((keys.handle, varint(len(handle)), handle)) if handle else b""
+
+
+def _slots(keys: _Keys, slots: Sequence[int], runs: bool) -> tuple[bytes, bytes]:
+    """(the listed slots' field, the run's fields) naming `slots` (see slot_fields)."""
+    if runs and type(slots) is range and slots.step == 1 and slots:
+        start = keys.run_start + varint(slots.start) if slots.start else b""
+        return b"", b"".join((start, keys.run_count, varint(len(slots))))
+    if not slots:
+        return b"", b""
+    # A packed list of numbers: protobuf's C encoder, which is all this message holds.
+    return keys.message(slots=slots).SerializeToString(), b""
+
+
+def _same(keys: _Keys, same: SamePages | None) -> bytes:
+    """The same_index and same_word fields of `same` (nothing for none)."""
+    if not same:
+        return b""
+    index = same.index  # increasing: one byte each when the last takes one
+    packed = bytes(index) if index[-1] < 0x80 else b"".join(map(varint, index))
+    return b"".join(
+        (keys.same_index, varint(len(packed)), packed, keys.same_word, varint(len(same.words)), same.words)
+    )
+
+
+def _swap_out_parts(
+    handle: bytes, slots: Sequence[int], pages: Pieces, runs: bool, same: SamePages | None = None
+) -> list[Any]:
     """The pieces of a serialized SwapOutRequest whose page blob is `pages`, not yet joined."""
-    head = swap_pb2.SwapOutRequest(handle=handle, **slot_fields(slots, runs)).SerializeToString()
+    listed, run = _slots(_OUT_KEYS, slots, runs)
+    head = _handle(_OUT_KEYS, handle) + listed
+    tail = run + _same(_OUT_KEYS, same)
     total = sum(len(p) for p in pages)
     if not total:
-        return [head]
-    return [head, SWAP_OUT_PAGES, varint(total), *pages]
+        return [head, tail]
+    return [head, SWAP_OUT_PAGES, varint(total), *pages, tail]
 
 
 def encode_swap_out(handle: bytes, slots: Sequence[int], pages: Pieces, runs: bool = False) -> bytes:
@@ -122,28 +195,49 @@ def encode_swap_out(handle: bytes, slots: Sequence[int], pages: Pieces, runs: bo
     return b"".join(_swap_out_parts(handle, slots, pages, runs))
 
 
-def encode_page_swap_out(handle: bytes, slots: Sequence[int], pages: Pieces, runs: bool = False) -> bytes:
-    """A serialized PageRequest{swap_out}: as encode_swap_out, wrapped, still one copy of the pages."""
+def encode_page_swap_out(
+    handle: bytes, slots: Sequence[int], pages: Pieces, runs: bool = False, same: SamePages | None = None
+) -> bytes:
+    """A serialized PageRequest{swap_out}: as encode_swap_out, wrapped, still one copy of the pages;
+    `same` lists the same-filled pages that `pages` leaves out."""
     # Always present, even empty: it says which operation this is.
-    return _field_of(PAGE_REQUEST_SWAP_OUT, _swap_out_parts(handle, slots, pages, runs))
+    return _field_of(PAGE_REQUEST_SWAP_OUT, _swap_out_parts(handle, slots, pages, runs, same))
+
+
+def encode_page_swap_in(
+    handle: bytes, slots: Sequence[int], runs: bool = False, same_pages: bool = False
+) -> bytes:
+    """A serialized PageRequest{swap_in}; `same_pages` lets the reply carry same-filled pages as words."""
+    listed, run = _slots(_IN_KEYS, slots, runs)
+    same = _IN_KEYS.same_pages + b"\x01" if same_pages else b""
+    inner = b"".join((_handle(_IN_KEYS, handle), listed, run, same))
+    return b"".join((PAGE_REQUEST_SWAP_IN, varint(len(inner)), inner))
+
+
+def encode_page_discard(handle: bytes, slots: Sequence[int], runs: bool = False) -> bytes:
+    """A serialized PageRequest{discard}."""
+    listed, run = _slots(_DISCARD_KEYS, slots, runs)
+    inner = b"".join((_handle(_DISCARD_KEYS, handle), listed, run))
+    return b"".join((PAGE_REQUEST_DISCARD, varint(len(inner)), inner))
 
 
 def encode_page_request(op: swap_pb2.SwapInRequest | swap_pb2.DiscardRequest) -> bytes:
-    """A serialized PageRequest carrying a SwapIn or Discard (no pages: plain protobuf)."""
+    """A serialized PageRequest carrying a SwapIn or Discard given as a message (plain protobuf)."""
     if isinstance(op, swap_pb2.SwapInRequest):
         return swap_pb2.PageRequest(swap_in=op).SerializeToString()
     return swap_pb2.PageRequest(discard=op).SerializeToString()
 
 
-def encode_swap_in_reply(pages: Pieces) -> bytes:
-    """A serialized SwapInResponse whose pages are the concatenation of `pages` (one copy)."""
-    return _bytes_field(SWAP_IN_REPLY_PAGES, pages)
+def encode_swap_in_reply(pages: Pieces, same: SamePages | None = None) -> bytes:
+    """A serialized SwapInResponse whose pages are the concatenation of `pages` (one copy), and
+    the same-filled pages `same` that it leaves out."""
+    return _bytes_field(SWAP_IN_REPLY_PAGES, pages, _same(_IN_REPLY_KEYS, same))
 
 
-def encode_page_reply(pages: Pieces = ()) -> bytes:
+def encode_page_reply(pages: Pieces = (), same: SamePages | None = None) -> bytes:
     """A serialized PageReply for a request that succeeded (SwapIn: the concatenation of
-    `pages`, one copy)."""
-    return _bytes_field(PAGE_REPLY_PAGES, pages)
+    `pages`, one copy, and the same-filled pages `same` that it leaves out)."""
+    return _bytes_field(PAGE_REPLY_PAGES, pages, _same(_REPLY_KEYS, same))
 
 
 def encode_page_error(code: int, message: str) -> bytes:
@@ -156,9 +250,15 @@ def _field_of(tag: bytes, pieces: Pieces) -> bytes:
     return b"".join((tag, varint(sum(len(p) for p in pieces)), *pieces))
 
 
-def _bytes_field(tag: bytes, pieces: Pieces) -> bytes:
-    """As _field_of, but left out when empty, as proto3 leaves an empty bytes field out."""
-    return _field_of(tag, pieces) if any(len(p) for p in pieces) else b""
+def _bytes_field(tag: bytes, pieces: Pieces, after: bytes = b"") -> bytes:
+    """As _field_of, but left out when empty, as proto3 leaves an empty bytes field out;
+    then the encoded fields `after`."""
+    if len(pieces) == 1:  # one piece, as most replies are
+        if not pieces[0]:
+            return after
+        return b"".join((tag, varint(len(pieces[0])), pieces[0], after))
+    total = sum(len(p) for p in pieces)
+    return b"".join((tag, varint(total), *pieces, after)) if total else after
 
 
 # -- decoding ---------------------------------------------------------------------------
@@ -272,7 +372,7 @@ def decode_page_request(raw: bytes | memoryview, bounds: Bounds) -> tuple[Op, Pa
             else "truncated PageRequest"
         )
     inner = buf[pos:]
-    if op is Op.SWAP_OUT:
+    if op is SWAP_OUT:
         head, pages = decode_swap_out(inner, bounds)
         return op, head, pages
     parsed = decode_small(_HEAD_OF_OP[op], inner, bounds)  # slots only: a small copy
@@ -284,8 +384,33 @@ _PAGE_REPLY_PAGES_FIELD = _field(_PAGE_REPLY, "pages").number
 
 def decode_page_reply(raw: bytes) -> tuple[int, str, memoryview]:
     """(status code, message, pages as a view into `raw`) of a serialized PageReply."""
-    pages, rest = split_bytes_field(raw, _PAGE_REPLY_PAGES_FIELD, "PageReply")
+    code, message, pages, _ = split_page_reply(raw)
+    return code, message, pages
+
+
+def split_page_reply(raw: bytes) -> tuple[int, str, memoryview, SamePages | None]:
+    """(status code, message, pages as a view into `raw`, the same-filled pages they leave
+    out) of a serialized PageReply. Raises ValueError if it is malformed."""
+    buf = memoryview(raw)
+    if len(buf) > 1 and buf[0] == PAGE_REPLY_PAGES[0]:  # pages and nothing else, as most replies are
+        length, pos = _read_varint(buf, 1)
+        if pos + length == len(buf):
+            return 0, "", buf[pos:], None
+    pages, rest = split_bytes_field(buf, _PAGE_REPLY_PAGES_FIELD, "PageReply")
     if not rest:
-        return 0, "", pages
+        return 0, "", pages, None
     reply = swap_pb2.PageReply.FromString(b"".join(rest))
-    return reply.code, reply.message, pages
+    return reply.code, reply.message, pages, same_from_wire(reply.same_index, reply.same_word)
+
+
+def same_from_wire(index: Sequence[int], words: Sequence[int]) -> SamePages | None:
+    """The same-filled pages of a message's same_index and same_word (None for none).
+    Raises ValueError unless they pair up and the positions increase."""
+    if len(index) != len(words):
+        raise ValueError(f"{len(index)} same_index for {len(words)} same_word")
+    if not index:
+        return None
+    listed = list(index)
+    if any(a >= b for a, b in itertools.pairwise(listed)):
+        raise ValueError("same_index must increase")
+    return SamePages(listed, struct.pack(f"<{len(words)}Q", *words))

@@ -25,12 +25,15 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TypeVar
 
 from netswap.common.limits import NAME_PATTERN, PAGE_SIZE
+from netswap.common.samepages import SamePages
 from netswap.server.audit import AuditLog, outcome_of
 from netswap.server.errors import Exhausted, InvalidArgument, NotFound, ServiceError, SizeMismatch
 from netswap.server.fairshare import current_turn
+from netswap.server.iothreads import IoThreads
 from netswap.server.slots import Run, Scattered, Slots
 from netswap.server.store import AreaKey, Backing, Store
 
@@ -111,7 +114,7 @@ class AreaManager:
         self._control = concurrent.futures.ThreadPoolExecutor(
             4, thread_name_prefix="netswap-control", initializer=_yield_cpu
         )
-        self._io = concurrent.futures.ThreadPoolExecutor(io_threads, thread_name_prefix="netswap-io")
+        self._io = IoThreads(io_threads, "netswap-io")
         # A principal may fill at most half the I/O threads: the rest stay for everyone else.
         self._io_share = max(1, io_threads // 2)
         self._io_gates: dict[str, asyncio.Semaphore] = {}
@@ -324,32 +327,50 @@ class AreaManager:
         raise NotFound("unknown handle (expired by SwapOff, re-attach, or a server restart)")
 
     async def swap_out(
-        self, area: Area, slots: Run | Sequence[int], pages: memoryview, later: bool = False
+        self,
+        area: Area,
+        slots: Run | Sequence[int],
+        pages: memoryview,
+        later: bool = False,
+        same: SamePages | None = None,
     ) -> int:
         """Store `pages` at `slots`; the number of pages. With `later` a store may copy them at
         settle() -- call it soon, e.g. once the reply is on its way -- or at the next call
         touching the area, whichever is first (Backing.write); the caller must not change
-        `pages` meanwhile."""
+        `pages` meanwhile. `same`: the same-filled pages that `pages` leaves out."""
         checked = self.checked(area, slots)
-        if len(pages) != checked.count * PAGE_SIZE:
+        sent = checked.count
+        if same is not None:
+            if same.index[-1] >= checked.count:
+                raise InvalidArgument(f"same_index {same.index[-1]} past the request's {checked.count} slots")
+            sent -= len(same)
+        if len(pages) != sent * PAGE_SIZE:
             raise InvalidArgument(
                 f"pages is {len(pages)} bytes; {checked.count} slots need exactly {checked.count * PAGE_SIZE}"
+                if same is None
+                else f"pages is {len(pages)} bytes; {sent} slots not sent as a word need exactly {sent * PAGE_SIZE}"
             )
         backing = area.backing
         if backing.blocking:
-            await self._offload(area, backing.write, checked, pages)
+            await self._offload(area, backing.write, checked, pages, False, same)
             return checked.count
-        backing.write(checked, pages, later)
+        backing.write(checked, pages, later, same)
         if later:
             self._unsettled.append(backing)
         return checked.count
 
-    async def swap_in(self, area: Area, slots: Run | Sequence[int]) -> list[bytes | memoryview]:
-        """The pages of `slots`, as pieces to join at once (see Backing.read)."""
+    async def swap_in(
+        self, area: Area, slots: Run | Sequence[int], same: list[tuple[int, bytes]] | None = None
+    ) -> list[bytes | memoryview]:
+        """The pages of `slots`, as pieces to join at once (see Backing.read); with a list
+        `same`, those that read as a same-filled page go there instead."""
         checked = self.checked(area, slots)
-        pieces = area.backing.read(checked, wait=False)
+        backing = area.backing
+        pieces = backing.read(checked, False, same)
         if pieces is None:  # the disk must be read: not on the event loop
-            pieces = await self._offload(area, area.backing.read, checked)
+            if same is not None:
+                same.clear()  # what the cached attempt found is found again
+            pieces = await self._offload(area, backing.read, checked, True, same)
             assert pieces is not None
         return pieces
 
@@ -383,16 +404,14 @@ class AreaManager:
         async with gate:
             if area.handle is None or area.handle != handle:  # swapped off or re-attached meanwhile
                 raise NotFound("unknown handle (expired by SwapOff, re-attach, or a server restart)")
-            loop = asyncio.get_running_loop()
             area.busy += 1
-            work = self._io.submit(fn, *args)
             # Counted until the thread is done, even if this caller is cancelled first.
-            work.add_done_callback(lambda _: loop.call_soon_threadsafe(_idle, area))
+            work = self._io.call(partial(_idle, area), fn, *args)
             turn = current_turn.get()
             if turn is not None:  # the thread's time is not the loop's (fairshare.Turn)
                 turn.pause()
             try:
-                return await asyncio.wrap_future(work)
+                return await work
             finally:
                 if turn is not None:
                     turn.resume()
@@ -465,7 +484,7 @@ class AreaManager:
         self._areas.clear()
         self._owned.clear()
         self._control.shutdown(wait=False)
-        self._io.shutdown(wait=False)
+        self._io.shutdown()
 
 
 def _yield_cpu() -> None:

@@ -114,6 +114,7 @@ class SwapService:
             max_batch_pages=self._manager.max_batch_pages,
             server_id=self._manager.server_id,
             takes_runs=True,
+            takes_same_pages=True,
         ).SerializeToString()
 
     async def _swap_off(self, principal: str, raw: bytes) -> bytes:
@@ -148,7 +149,7 @@ class SwapService:
     async def _swap_in(self, principal: str, raw: bytes) -> bytes:
         head = decoded("SwapIn", lambda b: decode_small(swap_pb2.SwapInRequest, b, self._bounds), raw)
         # A serialized SwapInResponse: the pages' only copy.
-        return encode_swap_in_reply(await self._path.execute(principal, Op.SWAP_IN, head, _NO_PAGES))
+        return encode_swap_in_reply(*await self._path.execute(principal, Op.SWAP_IN, head, _NO_PAGES))
 
     async def _discard(self, principal: str, raw: bytes) -> bytes:
         head = decoded("Discard", lambda b: decode_small(swap_pb2.DiscardRequest, b, self._bounds), raw)

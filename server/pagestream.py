@@ -87,12 +87,12 @@ class PageStreams:
             if refusal is not None:  # raised outside the handler of e: see requests.malformed
                 raise refusal
             method = op.value
-            pieces = await self._path.execute(principal, op, head, pages, later=True)
+            pieces, same = await self._path.execute(principal, op, head, pages, later=True)
         except Exception as e:
             code, message = self._path.failed(method, start, e)
             return encode_page_error(code.value[0], message)
         self._path.ok(method, start)
-        return encode_page_reply(pieces)
+        return encode_page_reply(pieces, same)
 
 
 def _end(context: Context, status: tuple[grpc.StatusCode, str]) -> None:

@@ -12,13 +12,16 @@ from typing import TypeVar
 import grpc
 from google.protobuf.message import DecodeError
 
-from netswap.common.pagewire import Op, PageHead
+from netswap.common.limits import PAGE_SIZE
+from netswap.common.pagewire import SWAP_IN, SWAP_OUT, Op, PageHead, same_from_wire
+from netswap.common.samepages import SamePages
 from netswap.server import slots as wire_slots
 from netswap.server.areas import AreaManager
 from netswap.server.errors import InvalidArgument
 from netswap.server.fairshare import FairShare, Turn, current_turn
 from netswap.server.metrics import ServerMetrics
 from netswap.server.status import status_for
+from netswap.v1 import swap_pb2
 
 T = TypeVar("T")
 Pieces = list[bytes | memoryview]
@@ -43,8 +46,9 @@ class PagePath:
 
     async def execute(
         self, principal: str, op: Op, head: PageHead, pages: memoryview, later: bool = False
-    ) -> Pieces:
-        """Do one page request; a SwapIn's pages (to join at once), else nothing.
+    ) -> tuple[Pieces, SamePages | None]:
+        """Do one page request; a SwapIn's pages (to join at once) and the same-filled pages
+        they leave out (if it asked), else nothing.
 
         With `later`, a SwapOut's copy may be left to the manager's settle()
         (see AreaManager.swap_out), which the caller runs once its reply is sent."""
@@ -62,16 +66,20 @@ class PagePath:
             manager = self._manager
             area = manager.attached(principal, head.handle, op.value)
             slots = wire_slots.from_wire(head.slots, head.run_start, head.run_count)
-            if op is Op.SWAP_IN:
-                pieces = await manager.swap_in(area, slots)
-                self._pages[op].observe(head.run_count or len(head.slots))
-                return pieces
-            if op is Op.SWAP_OUT:
-                count = await manager.swap_out(area, slots, pages, later)
+            if op is SWAP_IN:
+                assert isinstance(head, swap_pb2.SwapInRequest)
+                found: list[tuple[int, bytes]] | None = [] if head.same_pages else None
+                pieces = await manager.swap_in(area, slots, found)
+                same = SamePages([i for i, _ in found], b"".join([w for _, w in found])) if found else None
+                self._pages[op].observe(sum(map(len, pieces)) // PAGE_SIZE + (len(found) if found else 0))
+                return pieces, same
+            if op is SWAP_OUT:
+                assert isinstance(head, swap_pb2.SwapOutRequest)
+                count = await manager.swap_out(area, slots, pages, later, _same_of(head))
             else:
                 count = await manager.discard(area, slots)
             self._pages[op].observe(count)
-            return _NONE
+            return _NONE, None
         finally:
             current_turn.reset(reset)
             turn.end()
@@ -90,6 +98,16 @@ class PagePath:
         code, message = status_for(error, method)
         self._metrics.rpc_duration.labels(method, code.name).observe(time.perf_counter() - start)
         return code, message
+
+
+def _same_of(head: swap_pb2.SwapOutRequest) -> SamePages | None:
+    """A SwapOut's same-filled pages, or InvalidArgument if its fields do not make sense."""
+    if not head.same_index and not head.same_word:
+        return None
+    try:
+        return same_from_wire(head.same_index, head.same_word)
+    except ValueError as e:
+        raise InvalidArgument(str(e)) from None
 
 
 def decoded(what: str, parse: Callable[[bytes], T], raw: bytes) -> T:

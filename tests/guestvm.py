@@ -228,10 +228,13 @@ def run_guest(
     *,
     memory_mb: int = 96,
     hog_mib: int = 280,
+    hog_same: int = 0,
     min_pswpout: int = 50000,
     timeout: float = 900,
 ) -> GuestResult:
     """Boot the guest with nbd_uri (e.g. nbd+unix:///?socket=/x.sock) as its swap disk.
+
+    `hog_same` percent of the hog's pages are same-filled (mostly zeros; see hog.c).
 
     ok means the guest itself reported success: the hog verified every page and
     pswpout exceeded min_pswpout. Any other outcome (guest failure code, panic,
@@ -242,7 +245,7 @@ def run_guest(
     return boot(
         assets.kernel,
         assets.initramfs,
-        f"hog_mib={hog_mib} min_pswpout={min_pswpout}",
+        f"hog_mib={hog_mib} hog_same={hog_same} min_pswpout={min_pswpout}",
         drive,
         memory_mb=memory_mb,
         timeout=timeout,

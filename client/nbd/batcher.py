@@ -34,6 +34,14 @@ class Kind(enum.Enum):
     WRITE = "out"
     DISCARD = "discard"
 
+    # Members are singletons: identity hashes at C speed (Enum's own hashes the name in Python).
+    __hash__ = object.__hash__
+
+
+# The members as module constants for the hot path: before Python 3.12 every
+# attribute of an Enum class goes through EnumType's __getattr__ hook, slowly.
+READ, WRITE, DISCARD = Kind.READ, Kind.WRITE, Kind.DISCARD
+
 
 class BatchArea(Reattachable, Protocol):
     """What the device needs of an area (netswap.client.Area provides it)."""
@@ -52,7 +60,7 @@ class BatchArea(Reattachable, Protocol):
     async def discard_batch(self, slots: Sequence[int]) -> None: ...
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Request:
     """One caller's operation, possibly split into several parts (and so RPCs).
 
@@ -74,7 +82,7 @@ class _Request:
             self.done(self.error)
 
 
-@dataclass
+@dataclass(eq=False, slots=True)
 class _Part:
     first: int  # first slot
     count: int  # pages
@@ -106,9 +114,11 @@ class Batcher:
         self._holding = False  # see hold()
         self._kick_wanted = False
         self._in_flight = 0
+        self._queued = 0  # parts in all queues
         # labels() takes a lock and builds a key: each kind's series, looked up once.
         self._on_batch = {k: on_batch.labels(k.value) for k in Kind} if on_batch is not None else None
         self.rpcs: dict[str, int] = {kind.value: 0 for kind in Kind}  # RPCs sent, for metrics and tests
+        self._labels = {kind: kind.value for kind in Kind}
 
     def queue(
         self, kind: Kind, first: int, count: int, view: memoryview | None, done: Done, *, alone: bool = False
@@ -120,12 +130,14 @@ class Batcher:
         queue = self._queues[kind]
         if count <= step:
             queue.append(_Part(first, count, view, request, alone))
+            self._queued += 1
         else:
             ps = self.area.page_size
             for start in range(0, count, step):
                 n = min(step, count - start)
                 part_view = view[start * ps : (start + n) * ps] if view is not None else None
                 queue.append(_Part(first + start, n, part_view, request, alone))
+                self._queued += 1
         if self._holding:
             self._kick_wanted = True
         elif not self._kick_scheduled:
@@ -155,18 +167,16 @@ class Batcher:
         """Start RPCs for queued parts while fewer than max_rpcs are in flight."""
         self._kick_scheduled = False
         kinds = self._kinds
-        while self._in_flight < self.max_rpcs:
+        while self._queued and self._in_flight < self.max_rpcs:
             for i in range(len(kinds)):  # round robin, so no kind starves another
                 kind = kinds[(self._next_kind + i) % len(kinds)]
                 if self._queues[kind]:
                     self._next_kind = (self._next_kind + i + 1) % len(kinds)
                     break
-            else:
-                return
             batch = self._cut(self._queues[kind])
             self._in_flight += 1
-            task = asyncio.ensure_future(self._run(kind, batch))
-            task.add_done_callback(_consume)
+            # _run fails its parts itself, whatever happens: nobody awaits the task.
+            asyncio.get_running_loop().create_task(self._run(kind, batch))
 
     def _cut(self, queue: deque[_Part]) -> list[_Part]:
         """Parts from the head of the queue: up to max_batch_pages pages, no slot twice."""
@@ -178,7 +188,11 @@ class Batcher:
             queue[0] = _Part(head.first + room, head.count - room, rest_view, head.request, head.alone)
             head.request.parts += 1
             first_view = head.view[: room * ps] if head.view is not None else None
+            self._queued += 1  # the rest stays queued as one more part
             return [_Part(head.first, room, first_view, head.request, head.alone)]
+        if len(queue) == 1:  # a lone request, as at queue depth 1
+            self._queued -= 1
+            return [queue.popleft()]
         batch: list[_Part] = []
         seen: set[int] = set()  # linear in the batch's pages: pairwise checks were quadratic
         while queue and queue[0].count <= room:
@@ -191,22 +205,21 @@ class Batcher:
             seen.update(slots)
             batch.append(queue.popleft())
             room -= part.count
+        self._queued -= len(batch)
         return batch
 
     async def _run(self, kind: Kind, batch: list[_Part]) -> None:
         error: BaseException | None = None
         try:
-            slots = _slots_of(batch)
-            views = [p.view for p in batch if p.view is not None]
-            deadline = min(p.request.deadline for p in batch)
+            slots, views, deadline = _shape(batch)
             area = self.area
-            if kind is Kind.WRITE:
-                await self._link.call(lambda: area.write_batch(slots, views), deadline)
-            elif kind is Kind.READ:
-                await self._link.call(lambda: area.read_batch(slots, views), deadline)
+            if kind is WRITE:
+                await self._link.call(deadline, area.write_batch, slots, views)
+            elif kind is READ:
+                await self._link.call(deadline, area.read_batch, slots, views)
             else:
-                await self._link.call(lambda: area.discard_batch(slots), deadline)
-            self.rpcs[kind.value] += 1
+                await self._link.call(deadline, area.discard_batch, slots)
+            self.rpcs[self._labels[kind]] += 1
             if self._on_batch is not None:
                 self._on_batch[kind].observe(len(slots))
         except DeviceError as e:
@@ -217,18 +230,25 @@ class Batcher:
             error = DeviceError(EIO, "the frontend is stopping")
             raise
         finally:
+            written = self._on_written if kind is not READ else None
             for part in batch:
-                if kind is not Kind.READ and self._on_written is not None:
+                if written is not None:
                     # Before the writer hears back: see readahead.py.
-                    self._on_written(part.first, part.count)
+                    written(part.first, part.count)
                 complete(part.request.part_finished, error)  # a caller's done() runs here
             self._in_flight -= 1
-            self._kick()
+            if self._queued:
+                self._kick()
 
 
-def _consume(task: asyncio.Future[None]) -> None:
-    if not task.cancelled():
-        task.exception()
+def _shape(batch: list[_Part]) -> tuple[Sequence[int], list[memoryview], float]:
+    """A batch's slots, its buffers in slot order and its deadline (the earliest of its parts')."""
+    if len(batch) == 1:  # a lone request, as at queue depth 1
+        head = batch[0]
+        views = [head.view] if head.view is not None else []
+        return range(head.first, head.first + head.count), views, head.request.deadline
+    views = [p.view for p in batch if p.view is not None]
+    return _slots_of(batch), views, min([p.request.deadline for p in batch])
 
 
 def _slots_of(batch: list[_Part]) -> Sequence[int]:

@@ -27,7 +27,7 @@ import enum
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from functools import partial
 from typing import cast
 
 from netswap.client.metrics import FrontendMetrics
@@ -54,6 +54,12 @@ class Pause(enum.Enum):
     POOL = "waiting for pool pages"
     WRITE = "replies not yet taken by the socket"
     DISCONNECT = "NBD_CMD_DISC: finishing what was accepted"
+
+
+# What answering a request takes: cookie, command, when it started, its lease, a read's payload.
+_Answer = tuple[int, int, float, Lease, memoryview | None]
+# Module constants for the hot path (see batcher.READ).
+_FLAGS, _OPTIONS, _TRANSMISSION, _CLOSED = Phase.FLAGS, Phase.OPTIONS, Phase.TRANSMISSION, Phase.CLOSED
 
 
 class NbdConnection(asyncio.BufferedProtocol):
@@ -83,7 +89,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._view = memoryview(self._buf)
         self._start = 0  # unparsed data is _buf[_start:_end]
         self._end = 0
-        self._phase = Phase.FLAGS
+        self._phase = _FLAGS
         self._no_zeroes = False
         self._transport: asyncio.Transport | None = None
         self._paused: set[Pause] = set()  # why reading is paused
@@ -124,11 +130,11 @@ class NbdConnection(asyncio.BufferedProtocol):
 
     @property
     def in_handshake(self) -> bool:
-        return self._phase in (Phase.FLAGS, Phase.OPTIONS)
+        return self._phase in (_FLAGS, _OPTIONS)
 
     @property
     def serving(self) -> bool:
-        return self._phase is Phase.TRANSMISSION
+        return self._phase is _TRANSMISSION
 
     def drop(self, why: str) -> None:
         """Close this connection (the frontend needs its place)."""
@@ -138,7 +144,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
             self._handshake_timer = None
-        self._phase = Phase.TRANSMISSION
+        self._phase = _TRANSMISSION
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._sink is not None:
@@ -180,9 +186,9 @@ class NbdConnection(asyncio.BufferedProtocol):
         # client's I/O errors have no explanation on this side.
         if exc is not None:
             log.warning("NBD connection from %s lost: %s", self.peer, exc)
-        elif self._phase is not Phase.CLOSED and self.busy:
+        elif self._phase is not _CLOSED and self.busy:
             log.warning("NBD client %s left with %d requests in flight", self.peer, self.busy)
-        self._phase = Phase.CLOSED
+        self._phase = _CLOSED
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
         self._pending = None
@@ -204,14 +210,14 @@ class NbdConnection(asyncio.BufferedProtocol):
 
     def _resume(self, reason: Pause) -> None:
         self._paused.discard(reason)
-        if not self._paused and self._transport is not None and self._phase is not Phase.CLOSED:
+        if not self._paused and self._transport is not None and self._phase is not _CLOSED:
             self._transport.resume_reading()
             self._parse()  # requests may be waiting in the receive buffer
 
     def _close(self, why: str) -> None:
-        if self._phase is not Phase.CLOSED:
+        if self._phase is not _CLOSED:
             log.warning("closing NBD connection from %s: %s", self.peer, why)
-            self._phase = Phase.CLOSED
+            self._phase = _CLOSED
             if self._transport is not None:
                 self._transport.close()
 
@@ -235,10 +241,7 @@ class NbdConnection(asyncio.BufferedProtocol):
 
     def _parse_all(self) -> None:
         while (
-            self._phase is not Phase.CLOSED
-            and not self._paused
-            and self._sink is None
-            and not self._disconnecting
+            self._phase is not _CLOSED and not self._paused and self._sink is None and not self._disconnecting
         ):
             if self._skip:
                 n = min(self._skip, self._available())
@@ -246,7 +249,7 @@ class NbdConnection(asyncio.BufferedProtocol):
                 self._skip -= n
                 if self._skip:
                     return
-            if self._phase is Phase.FLAGS:
+            if self._phase is _FLAGS:
                 if self._available() < p.CLIENT_FLAGS.size:
                     return
                 (flags,) = p.CLIENT_FLAGS.unpack(self._take(p.CLIENT_FLAGS.size))
@@ -254,8 +257,8 @@ class NbdConnection(asyncio.BufferedProtocol):
                     self._close(f"unknown client flags {flags:#x}")
                     return
                 self._no_zeroes = bool(flags & p.FLAG_C_NO_ZEROES)
-                self._phase = Phase.OPTIONS
-            elif self._phase is Phase.OPTIONS:
+                self._phase = _OPTIONS
+            elif self._phase is _OPTIONS:
                 if not self._option():
                     return
             elif not self._request():
@@ -297,7 +300,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._write(p.error_reply(option, p.REP_ERR_POLICY, "TLS is not offered; use a unix socket"))
         else:
             self._write(p.error_reply(option, p.REP_ERR_UNSUP, f"option {option} is not supported"))
-        return self._phase is not Phase.CLOSED
+        return self._phase is not _CLOSED
 
     def _known(self, name: str) -> bool:
         return name in (self.export.name, "")  # "" is the default export
@@ -375,7 +378,9 @@ class NbdConnection(asyncio.BufferedProtocol):
         """Start a valid request; False when parsing must stop (waiting for pages, or DISC)."""
         dev = self.device
         if cmd == p.CMD_READ:
-            return self._with_lease(dev.span(offset, length)[1], cookie, offset, length, self._start_read)
+            ps = dev.page_size
+            pages = (offset + length - 1) // ps - offset // ps + 1
+            return self._with_lease(pages, cookie, offset, length, self._start_read)
         if cmd == p.CMD_WRITE:
             return self._with_lease(
                 dev.write_pages(offset, length), cookie, offset, length, self._write_payload
@@ -433,7 +438,7 @@ class NbdConnection(asyncio.BufferedProtocol):
                 return
             finally:
                 self._waiting = False
-            if self._phase is Phase.CLOSED:
+            if self._phase is _CLOSED:
                 got.release()
                 return
             self._leased += pages
@@ -484,14 +489,16 @@ class NbdConnection(asyncio.BufferedProtocol):
 
     # -- completion ---------------------------------------------------------------------
 
-    def _answer(self, command: int, cookie: int, lease: Lease, data: memoryview | None = None) -> _Answer:
-        """What answers a request the device is about to take (its done callback)."""
+    def _answer(
+        self, command: int, cookie: int, lease: Lease, data: memoryview | None = None
+    ) -> Callable[[BaseException | None], None]:
+        """What answers a request the device is about to take: its done(error)."""
         self.busy += 1
-        return _Answer(self, cookie, command, time.perf_counter(), lease, data)
+        return partial(self._finish, (cookie, command, time.perf_counter(), lease, data))
 
     def _finish(self, answer: _Answer, error: BaseException | None) -> None:
         """A request is over on the device: answer it."""
-        cookie, lease = answer.cookie, answer.lease
+        cookie, command, start, lease, data = answer
         if error is None:
             errno = 0
         elif isinstance(error, DeviceError):
@@ -501,16 +508,17 @@ class NbdConnection(asyncio.BufferedProtocol):
             errno = p.EIO
             log.error("request %#x failed", cookie, exc_info=error)
         try:
-            self._reply(cookie, errno, lease, answer.data)
+            self._reply(cookie, errno, lease, data)
         finally:  # answered, even if that failed: or a DISC would wait for it forever
             self.busy -= 1
         if self._metrics is not None:
-            self._metrics.request_done(answer.command, time.perf_counter() - answer.start, errno == 0)
-        self._maybe_finish_disconnect()
+            self._metrics.request_done(command, time.perf_counter() - start, errno == 0)
+        if self._disconnecting:
+            self._maybe_finish_disconnect()
 
     def _reply(self, cookie: int, errno: int, lease: Lease | None, data: memoryview | None) -> None:
         transport = self._transport
-        if self._phase is Phase.CLOSED or transport is None or transport.is_closing():
+        if self._phase is _CLOSED or transport is None or transport.is_closing():
             if lease is not None:
                 self._release(lease)
             return
@@ -537,7 +545,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         corked, self._corked = self._corked, []
         leases, self._corked_leases = self._corked_leases, []
         transport = self._transport
-        if self._phase is not Phase.CLOSED and transport is not None and not transport.is_closing():
+        if self._phase is not _CLOSED and transport is not None and not transport.is_closing():
             transport.writelines(corked)
             if transport.get_write_buffer_size():
                 self._unsent.extend(leases)  # released once the socket has taken it
@@ -550,10 +558,10 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._transport.write(data)
 
     def _maybe_finish_disconnect(self) -> None:
-        if self._disconnecting and not self.busy and self._phase is not Phase.CLOSED:
+        if self._disconnecting and not self.busy and self._phase is not _CLOSED:
             if self._corked:
                 self._flush()  # the last replies go out before the close
-            self._phase = Phase.CLOSED
+            self._phase = _CLOSED
             if self._transport is not None:
                 self._transport.close()
 
@@ -561,18 +569,3 @@ class NbdConnection(asyncio.BufferedProtocol):
         """Stop serving (shutdown): close the socket; requests in progress still finish on the device."""
         if self._transport is not None:
             self._transport.close()
-
-
-@dataclass(slots=True, eq=False)
-class _Answer:
-    """What answering one request takes, and the call that does it: the device's done(error)."""
-
-    conn: NbdConnection
-    cookie: int
-    command: int
-    start: float
-    lease: Lease | None
-    data: memoryview | None  # a read's reply payload
-
-    def __call__(self, error: BaseException | None) -> None:
-        self.conn._finish(self, error)

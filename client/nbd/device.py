@@ -23,7 +23,7 @@ from collections.abc import Callable, Coroutine
 from functools import partial
 from typing import Any
 
-from netswap.client.nbd.batcher import BatchArea, Batcher, Done, Kind
+from netswap.client.nbd.batcher import DISCARD, READ, WRITE, BatchArea, Batcher, Done, Kind
 from netswap.client.nbd.locks import RangeLocks
 from netswap.client.nbd.protocol import EIO
 from netswap.client.nbd.readahead import Readahead
@@ -33,7 +33,8 @@ from netswap.common.limits import PAGE_SIZE
 
 __all__ = ["AreaDevice", "BatchArea", "DeviceError"]
 
-_ZERO_PAGE = memoryview(bytes(PAGE_SIZE))  # zero-fill source: zeroing allocates nothing
+_ZERO_PAGE = memoryview(bytes(PAGE_SIZE))
+READAHEAD_GROWTH = 4  # zero-fill source: zeroing allocates nothing
 
 
 class AreaDevice:
@@ -50,15 +51,17 @@ class AreaDevice:
         self.page_size = area.page_size
         self.size = area.size_bytes
         self.link = Resilience(area)
-        # Windows of at most one batch: each is one SwapIn.
+        # Windows of at most one batch: each is one SwapIn. They grow, while a reader
+        # keeps going, to READAHEAD_GROWTH times the first (see readahead.py).
         window = min(readahead_pages, area.max_batch_pages)
         self.readahead = (
             Readahead(
                 self.page_size,
                 self.size // self.page_size,
                 window,
-                fetch=partial(self._queue_read, alone=False),
-                fetch_ahead=partial(self._queue_read, alone=True),
+                max_window_pages=min(READAHEAD_GROWTH * window, area.max_batch_pages),
+                fetch=self._queue_read,
+                fetch_ahead=self._queue_read_ahead,
                 schedule=lambda done: asyncio.get_running_loop().call_soon(done, None),
             )
             if window > 0
@@ -72,6 +75,9 @@ class AreaDevice:
             on_batch=on_batch,
             on_written=self.readahead.invalidate if self.readahead is not None else None,
         )
+        # The connection holds the batcher while it parses one socket read (Batcher.hold).
+        self.hold = self.batches.hold
+        self.release = self.batches.release
         self._locks = RangeLocks()
         self._ordered = 0  # lock-taking requests called and not yet finished (see write())
         self._tasks: set[asyncio.Task[None]] = set()
@@ -98,12 +104,6 @@ class AreaDevice:
     @property
     def rpcs(self) -> dict[str, int]:
         return self.batches.rpcs
-
-    def hold(self) -> None:
-        self.batches.hold()
-
-    def release(self) -> None:
-        self.batches.release()
 
     # -- geometry -----------------------------------------------------------------
 
@@ -149,7 +149,7 @@ class AreaDevice:
         if self.readahead is not None:
             self.readahead.read(first, count, pages, done)
         else:
-            self._queue_read(first, count, pages, done, alone=False)
+            self.batches.queue(READ, first, count, pages, done)
 
     def write(self, offset: int, length: int, buf: memoryview, done: Done) -> None:
         """Write bytes [offset, offset+length).
@@ -168,7 +168,7 @@ class AreaDevice:
                     self._locks.release(held)
                     done(error)
 
-                self.batches.queue(Kind.WRITE, first, count, buf[:length], finished)
+                self.batches.queue(WRITE, first, count, buf[:length], finished)
                 return
         self._in_order(self._write(offset, length, buf), done)
 
@@ -232,11 +232,11 @@ class AreaDevice:
                 # An edge page keeps its stored bytes outside the payload.
                 page = data[i * ps : (i + 1) * ps]
                 spare = buf[scratch : scratch + ps]
-                await self._submit(Kind.READ, first + i, 1, spare)
+                await self._submit(READ, first + i, 1, spare)
                 for keep_lo, keep_hi in ((0, lo), (hi, ps)):
                     page[keep_lo:keep_hi] = spare[keep_lo:keep_hi]
                 scratch += ps
-            await self._submit(Kind.WRITE, first, count, data)
+            await self._submit(WRITE, first, count, data)
         finally:
             self._locks.release(held)
 
@@ -248,14 +248,14 @@ class AreaDevice:
         try:
             for n, (i, lo, hi) in enumerate(edges):
                 page = scratch[n * ps : (n + 1) * ps]
-                await self._submit(Kind.READ, first + i, 1, page)
+                await self._submit(READ, first + i, 1, page)
                 page[lo:hi] = _ZERO_PAGE[: hi - lo]
-                await self._submit(Kind.WRITE, first + i, 1, page)
+                await self._submit(WRITE, first + i, 1, page)
             # Whole pages in between: neither the first nor the last if those are edges.
             full_lo = first + (1 if edges and edges[0][0] == 0 else 0)
             full_hi = first + count - (1 if edges and edges[-1][0] == count - 1 else 0)
             if full_hi > full_lo:
-                await self._submit(Kind.DISCARD, full_lo, full_hi - full_lo, None)
+                await self._submit(DISCARD, full_lo, full_hi - full_lo, None)
         finally:
             self._locks.release(held)
 
@@ -266,7 +266,7 @@ class AreaDevice:
         if hi > lo:
             held = await self._locks.acquire(lo, hi - lo)
             try:
-                await self._submit(Kind.DISCARD, lo, hi - lo, None)
+                await self._submit(DISCARD, lo, hi - lo, None)
             finally:
                 self._locks.release(held)
 
@@ -276,8 +276,11 @@ class AreaDevice:
         self.batches.queue(kind, first, count, view, partial(_settle, future))
         await future
 
-    def _queue_read(self, first: int, count: int, into: memoryview, done: Done, *, alone: bool) -> None:
-        self.batches.queue(Kind.READ, first, count, into, done, alone=alone)
+    def _queue_read(self, first: int, count: int, into: memoryview, done: Done) -> None:
+        self.batches.queue(READ, first, count, into, done)
+
+    def _queue_read_ahead(self, first: int, count: int, into: memoryview, done: Done) -> None:
+        self.batches.queue(READ, first, count, into, done, alone=True)
 
     def _fail_soon(self, done: Callable[[BaseException | None], None]) -> None:
         """Fail a request on a later turn of the loop (never inside the caller's own call)."""

@@ -9,6 +9,13 @@ last one ended, the device fetches the window after it in one SwapIn while
 the kernel is still busy with what it has, and answers the following reads
 from memory.
 
+How far ahead is learnt from the reader, as Leap does for remote memory: a
+run's first window is `window_pages`; each time the reader gets through half
+of a window and goes on, the next is twice as long, up to
+`max_window_pages`. A process sweeping its memory soon gets big windows --
+few round trips for many pages -- while short runs fetch no more than the
+first.
+
 Windows live in one buffer allocated at start (reserve safety: serving a
 read never needs fresh memory). Every write, write-zeroes or trim, once the
 server has answered it and before its writer hears so, drops the windows it
@@ -43,9 +50,6 @@ class _Window:
     dropped: bool = False  # a write overlapped it: its data must never be used
     waiters: list[tuple[int, int, memoryview, Done]] = field(default_factory=list)
 
-    def covers(self, first: int, count: int) -> bool:
-        return self.first <= first and first + count <= self.first + self.count
-
 
 class Readahead:
     """At most `windows` windows of `window_pages` pages, each filled by one read.
@@ -60,6 +64,7 @@ class Readahead:
         total_pages: int,
         window_pages: int,
         *,
+        max_window_pages: int | None = None,
         fetch: Fetch,
         fetch_ahead: Fetch,
         schedule: Callable[[Done], object],
@@ -67,11 +72,12 @@ class Readahead:
     ) -> None:
         self.page_size = page_size
         self.total_pages = total_pages
-        self.window_pages = window_pages
+        self.window_pages = window_pages  # a run's first window
+        self.max_window_pages = max(window_pages, max_window_pages or window_pages)
         self._fetch = fetch  # an ordinary read
         self._fetch_ahead = fetch_ahead  # a window's read: a request of its own, after those queued
         self._schedule = schedule  # runs done(None) on a later turn of the loop
-        size = window_pages * page_size
+        size = self.max_window_pages * page_size
         buffer = memoryview(bytearray(windows * size))
         for at in range(0, len(buffer), page_size):
             buffer[at] = 0  # touch every page now: serving from it must not fault in fresh memory
@@ -89,7 +95,12 @@ class Readahead:
         sequential = first == self._next
         self._next = first + count
         self._clock += 1
-        window = next((w for w in self._windows if w.covers(first, count)), None)
+        end = first + count
+        for window in self._windows:
+            if window.first <= first and end <= window.first + window.count:
+                break
+        else:
+            window = None
         if window is not None:
             window.used = self._clock
             if window.ready:
@@ -122,15 +133,17 @@ class Readahead:
     def _ahead(self, start: int) -> None:
         """Have the window at `start` under way, unless one covering it reaches far enough on."""
         covering = next((w for w in self._windows if w.first <= start < w.first + w.count), None)
+        count = self.window_pages  # a new run's
         if covering is not None:
-            if covering.first + covering.count - start > self.window_pages // 2:
+            if covering.first + covering.count - start > max(covering.count, self.window_pages) // 2:
                 return
             start = covering.first + covering.count
             if any(w.first == start for w in self._windows):
                 return
+            count = min(2 * covering.count, self.max_window_pages)  # the reader goes on: twice as far
         if start >= self.total_pages or (not self._free and not self._evict(start)):
             return
-        count = min(self.window_pages, self.total_pages - start)
+        count = min(count, self.total_pages - start)
         slot = self._free.pop()
         window = _Window(start, count, slot, self._slots[slot][: count * self.page_size], self._clock)
         self._windows.append(window)

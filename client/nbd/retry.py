@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import NoReturn, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 from netswap.client.errors import AreaNotFound, ConnectionLost, InvalidRequest, NetswapError
 from netswap.client.nbd.protocol import EINVAL, EIO
@@ -67,17 +67,19 @@ class Resilience:
         if self.failed:
             raise DeviceError(EIO, self.failed)
 
-    async def call(self, rpc: Callable[[], Awaitable[T]], deadline: float) -> T:
-        """rpc(), retried until `deadline` while the server is unreachable; NetswapErrors
+    async def call(self, deadline: float, rpc: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """rpc(*args), retried until `deadline` while the server is unreachable; NetswapErrors
         become DeviceErrors."""
-        backoff = Backoff(deadline)
+        backoff: Backoff | None = None  # made at the first failure: most calls have none
         while True:
             self.check()
             generation = self.generation
             try:
-                result = await rpc()
+                result = await rpc(*args)
             except ConnectionLost as e:
                 self.server_up = False
+                if backoff is None:
+                    backoff = Backoff(deadline)
                 if backoff.expired():
                     raise DeviceError(EIO, f"server unreachable until the retry deadline: {e}") from e
                 if self.retries % 20 == 0:

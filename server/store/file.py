@@ -30,12 +30,14 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 from netswap.common.limits import NAME_PATTERN, PAGE_SIZE
+from netswap.common.samepages import SamePages, page_of
 from netswap.server.errors import Exhausted, FailedPrecondition
 from netswap.server.slots import Slots
-from netswap.server.store.base import AreaKey, Backing, SlotMap
+from netswap.server.store.base import AreaKey, Backing, SlotMap, layout
 
 log = logging.getLogger(__name__)
 
@@ -89,21 +91,56 @@ class FileBacking:
     def size_bytes(self) -> int:
         return self._size
 
-    def write(self, slots: Slots, pages: memoryview, later: bool = False) -> None:
+    def write(
+        self, slots: Slots, pages: memoryview, later: bool = False, same: SamePages | None = None
+    ) -> None:
         # Always at once, `later` or not: acknowledged pages must survive a
         # crash of the server process (see the module docstring).
-        for index, first, count in slots.runs:
-            pwrite_all(self._fd, pages[index * PAGE_SIZE : (index + count) * PAGE_SIZE], first * PAGE_SIZE)
-            # Data first, then the map: a crash in between leaves the slot
-            # reading as its old contents, never as garbage.
-            with self._map_lock:  # the file and the map in memory change together
+        if same is None:
+            for index, first, count in slots.runs:
+                self._store(first, count, [pages[index * PAGE_SIZE : (index + count) * PAGE_SIZE]])
+            return
+        # The pages themselves too (a mark lives in memory only): each run in one
+        # gathered write, its same-filled pages from their words.
+        run: list[memoryview] = []
+        marks: list[tuple[int, bytes]] = []
+        start = end = -1
+        for first, count, at, word in layout(slots.runs, same):
+            if first != end and run:
+                self._store(start, end - start, run, marks)
+                run, marks = [], []
+            if not run:
+                start = first
+            if word:
+                run.append(memoryview(page_of(word)))
+                marks.append((first, word))
+            else:
+                run.append(pages[at * PAGE_SIZE : (at + count) * PAGE_SIZE])
+            end = first + count
+        self._store(start, end - start, run, marks)
+
+    def _store(
+        self, first: int, count: int, data: list[memoryview], marks: Sequence[tuple[int, bytes]] = ()
+    ) -> None:
+        pwrite_all(self._fd, data, first * PAGE_SIZE)
+        # Data first, then the map: a crash in between leaves the slot
+        # reading as its old contents, never as garbage. A rewrite of slots
+        # that hold data already leaves the map file as it is.
+        with self._map_lock:
+            if self._map.holes(first, count):
                 self._set_map(first, count, _ONES)
-                self._map.mark(first, count)
+            self._map.mark(first, count)
+            for slot, word in marks:
+                self._map.mark_same(slot, word)
 
     def settle(self) -> None:
         pass  # nothing is ever pending (write)
 
-    def read(self, slots: Slots, wait: bool = True) -> list[bytes | memoryview] | None:
+    def read(
+        self, slots: Slots, wait: bool = True, same: list[tuple[int, bytes]] | None = None
+    ) -> list[bytes | memoryview] | None:
+        if same is not None:
+            return self._read_same(slots, wait, same)
         pieces: list[bytes | memoryview] = []
         scratch = 0  # where in _SCRATCH the next cached read goes (wait=False)
         for _, first, count in slots.runs:
@@ -112,30 +149,61 @@ class FileBacking:
             start = 0
             for off in [*self._map.holes(first, count), count]:
                 if off > start:  # stored pages [start, off) of the run
-                    size, offset = (off - start) * PAGE_SIZE, (first + start) * PAGE_SIZE
-                    if wait:
-                        pieces.append(_pread_exact(self._fd, size, offset))
-                    else:
-                        piece = _pread_cached(self._fd, size, offset, scratch)
-                        if piece is None:
-                            return None
-                        pieces.append(piece)
-                        scratch += size
+                    piece = self._pread(first + start, off - start, wait, scratch)
+                    if piece is None:
+                        return None
+                    pieces.append(piece)
+                    scratch += len(piece)
                 if off < count:
                     pieces.append(_ZERO_PAGE)
                 start = off + 1
         return pieces
 
+    def _read_same(
+        self, slots: Slots, wait: bool, same: list[tuple[int, bytes]]
+    ) -> list[bytes | memoryview] | None:
+        """read() for a reader that takes same-filled pages as words: a run is read whole (one
+        system call, as any) and handed out around them."""
+        pieces: list[bytes | memoryview] = []
+        scratch = 0
+        for index, first, count in slots.runs:
+            marks = self._map.same(first, count)
+            if len(marks) == count:
+                same.extend((index + off, word) for off, word in marks)
+                continue
+            blob = self._pread(first, count, wait, scratch)
+            if blob is None:
+                return None
+            scratch += len(blob)
+            view = memoryview(blob)
+            start = 0
+            for off, word in marks:
+                if off > start:
+                    pieces.append(view[start * PAGE_SIZE : off * PAGE_SIZE])
+                same.append((index + off, word))
+                start = off + 1
+            if start < count:
+                pieces.append(view[start * PAGE_SIZE :])
+        return pieces
+
+    def _pread(self, first: int, count: int, wait: bool, scratch: int) -> bytes | memoryview | None:
+        """Pages [first, first+count): read (wait), or from the page cache into _SCRATCH at
+        `scratch` -- None if it does not hold them all."""
+        size, offset = count * PAGE_SIZE, first * PAGE_SIZE
+        if wait:
+            return _pread_exact(self._fd, size, offset)
+        return _pread_cached(self._fd, size, offset, scratch)
+
     def discard(self, slots: Slots) -> None:
         for _, first, count in slots.runs:
-            with self._map_lock:
+            with self._map_lock:  # the map file and the map in memory change together
                 self._map.clear(first, count)
                 self._set_map(first, count, _NULS)
 
     def _set_map(self, first: int, count: int, fill: memoryview) -> None:
         while count:
             step = min(count, len(fill))
-            pwrite_all(self._map_fd, fill[:step], first)
+            pwrite_all(self._map_fd, [fill[:step]], first)
             first, count = first + step, count - step
 
     def stored_pages(self) -> int:
@@ -171,11 +239,35 @@ _NULS = memoryview(bytes(4096))
 WRITE_CHUNK = 16 * 1024
 
 
-def pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
-    """Write all of `buf` at `offset`, in pieces of at most WRITE_CHUNK."""
-    while buf:
-        n = os.pwrite(fd, buf[:WRITE_CHUNK], offset)
-        buf, offset = buf[n:], offset + n
+def pwrite_all(fd: int, bufs: Sequence[memoryview], offset: int) -> None:
+    """Write the concatenation of `bufs` at `offset`, in gathered pieces of at most WRITE_CHUNK."""
+    if len(bufs) == 1:  # one buffer, as most writes are
+        buf = bufs[0]
+        while buf:
+            n = os.pwrite(fd, buf[:WRITE_CHUNK], offset)
+            buf, offset = buf[n:], offset + n
+        return
+    group: list[memoryview] = []
+    size = 0
+    for whole in bufs:
+        rest = whole
+        while rest:
+            take = rest[: WRITE_CHUNK - size]
+            group.append(take)
+            size += len(take)
+            rest = rest[len(take) :]
+            if size == WRITE_CHUNK:
+                _pwritev_all(fd, group, offset)
+                offset += size
+                group, size = [], 0
+    if group:
+        _pwritev_all(fd, group, offset)
+
+
+def _pwritev_all(fd: int, group: list[memoryview], offset: int) -> None:
+    n = os.pwritev(fd, group, offset)
+    if n < sum(map(len, group)):  # short: the rest one piece at a time
+        pwrite_all(fd, [memoryview(b"".join(group))[n:]], offset + n)
 
 
 _ZERO_PAGE = bytes(PAGE_SIZE)

@@ -5,9 +5,20 @@ from __future__ import annotations
 import mmap
 
 from netswap.common.limits import PAGE_SIZE
+from netswap.common.samepages import SamePages, page_of
 from netswap.server.errors import Exhausted
 from netswap.server.slots import Slots
-from netswap.server.store.base import AreaKey, Backing, SlotMap, drop, lock, populate, zero_fill
+from netswap.server.store.base import (
+    AreaKey,
+    Backing,
+    SlotMap,
+    drop,
+    layout,
+    lock,
+    populate,
+    split_same,
+    zero_fill,
+)
 
 
 class MemoryBacking:
@@ -36,7 +47,7 @@ class MemoryBacking:
         self._data = memoryview(self._mm)
         self._map = SlotMap(bytearray(size_bytes // PAGE_SIZE))
         self._size = size_bytes
-        self._later: tuple[Slots, memoryview] | None = None  # see write()
+        self._later: tuple[Slots, memoryview, SamePages | None] | None = None  # see write()
 
     def _lock(self, size_bytes: int) -> None:
         """mlock the area so the server's host can never swap the swapped-out pages."""
@@ -52,23 +63,36 @@ class MemoryBacking:
     def size_bytes(self) -> int:
         return self._size
 
-    def write(self, slots: Slots, pages: memoryview, later: bool = False) -> None:
+    def write(
+        self, slots: Slots, pages: memoryview, later: bool = False, same: SamePages | None = None
+    ) -> None:
         if self._later is not None:  # writes land in the order they were taken
             self.settle()
         if later:
             # Kept, not copied: this area dies with the process, so a write
             # acknowledged before its copy is one no client can tell from any
             # other -- every read, write and discard here settles it first.
-            self._later = (slots, pages)
+            self._later = (slots, pages, same)
             return
-        self._copy(slots, pages)
+        self._copy(slots, pages, same)
 
-    def _copy(self, slots: Slots, pages: memoryview) -> None:
-        for index, first, count in slots.runs:
-            self._data[first * PAGE_SIZE : (first + count) * PAGE_SIZE] = pages[
-                index * PAGE_SIZE : (index + count) * PAGE_SIZE
-            ]
-            self._map.mark(first, count)
+    def _copy(self, slots: Slots, pages: memoryview, same: SamePages | None) -> None:
+        data = self._data
+        if same is None:
+            for index, first, count in slots.runs:
+                data[first * PAGE_SIZE : (first + count) * PAGE_SIZE] = pages[
+                    index * PAGE_SIZE : (index + count) * PAGE_SIZE
+                ]
+                self._map.mark(first, count)
+            return
+        for first, count, at, word in layout(slots.runs, same):
+            page = data[first * PAGE_SIZE : (first + count) * PAGE_SIZE]
+            if word:  # the page itself too: a reader that does not ask for words reads it
+                page[:] = page_of(word)
+                self._map.mark_same(first, word)
+            else:
+                page[:] = pages[at * PAGE_SIZE : (at + count) * PAGE_SIZE]
+                self._map.mark(first, count)
 
     def settle(self) -> None:
         if self._later is not None:
@@ -77,12 +101,18 @@ class MemoryBacking:
             # this area would fail with it -- never read what it left out.
             self._later = None
 
-    def read(self, slots: Slots, wait: bool = True) -> list[bytes | memoryview]:
+    def read(
+        self, slots: Slots, wait: bool = True, same: list[tuple[int, bytes]] | None = None
+    ) -> list[bytes | memoryview]:
         # Views: the reply encoder's join is the only copy. Discard zeroes the
-        # memory itself, so reads need not consult the map.
+        # memory itself, so reads need not consult the map -- unless they take
+        # same-filled pages as words.
         if self._later is not None:
             self.settle()
-        return [self._data[first * PAGE_SIZE : (first + count) * PAGE_SIZE] for _, first, count in slots.runs]
+        data = self._data
+        if same is None:
+            return [data[first * PAGE_SIZE : (first + count) * PAGE_SIZE] for _, first, count in slots.runs]
+        return split_same(slots, self._map, data, same)
 
     def discard(self, slots: Slots) -> None:
         self.settle()

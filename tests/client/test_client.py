@@ -61,10 +61,13 @@ else:  # not subscriptable at run time
 
 
 class _PastServer(_UnaryInterceptor):
-    """With `on`, SwapOn replies come back as a server from before runs sends them:
-    without takes_runs."""
+    """With `on`, SwapOn replies come back as a server from before `feature` (runs, same
+    pages) sends them: without that flag."""
 
     on = False
+
+    def __init__(self, feature: str = "takes_runs") -> None:
+        self.feature = feature
 
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         call = await continuation(details, request)
@@ -72,7 +75,7 @@ class _PastServer(_UnaryInterceptor):
             return call
         reply = swap_pb2.SwapOnResponse()
         reply.CopyFrom(await call)
-        reply.ClearField("takes_runs")
+        reply.ClearField(self.feature)  # type: ignore[arg-type]
         return reply
 
 
@@ -89,6 +92,19 @@ class _Recorder(_StreamInterceptor):
                 yield raw
 
         return await continuation(details, recorded())
+
+    def words(self) -> list[list[int] | bool]:
+        """What each request sent since the last look said of same-filled pages: a SwapOut the
+        positions it sent as words, a SwapIn whether it took words in its reply."""
+        said: list[list[int] | bool] = []
+        for raw in self.sent:
+            head = decode_page_request(raw, Bounds.for_batches(4096))[1]
+            if isinstance(head, swap_pb2.SwapOutRequest):
+                said.append(list(head.same_index))
+            elif isinstance(head, swap_pb2.SwapInRequest):
+                said.append(head.same_pages)
+        self.sent.clear()
+        return said
 
     def named(self) -> list[str]:
         """How each request sent since the last look named its slots: "run" or "listed"."""
@@ -127,6 +143,45 @@ async def test_ranges_go_as_runs_only_to_a_server_that_takes_them(srv: Running) 
             assert run.view == bytes(5 * PS) + data[5 * PS : 10 * PS]
         assert watch.named() == ["run"]
         assert srv.server.manager.list_areas("alice")[0].pages_stored == 600 - 5 + 10 - 5
+
+
+async def test_same_filled_pages_go_as_words_only_between_peers_that_take_them(srv: Running) -> None:
+    past, watch = _PastServer("takes_same_pages"), _Recorder()
+    channel = grpc.aio.insecure_channel(srv.address, interceptors=[past, watch])  # type: ignore[list-item]
+    word = b"abcdefgh"
+    # a page, zeros, a page, a word repeated
+    data = pattern(3, 1) + bytes(PS) + pattern(4, 1) + word * (PS // 8)
+    async with SwapClient(channel, TOKENS["alice"]) as client:
+        area = await client.swapon("vm1", 1 << 20)
+        assert area.takes_same_pages  # this server says so at SwapOn
+        await area.swap_out(range(0, 4), data)
+        with await area.swap_in(range(0, 6)) as got:  # two pages never written: zeros, as words
+            assert got.view == data + bytes(2 * PS)
+        assert watch.words() == [[1, 3], True]
+        # A client from before same pages (or told not to send them) reads them whole,
+        # and what it writes whole reads back the same through one that takes words.
+        async with await SwapClient.connect(srv.address, TOKENS["alice"], same_pages=False) as old:
+            old_area = await old.swapon("vm1", 1 << 20)
+            assert not old_area.takes_same_pages
+            with await old_area.swap_in(range(0, 4)) as got:
+                assert got.view == data
+            await old_area.swap_out(range(4, 8), data)
+        await area.reattach()  # the old client took the area over
+        with await area.swap_in(range(0, 8)) as got:
+            assert got.view == data * 2
+        assert watch.words() == [True]
+        # Against a server from before same pages (as SwapOn says after a re-attach):
+        # whole pages both ways, meaning the same.
+        past.on = True
+        assert not await area.reattach()
+        await area.swap_out(range(8, 12), data)
+        with await area.swap_in(range(8, 12)) as got:
+            assert got.view == data
+        assert watch.words() == [[], False]
+        past.on = False
+        await area.reattach()
+        assert area.takes_same_pages
+    assert srv.server.manager.list_areas("alice")[0].pages_stored == 12
 
 
 async def test_more_concurrent_reads_than_pool_pages(srv: Running) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -17,15 +19,20 @@ from netswap.common.pagewire import (
     decode_page_request,
     decode_small,
     decode_swap_out,
+    encode_page_discard,
     encode_page_error,
     encode_page_reply,
     encode_page_request,
+    encode_page_swap_in,
     encode_page_swap_out,
     encode_swap_in_reply,
     encode_swap_out,
+    same_from_wire,
     slot_fields,
+    split_page_reply,
     varint,
 )
+from netswap.common.samepages import SamePages
 from netswap.v1 import swap_pb2
 
 slots_st = st.lists(st.integers(min_value=0, max_value=2**64 - 1), max_size=40)
@@ -173,3 +180,90 @@ def test_more_fields_than_any_valid_request_are_refused_before_protobuf_sees_the
     assert list(slots) == [1] * bounds.fields
     with pytest.raises(ValueError, match="bytes without its pages"):
         decode_swap_out(b"\x0a" + varint(bounds.head_bytes) + bytes(bounds.head_bytes), bounds)
+
+
+# -- hand-encoded page requests and same-filled pages -------------------------------------
+
+handles_st = st.binary(max_size=40)
+slot_names_st = st.one_of(
+    slots_st,
+    st.builds(lambda first, n: range(first, first + n), st.integers(0, 2**62), st.integers(0, 300)),
+)
+
+
+@st.composite
+def same_st(draw: st.DrawFn, max_pages: int = 40) -> SamePages | None:
+    """Same-filled pages among up to max_pages: increasing positions, any 8-byte words."""
+    index = sorted(draw(st.sets(st.integers(0, 2**32 - 1), max_size=max_pages)))
+    if not index:
+        return None
+    return SamePages(index, b"".join(draw(st.binary(min_size=8, max_size=8)) for _ in index))
+
+
+def wire_words(same: SamePages | None) -> dict[str, Any]:
+    """same as protobuf's fields take it: positions and each word as a little-endian number."""
+    if same is None:
+        return {}
+    return {"same_index": same.index, "same_word": [int.from_bytes(w, "little") for _, w in same]}
+
+
+@given(handle=handles_st, slots=slot_names_st, runs=st.booleans(), same_pages=st.booleans())
+def test_swap_in_and_discard_requests_encoded_by_hand_match_protobuf(
+    handle: bytes, slots: list[int] | range, runs: bool, same_pages: bool
+) -> None:
+    fields = slot_fields(slots, runs)
+    swap_in = swap_pb2.SwapInRequest(handle=handle, same_pages=same_pages, **fields)
+    assert encode_page_swap_in(handle, slots, runs, same_pages) == encode_page_request(swap_in)
+    discard = swap_pb2.DiscardRequest(handle=handle, **fields)
+    assert encode_page_discard(handle, slots, runs) == encode_page_request(discard)
+    op, head, _ = decode_page_request(
+        encode_page_swap_in(handle, slots, runs, same_pages), Bounds.for_batches(300)
+    )
+    assert (op, head) == (Op.SWAP_IN, swap_in)
+
+
+@given(
+    handle=handles_st, slots=slot_names_st, runs=st.booleans(), same=same_st(),
+    pages=st.binary(max_size=9000), cut=st.integers(0, 9000),
+)  # fmt: skip
+def test_swap_out_with_a_run_and_same_pages_matches_protobuf_byte_for_byte(
+    handle: bytes, slots: list[int] | range, runs: bool, same: SamePages | None, pages: bytes, cut: int
+) -> None:
+    message = swap_pb2.SwapOutRequest(
+        handle=handle, pages=pages, **slot_fields(slots, runs), **wire_words(same)
+    )
+    raw = encode_page_swap_out(handle, slots, pieces_of(pages, cut), runs, same)
+    assert raw == swap_pb2.PageRequest(swap_out=message).SerializeToString()
+    op, head, blob = decode_page_request(raw, Bounds.for_batches(300))
+    assert (op, bytes(blob)) == (Op.SWAP_OUT, pages)
+    assert isinstance(head, swap_pb2.SwapOutRequest)
+    assert same_from_wire(head.same_index, head.same_word) == same
+
+
+@given(pages=st.binary(max_size=20000), cut=st.integers(0, 20000), same=same_st())
+def test_replies_with_same_pages_match_protobuf_and_decode_back(
+    pages: bytes, cut: int, same: SamePages | None
+) -> None:
+    words = wire_words(same)
+    raw = encode_page_reply(pieces_of(pages, cut), same)
+    assert raw == swap_pb2.PageReply(pages=pages, **words).SerializeToString()
+    assert encode_swap_in_reply(pieces_of(pages, cut), same) == (
+        swap_pb2.SwapInResponse(pages=pages, **words).SerializeToString()
+    )
+    code, message, got, got_same = split_page_reply(raw)
+    assert (code, message, bytes(got), got_same) == (0, "", pages, same)
+    assert bytes(decode_page_reply(raw)[2]) == pages  # as a caller that asked for no words reads it
+
+
+def test_same_fields_must_pair_up_and_increase() -> None:
+    assert same_from_wire([], []) is None
+    assert same_from_wire([0, 5], [1, 2**64 - 1]) == SamePages(
+        [0, 5], (1).to_bytes(8, "little") + b"\xff" * 8
+    )
+    with pytest.raises(ValueError, match="2 same_index for 1 same_word"):
+        same_from_wire([0, 1], [0])
+    for index in ([3, 3], [4, 2]):
+        with pytest.raises(ValueError, match="must increase"):
+            same_from_wire(index, [0, 0])
+    with pytest.raises(ValueError, match="must increase"):
+        split_page_reply(swap_pb2.PageReply(same_index=[2, 1], same_word=[0, 0]).SerializeToString())

@@ -1,10 +1,14 @@
 /*
  * Guest-side memory hog for the QEMU swap test (built with gcc -static -O2).
  *
- *   hog MIB      allocate MIB MiB, fill every page with a pattern unique to
+ *   hog MIB [SAME]
+ *                allocate MIB MiB, fill every page with a pattern unique to
  *                (page, word), read it all back and verify it, then print
  *                "HOG pages=N bad=B" and "VMSTAT pswpin=X pswpout=Y".
- *                Exit 0 only if every page verified.
+ *                Exit 0 only if every page verified. With SAME (percent),
+ *                that share of the pages, spread evenly, is same-filled
+ *                instead: one 8-byte word repeated, zero for 7 in 8 of them
+ *                (as a process's cleared memory mostly is).
  *   hog --exit N write N to QEMU's isa-debug-exit port (0xf4), which ends
  *                QEMU with status 2N+1; the initramfs has no other way to
  *                hand a result to the host.
@@ -31,6 +35,16 @@ static uint64_t pattern(uint64_t page, uint64_t word)
 	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
 	z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
 	return z ^ (z >> 31);
+}
+
+/* Page p of a hog with `same` percent of same-filled pages: its word number i. */
+static unsigned same_pct;
+
+static uint64_t word_of(uint64_t page, uint64_t word)
+{
+	if (page * 37 % 100 < same_pct)
+		return page % 8 == 0 ? pattern(page, 0) : 0;
+	return pattern(page, word);
 }
 
 static int debug_exit(const char *arg)
@@ -85,9 +99,18 @@ int main(int argc, char **argv)
 {
 	if (argc == 3 && strcmp(argv[1], "--exit") == 0)
 		return debug_exit(argv[2]);
-	if (argc != 2) {
-		fprintf(stderr, "usage: hog MIB | hog --exit N\n");
+	if (argc != 2 && argc != 3) {
+		fprintf(stderr, "usage: hog MIB [SAME_PERCENT] | hog --exit N\n");
 		return 2;
+	}
+	if (argc == 3) {
+		char *rest;
+		unsigned long pct = strtoul(argv[2], &rest, 10);
+		if (*argv[2] == '\0' || *rest != '\0' || pct > 100) {
+			fprintf(stderr, "hog: bad same-filled percentage '%s'\n", argv[2]);
+			return 2;
+		}
+		same_pct = (unsigned)pct;
 	}
 
 	char *end;
@@ -109,7 +132,7 @@ int main(int argc, char **argv)
 	for (size_t p = 0; p < pages; p++) {
 		uint64_t *w = mem + p * WORDS;
 		for (size_t i = 0; i < WORDS; i++)
-			w[i] = pattern(p, i);
+			w[i] = word_of(p, i);
 		if ((p + 1) % step == 0) {
 			printf("HOG wrote %zu MiB\n", (p + 1) * PAGE >> 20);
 			fflush(stdout);
@@ -120,7 +143,7 @@ int main(int argc, char **argv)
 	for (size_t p = 0; p < pages; p++) {
 		const uint64_t *w = mem + p * WORDS;
 		for (size_t i = 0; i < WORDS; i++) {
-			if (w[i] != pattern(p, i)) {
+			if (w[i] != word_of(p, i)) {
 				if (bad < 10)
 					printf("HOG bad page=%zu word=%zu got=%016llx\n", p, i,
 					       (unsigned long long)w[i]);

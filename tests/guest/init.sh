@@ -33,19 +33,21 @@ fail() { # fail CODE REASON
 }
 
 HOG_MIB=280
+HOG_SAME=0
 MIN_PSWPOUT=50000
 for arg in $(cat /proc/cmdline); do
 	case $arg in
 	hog_mib=*) HOG_MIB=${arg#hog_mib=} ;;
+	hog_same=*) HOG_SAME=${arg#hog_same=} ;;
 	min_pswpout=*) MIN_PSWPOUT=${arg#min_pswpout=} ;;
 	esac
 done
-for v in "$HOG_MIB" "$MIN_PSWPOUT"; do
+for v in "$HOG_MIB" "$HOG_SAME" "$MIN_PSWPOUT"; do
 	case $v in
-	'' | *[!0-9]*) fail 17 "bad-cmdline hog_mib=$HOG_MIB min_pswpout=$MIN_PSWPOUT" ;;
+	'' | *[!0-9]*) fail 17 "bad-cmdline hog_mib=$HOG_MIB hog_same=$HOG_SAME min_pswpout=$MIN_PSWPOUT" ;;
 	esac
 done
-echo "GUEST-START kernel=$(uname -r) hog_mib=$HOG_MIB min_pswpout=$MIN_PSWPOUT"
+echo "GUEST-START kernel=$(uname -r) hog_mib=$HOG_MIB hog_same=$HOG_SAME min_pswpout=$MIN_PSWPOUT"
 
 # /modules/order lists the virtio modules in dependency order; the host side
 # writes it because it knows which of them this kernel builds as modules.
@@ -66,7 +68,7 @@ swapon /dev/vda || fail 21 swapon
 grep . /proc/swaps
 free
 
-/hog "$HOG_MIB"
+/hog "$HOG_MIB" "$HOG_SAME"
 rc=$?
 [ "$rc" -eq 0 ] || fail 22 "hog-rc-$rc"
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from netswap.client.core import Area
 from netswap.client.metrics import COMMANDS, REQUESTS
 from netswap.client.nbd import protocol as p
 from tests.helpers import PS, pattern
@@ -349,3 +350,25 @@ async def test_oversized_unknown_option_is_refused_not_fatal(export: Export) -> 
     assert (await c.option(77, b"z" * 100_000))[0][0] == p.REP_ERR_TOO_BIG
     assert (await c.option(p.OPT_LIST))[-1][0] == p.REP_ACK  # still in step
     await c.close()
+
+
+async def test_same_filled_pages_round_trip_through_the_frontend(export: Export) -> None:
+    # Zero pages and pages of one repeated word travel as words (they are what swap
+    # sends most): pipelined so that requests share batches, with readahead windows
+    # and unaligned reads cutting across them.
+    c = await connected(export)
+    kinds = [pattern(1, 1), bytes(PS), b"word-one" * (PS // 8), pattern(2, 1), bytes(PS), bytes(PS)]
+    data = b"".join(kinds * 4)
+    for i in range(0, len(data), 3 * PS):
+        c.request(p.CMD_WRITE, i, i, 3 * PS, payload=data[i : i + 3 * PS])
+    assert sorted([(await c.reply())[:2] for _ in range(0, len(data), 3 * PS)]) == [
+        (0, i) for i in range(0, len(data), 3 * PS)
+    ]
+    for n, i in enumerate(range(0, len(data), PS)):  # page by page, in order: read ahead
+        c.request(p.CMD_READ, n, i, PS)
+        assert await c.reply(PS) == (0, n, data[i : i + PS])
+    c.request(p.CMD_READ, 99, PS + 100, 5 * PS)
+    assert await c.reply(5 * PS) == (0, 99, data[PS + 100 : 6 * PS + 100])
+    await c.close()
+    area = export.server.area
+    assert isinstance(area, Area) and area.takes_same_pages

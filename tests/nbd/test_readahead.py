@@ -5,6 +5,7 @@ server first."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -239,6 +240,42 @@ def test_windows_stay_inside_the_area_and_within_their_number() -> None:
         assert len(ra._windows) <= 2
     assert all(first + count <= 100 for first, count in fetched)
     assert fetched[-1] == (80, 20)
+
+
+def test_windows_grow_while_the_reader_keeps_going_and_a_new_run_starts_small() -> None:
+    fetched: list[tuple[int, int]] = []
+    pending: list[Callable[[BaseException | None], None]] = []
+
+    def fetch(first: int, count: int, into: memoryview, done: Callable[[BaseException | None], None]) -> None:
+        fetched.append((first, count))
+        pending.append(done)
+
+    ra = Readahead(
+        PS, 1000, 8, max_window_pages=32, fetch=lambda *a: None, fetch_ahead=fetch, schedule=lambda done: None
+    )
+    buf = memoryview(bytearray(4 * PS))
+    for first in range(0, 400, 4):
+        ra.read(first, 4, buf, lambda error: None)
+        while pending:
+            pending.pop(0)(None)
+        assert len(ra._windows) <= 2
+    assert [count for _, count in fetched[:5]] == [8, 16, 32, 32, 32]  # twice as far each time, to the most
+    assert all(b == a + n for (a, n), (b, _) in itertools.pairwise(fetched))  # one run, no gaps
+    assert ra.hits >= 400 - 8
+    for first in (600, 604):  # a run elsewhere: its first window is the first size again
+        ra.read(first, 4, buf, lambda error: None)
+    assert fetched[-1] == (608, 8)
+
+
+async def test_a_device_grows_windows_up_to_four_times_the_first_within_one_batch() -> None:
+    area = filled(1024)
+    device = AreaDevice(area, readahead_pages=8)  # the area's batches: 64 pages
+    for first in range(0, 512, 4):
+        assert await read(device, first, 4) == bytes(area.data[first * PS : (first + 4) * PS])
+    windows = [len(r) for r in area.reads[2:]]  # after the two reads that start the run
+    assert windows[:3] == [8, 16, 32] and set(windows[3:]) == {32}
+    device = AreaDevice(area, readahead_pages=32)
+    assert device.readahead is not None and device.readahead.max_window_pages == 64
 
 
 async def test_nbd_reads_agree_with_a_model_under_interleaved_writes(tmp_path: Path) -> None:

@@ -20,7 +20,15 @@ from prometheus_client import CollectorRegistry
 
 from netswap.client import SwapClient
 from netswap.client.errors import AreaNotFound, ConnectionLost, InvalidRequest
-from netswap.common.pagewire import Bounds, decode_page_reply, encode_page_request, encode_page_swap_out
+from netswap.common.pagewire import (
+    Bounds,
+    decode_page_reply,
+    encode_page_request,
+    encode_page_swap_in,
+    encode_page_swap_out,
+    split_page_reply,
+)
+from netswap.common.samepages import SamePages
 from netswap.server.fairshare import FairShare
 from netswap.server.metrics import ServerMetrics
 from netswap.server.pagestream import PageStreams
@@ -145,6 +153,57 @@ async def test_a_failed_request_is_answered_in_band_and_the_stream_goes_on(
     # nothing was lost or changed, and the same stream still works
     assert await stream.ask(swap_in(handle, [2, 3])) == (OK, "", data + bytes(PS))
     assert srv.metric("netswap_rpc_duration_seconds_count", {"method": "SwapIn", "code": "NOT_FOUND"}) == 2
+
+
+async def test_same_filled_pages_travel_as_words_both_ways_and_bad_ones_are_refused(
+    srv: Running, channel: grpc.aio.Channel
+) -> None:
+    handle = await attach(srv.address)
+    stream = RawStream(channel, "alice")
+    data, word = pattern(5, 2), b"abcdefgh"
+    # slots 0-3: a page, zeros, a page, a word page -- only the two pages in the blob
+    out = encode_page_swap_out(
+        handle, range(0, 4), [memoryview(data)], True, SamePages([1, 3], bytes(8) + word)
+    )
+    assert await stream.ask(out) == (OK, "", b"")
+    whole = data[:PS] + bytes(PS) + data[PS:] + word * 512
+    assert await stream.ask(swap_in(handle, [0, 1, 2, 3])) == (OK, "", whole)  # asked for no words
+    await stream.send(encode_page_swap_in(handle, range(0, 6), True, same_pages=True))
+    raw = await stream.call.read()
+    assert isinstance(raw, bytes)
+    got_code, _, got, same = split_page_reply(raw)
+    assert (got_code, bytes(got), same) == (OK, data, SamePages([1, 3, 4, 5], bytes(8) + word + bytes(16)))
+    async with stub_for(srv.address) as stub:  # the unary SwapIn answers the same way
+        reply = await stub.SwapIn(
+            swap_pb2.SwapInRequest(handle=handle, slots=[3, 2], same_pages=True), metadata=auth("alice")
+        )
+        assert (reply.pages, list(reply.same_index), reply.same_word[0].to_bytes(8, "little")) == (
+            data[PS:],
+            [0],
+            word,
+        )
+    assert srv.metric("netswap_swap_out_pages_total") == 4
+    assert srv.server.manager.list_areas("alice")[0].pages_stored == 4
+
+    def with_same(index: list[int], words: list[int], blob: bytes) -> bytes:
+        message = swap_pb2.SwapOutRequest(
+            handle=handle, run_start=8, run_count=3, pages=blob, same_index=index
+        )
+        message.same_word.extend(words)
+        return swap_pb2.PageRequest(swap_out=message).SerializeToString()
+
+    bad = [
+        (with_same([1, 0], [0, 0], data[:PS]), "must increase"),
+        (with_same([1, 1], [0, 0], data[:PS]), "must increase"),
+        (with_same([1], [0, 0], data[:PS] * 2), "1 same_index for 2 same_word"),
+        (with_same([3], [0], data), "same_index 3 past"),
+        (with_same([1], [0], data[:PS]), "2 slots not sent as a word need exactly"),
+    ]
+    for raw, words in bad:
+        code, message, pages = await stream.ask(raw)
+        assert (code, pages) == (INVALID_ARGUMENT, b""), message
+        assert words in message
+    assert await stream.ask(swap_in(handle, [8, 9, 10])) == (OK, "", bytes(3 * PS))  # nothing written
 
 
 async def test_replies_come_in_request_order_when_pipelined(srv: Running, channel: grpc.aio.Channel) -> None:

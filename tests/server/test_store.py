@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from netswap.common.samepages import SamePages
 from netswap.server.errors import Exhausted
 from netswap.server.slots import Run, Scattered, Slots
 from netswap.server.store import AreaKey, FileStore, MemoryStore, Store
@@ -103,6 +104,56 @@ def test_a_write_taken_later_is_what_every_next_call_sees(store: Store) -> None:
     assert read(b, [9]) == pattern(6, 1)
     b.write(S([10]), memoryview(pattern(7, 1)), later=True)
     store.destroy(KEY, b)  # going with a write pending: nothing to copy it into, no error
+
+
+Z = bytes(8)
+
+
+def read_words(b: Backing, slots: list[int] | range) -> tuple[bytes, list[tuple[int, bytes]]]:
+    """A read that takes same-filled pages as words: (the other pages, [(index, word)])."""
+    same: list[tuple[int, bytes]] = []
+    pieces = b.read(S(slots), same=same)
+    assert pieces is not None
+    return b"".join(pieces), same
+
+
+@pytest.mark.parametrize("later", [False, True])
+def test_same_filled_pages_are_stored_whole_and_marked(store: Store, later: bool) -> None:
+    b = store.create(KEY, 64 * PS)
+    word = b"abcdefgh"
+    data = pattern(1, 3)
+    # slots 10-14: a page, zeros (as their word), a page, a word page, a page
+    b.write(S(range(10, 15)), memoryview(data), later, SamePages([1, 3], Z + word))
+    whole = data[:PS] + bytes(PS) + data[PS : 2 * PS] + word * 512 + data[2 * PS :]
+    assert read(b, range(10, 15)) == whole  # a reader that asks for no words reads the pages
+    assert b.stored_pages() == 5
+    # One that does: marked pages and pages never written (zeros) come as words.
+    assert read_words(b, range(8, 15)) == (data, [(0, Z), (1, Z), (3, Z), (5, word)])
+    assert read_words(b, [14, 13, 3]) == (data[2 * PS :], [(1, word), (2, Z)])
+    # Scattered slots take words too; a page written whole over a marked slot unmarks it.
+    b.write(S([13, 40, 41]), memoryview(pattern(2, 1)), later, SamePages([1, 2], word + Z))
+    assert read_words(b, [13, 40, 41]) == (pattern(2, 1), [(1, word), (2, Z)])
+    assert read(b, [13, 40, 41]) == pattern(2, 1) + word * 512 + bytes(PS)
+    assert b.stored_pages() == 7
+    b.discard(S([40, 11]))  # a discarded mark reads as zeros: still a word, not stored
+    assert read_words(b, [40, 11]) == (b"", [(0, Z), (1, Z)])
+    assert b.stored_pages() == 5
+    b.write(S(range(40, 42)), memoryview(pattern(3, 2)))
+    assert read_words(b, range(40, 42)) == (pattern(3, 2), [])
+    store.destroy(KEY, b)
+
+
+def test_a_file_store_keeps_same_filled_pages_whole_across_a_restart(tmp_path: Path) -> None:
+    store = FileStore(tmp_path / "root")
+    b = store.create(KEY, 16 * PS)
+    b.write(S(range(0, 3)), memoryview(pattern(1, 1)), same=SamePages([0, 2], Z + b"12345678"))
+    b.close()
+    ((_, again),) = FileStore(tmp_path / "root").existing()
+    assert read(again, range(0, 3)) == bytes(PS) + pattern(1, 1) + b"12345678" * 512
+    assert again.stored_pages() == 3
+    # the marks lived in memory: the pages come whole now, but for what was never written
+    assert read_words(again, range(0, 4)) == (bytes(PS) + pattern(1, 1) + b"12345678" * 512, [(3, Z)])
+    again.close()
 
 
 def test_file_store_layout_modes_and_reopen(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15netswap/v1/swap.proto\x12\nnetswap.v1\"1\n\rSwapOnRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\"\x98\x01\n\x0eSwapOnResponse\x12\x0e\n\x06handle\x18\x01 \x01(\x0c\x12\x12\n\nslot_count\x18\x02 \x01(\x04\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x0f\n\x07\x63reated\x18\x04 \x01(\x08\x12\x17\n\x0fmax_batch_pages\x18\x05 \x01(\r\x12\x11\n\tserver_id\x18\x06 \x01(\x0c\x12\x12\n\ntakes_runs\x18\x07 \x01(\x08\"d\n\x0eSwapOutRequest\x12\x0e\n\x06handle\x18\x01 \x01(\x0c\x12\r\n\x05slots\x18\x02 \x03(\x04\x12\r\n\x05pages\x18\x03 \x01(\x0c\x12\x11\n\trun_start\x18\x04 \x01(\x04\x12\x11\n\trun_count\x18\x05 \x01(\r\"\x11\n\x0fSwapOutResponse\"T\n\rSwapInRequest\x12\x0e\n\x06handle\x18\x01 \x01(\x0c\x12\r\n\x05slots\x18\x02 \x03(\x04\x12\x11\n\trun_start\x18\x03 \x01(\x04\x12\x11\n\trun_count\x18\x04 \x01(\r\"\x1f\n\x0eSwapInResponse\x12\r\n\x05pages\x18\x01 \x01(\x0c\"U\n\x0e\x44iscardRequest\x12\x0e\n\x06handle\x18\x01 \x01(\x0c\x12\r\n\x05slots\x18\x02 \x03(\x04\x12\x11\n\trun_start\x18\x03 \x01(\x04\x12\x11\n\trun_count\x18\x04 \x01(\r\"\x11\n\x0f\x44iscardResponse\" \n\x0eSwapOffRequest\x12\x0e\n\x06handle\x18\x01 \x01(\x0c\"\x11\n\x0fSwapOffResponse\"\x12\n\x10ListAreasRequest\"B\n\x08\x41reaInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x14\n\x0cpages_stored\x18\x03 \x01(\x04\"^\n\x11ListAreasResponse\x12#\n\x05\x61reas\x18\x01 \x03(\x0b\x32\x14.netswap.v1.AreaInfo\x12\x11\n\tserver_id\x18\x02 \x01(\x0c\x12\x11\n\tprincipal\x18\x03 \x01(\t\"\xa0\x01\n\x0bPageRequest\x12.\n\x08swap_out\x18\x01 \x01(\x0b\x32\x1a.netswap.v1.SwapOutRequestH\x00\x12,\n\x07swap_in\x18\x02 \x01(\x0b\x32\x19.netswap.v1.SwapInRequestH\x00\x12-\n\x07\x64iscard\x18\x03 \x01(\x0b\x32\x1a.netswap.v1.DiscardRequestH\x00\x42\x04\n\x02op\"9\n\tPageReply\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05pages\x18\x03 \x01(\x0c\x32\xe7\x03\n\x0bSwapService\x12?\n\x06SwapOn\x12\x19.netswap.v1.SwapOnRequest\x1a\x1a.netswap.v1.SwapOnResponse\x12\x42\n\x07SwapOut\x12\x1a.netswap.v1.SwapOutRequest\x1a\x1b.netswap.v1.SwapOutResponse\x12?\n\x06SwapIn\x12\x19.netswap.v1.SwapInRequest\x1a\x1a.netswap.v1.SwapInResponse\x12\x42\n\x07\x44iscard\x12\x1a.netswap.v1.DiscardRequest\x1a\x1b.netswap.v1.DiscardResponse\x12\x42\n\x07SwapOff\x12\x1a.netswap.v1.SwapOffRequest\x1a\x1b.netswap.v1.SwapOffResponse\x12H\n\tListAreas\x12\x1c.netswap.v1.ListAreasRequest\x1a\x1d.netswap.v1.ListAreasResponse\x12@\n\nPageStream\x12\x17.netswap.v1.PageRequest\x1a\x15.netswap.v1.PageReply(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15netswap/v1/swap.proto\x12\nnetswap.v1\"1\n\rSwapOnRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\"\xb2\x01\n\x0eSwapOnResponse\x12\x0e\n\x06handle\x18\x01 \x01(\x0c\x12\x12\n\nslot_count\x18\x02 \x01(\x04\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x0f\n\x07\x63reated\x18\x04 \x01(\x08\x12\x17\n\x0fmax_batch_pages\x18\x05 \x01(\r\x12\x11\n\tserver_id\x18\x06 \x01(\x0c\x12\x12\n\ntakes_runs\x18\x07 \x01(\x08\x12\x18\n\x10takes_same_pages\x18\x08 \x01(\x08\"\x8b\x01\n\x0eSwapOutRequest\x12\x0e\n\x06handle\x18\x01 \x01(\x0c\x12\r\n\x05slots\x18\x02 \x03(\x04\x12\r\n\x05pages\x18\x03 \x01(\x0c\x12\x11\n\trun_start\x18\x04 \x01(\x04\x12\x11\n\trun_count\x18\x05 \x01(\r\x12\x12\n\nsame_index\x18\x06 \x03(\r\x12\x11\n\tsame_word\x18\x07 \x03(\x06\"\x11\n\x0fSwapOutResponse\"h\n\rSwapInRequest\x12\x0e\n\x06handle\x18\x01 \x01(\x0c\x12\r\n\x05slots\x18\x02 \x03(\x04\x12\x11\n\trun_start\x18\x03 \x01(\x04\x12\x11\n\trun_count\x18\x04 \x01(\r\x12\x12\n\nsame_pages\x18\x05 \x01(\x08\"F\n\x0eSwapInResponse\x12\r\n\x05pages\x18\x01 \x01(\x0c\x12\x12\n\nsame_index\x18\x02 \x03(\r\x12\x11\n\tsame_word\x18\x03 \x03(\x06\"U\n\x0e\x44iscardRequest\x12\x0e\n\x06handle\x18\x01 \x01(\x0c\x12\r\n\x05slots\x18\x02 \x03(\x04\x12\x11\n\trun_start\x18\x03 \x01(\x04\x12\x11\n\trun_count\x18\x04 \x01(\r\"\x11\n\x0f\x44iscardResponse\" \n\x0eSwapOffRequest\x12\x0e\n\x06handle\x18\x01 \x01(\x0c\"\x11\n\x0fSwapOffResponse\"\x12\n\x10ListAreasRequest\"B\n\x08\x41reaInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x14\n\x0cpages_stored\x18\x03 \x01(\x04\"^\n\x11ListAreasResponse\x12#\n\x05\x61reas\x18\x01 \x03(\x0b\x32\x14.netswap.v1.AreaInfo\x12\x11\n\tserver_id\x18\x02 \x01(\x0c\x12\x11\n\tprincipal\x18\x03 \x01(\t\"\xa0\x01\n\x0bPageRequest\x12.\n\x08swap_out\x18\x01 \x01(\x0b\x32\x1a.netswap.v1.SwapOutRequestH\x00\x12,\n\x07swap_in\x18\x02 \x01(\x0b\x32\x19.netswap.v1.SwapInRequestH\x00\x12-\n\x07\x64iscard\x18\x03 \x01(\x0b\x32\x1a.netswap.v1.DiscardRequestH\x00\x42\x04\n\x02op\"`\n\tPageReply\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05pages\x18\x03 \x01(\x0c\x12\x12\n\nsame_index\x18\x04 \x03(\r\x12\x11\n\tsame_word\x18\x05 \x03(\x06\x32\xe7\x03\n\x0bSwapService\x12?\n\x06SwapOn\x12\x19.netswap.v1.SwapOnRequest\x1a\x1a.netswap.v1.SwapOnResponse\x12\x42\n\x07SwapOut\x12\x1a.netswap.v1.SwapOutRequest\x1a\x1b.netswap.v1.SwapOutResponse\x12?\n\x06SwapIn\x12\x19.netswap.v1.SwapInRequest\x1a\x1a.netswap.v1.SwapInResponse\x12\x42\n\x07\x44iscard\x12\x1a.netswap.v1.DiscardRequest\x1a\x1b.netswap.v1.DiscardResponse\x12\x42\n\x07SwapOff\x12\x1a.netswap.v1.SwapOffRequest\x1a\x1b.netswap.v1.SwapOffResponse\x12H\n\tListAreas\x12\x1c.netswap.v1.ListAreasRequest\x1a\x1d.netswap.v1.ListAreasResponse\x12@\n\nPageStream\x12\x17.netswap.v1.PageRequest\x1a\x15.netswap.v1.PageReply(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,33 +34,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SWAPONREQUEST']._serialized_start=37
   _globals['_SWAPONREQUEST']._serialized_end=86
   _globals['_SWAPONRESPONSE']._serialized_start=89
-  _globals['_SWAPONRESPONSE']._serialized_end=241
-  _globals['_SWAPOUTREQUEST']._serialized_start=243
-  _globals['_SWAPOUTREQUEST']._serialized_end=343
-  _globals['_SWAPOUTRESPONSE']._serialized_start=345
-  _globals['_SWAPOUTRESPONSE']._serialized_end=362
-  _globals['_SWAPINREQUEST']._serialized_start=364
-  _globals['_SWAPINREQUEST']._serialized_end=448
-  _globals['_SWAPINRESPONSE']._serialized_start=450
-  _globals['_SWAPINRESPONSE']._serialized_end=481
-  _globals['_DISCARDREQUEST']._serialized_start=483
-  _globals['_DISCARDREQUEST']._serialized_end=568
-  _globals['_DISCARDRESPONSE']._serialized_start=570
-  _globals['_DISCARDRESPONSE']._serialized_end=587
-  _globals['_SWAPOFFREQUEST']._serialized_start=589
-  _globals['_SWAPOFFREQUEST']._serialized_end=621
-  _globals['_SWAPOFFRESPONSE']._serialized_start=623
-  _globals['_SWAPOFFRESPONSE']._serialized_end=640
-  _globals['_LISTAREASREQUEST']._serialized_start=642
-  _globals['_LISTAREASREQUEST']._serialized_end=660
-  _globals['_AREAINFO']._serialized_start=662
-  _globals['_AREAINFO']._serialized_end=728
-  _globals['_LISTAREASRESPONSE']._serialized_start=730
-  _globals['_LISTAREASRESPONSE']._serialized_end=824
-  _globals['_PAGEREQUEST']._serialized_start=827
-  _globals['_PAGEREQUEST']._serialized_end=987
-  _globals['_PAGEREPLY']._serialized_start=989
-  _globals['_PAGEREPLY']._serialized_end=1046
-  _globals['_SWAPSERVICE']._serialized_start=1049
-  _globals['_SWAPSERVICE']._serialized_end=1536
+  _globals['_SWAPONRESPONSE']._serialized_end=267
+  _globals['_SWAPOUTREQUEST']._serialized_start=270
+  _globals['_SWAPOUTREQUEST']._serialized_end=409
+  _globals['_SWAPOUTRESPONSE']._serialized_start=411
+  _globals['_SWAPOUTRESPONSE']._serialized_end=428
+  _globals['_SWAPINREQUEST']._serialized_start=430
+  _globals['_SWAPINREQUEST']._serialized_end=534
+  _globals['_SWAPINRESPONSE']._serialized_start=536
+  _globals['_SWAPINRESPONSE']._serialized_end=606
+  _globals['_DISCARDREQUEST']._serialized_start=608
+  _globals['_DISCARDREQUEST']._serialized_end=693
+  _globals['_DISCARDRESPONSE']._serialized_start=695
+  _globals['_DISCARDRESPONSE']._serialized_end=712
+  _globals['_SWAPOFFREQUEST']._serialized_start=714
+  _globals['_SWAPOFFREQUEST']._serialized_end=746
+  _globals['_SWAPOFFRESPONSE']._serialized_start=748
+  _globals['_SWAPOFFRESPONSE']._serialized_end=765
+  _globals['_LISTAREASREQUEST']._serialized_start=767
+  _globals['_LISTAREASREQUEST']._serialized_end=785
+  _globals['_AREAINFO']._serialized_start=787
+  _globals['_AREAINFO']._serialized_end=853
+  _globals['_LISTAREASRESPONSE']._serialized_start=855
+  _globals['_LISTAREASRESPONSE']._serialized_end=949
+  _globals['_PAGEREQUEST']._serialized_start=952
+  _globals['_PAGEREQUEST']._serialized_end=1112
+  _globals['_PAGEREPLY']._serialized_start=1114
+  _globals['_PAGEREPLY']._serialized_end=1210
+  _globals['_SWAPSERVICE']._serialized_start=1213
+  _globals['_SWAPSERVICE']._serialized_end=1700
 # @@protoc_insertion_point(module_scope)

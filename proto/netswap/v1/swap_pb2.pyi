@@ -59,6 +59,7 @@ class SwapOnResponse(_message.Message):
     MAX_BATCH_PAGES_FIELD_NUMBER: _builtins.int
     SERVER_ID_FIELD_NUMBER: _builtins.int
     TAKES_RUNS_FIELD_NUMBER: _builtins.int
+    TAKES_SAME_PAGES_FIELD_NUMBER: _builtins.int
     handle: _builtins.bytes
     """opaque, unguessable, bound to (principal, area)"""
     slot_count: _builtins.int
@@ -78,6 +79,12 @@ class SwapOnResponse(_message.Message):
     SwapOutRequest). A client must not send a run to a server that does not
     say so: an older one ignores the fields and finds no slots.
     """
+    takes_same_pages: _builtins.bool
+    """The server takes same-filled pages in a SwapOut (same_index, same_word)
+    and answers a SwapIn that asks (same_pages) the same way. A client must
+    not send them to a server that does not say so: an older one ignores the
+    fields and finds the page blob too short.
+    """
     def __init__(
         self,
         *,
@@ -88,10 +95,11 @@ class SwapOnResponse(_message.Message):
         max_batch_pages: _builtins.int = ...,
         server_id: _builtins.bytes = ...,
         takes_runs: _builtins.bool = ...,
+        takes_same_pages: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "handle", b"handle", "max_batch_pages", b"max_batch_pages", "page_size", b"page_size", "server_id", b"server_id", "slot_count", b"slot_count", "takes_runs", b"takes_runs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "handle", b"handle", "max_batch_pages", b"max_batch_pages", "page_size", b"page_size", "server_id", b"server_id", "slot_count", b"slot_count", "takes_runs", b"takes_runs", "takes_same_pages", b"takes_same_pages"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -105,6 +113,13 @@ class SwapOutRequest(_message.Message):
     `run_count` > 0, meaning run_start, run_start+1, ..., run_start+run_count-1:
     two numbers to encode and check instead of one per page. Not both, and
     no run_start without run_count.
+
+    Same-filled pages -- 4096 bytes that are one 8-byte word repeated, most
+    often zeros -- may travel as that word (as zram keeps them): same_index
+    lists, in increasing order, their positions among the request's (or
+    reply's) pages, same_word the word of each, as the page's first 8 bytes
+    (fixed64: little-endian, so the bytes themselves). The page blob leaves
+    them out: it holds the other pages, in order.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -114,6 +129,8 @@ class SwapOutRequest(_message.Message):
     PAGES_FIELD_NUMBER: _builtins.int
     RUN_START_FIELD_NUMBER: _builtins.int
     RUN_COUNT_FIELD_NUMBER: _builtins.int
+    SAME_INDEX_FIELD_NUMBER: _builtins.int
+    SAME_WORD_FIELD_NUMBER: _builtins.int
     handle: _builtins.bytes
     pages: _builtins.bytes
     """len == number of slots * page_size"""
@@ -123,6 +140,12 @@ class SwapOutRequest(_message.Message):
     def slots(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """packed; each < slot_count, no duplicates"""
 
+    @_builtins.property
+    def same_index(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """pages sent as a word (see above)"""
+
+    @_builtins.property
+    def same_word(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
@@ -131,10 +154,12 @@ class SwapOutRequest(_message.Message):
         pages: _builtins.bytes = ...,
         run_start: _builtins.int = ...,
         run_count: _builtins.int = ...,
+        same_index: _abc.Iterable[_builtins.int] | None = ...,
+        same_word: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "pages", b"pages", "run_count", b"run_count", "run_start", b"run_start", "slots", b"slots"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "pages", b"pages", "run_count", b"run_count", "run_start", b"run_start", "same_index", b"same_index", "same_word", b"same_word", "slots", b"slots"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -163,10 +188,15 @@ class SwapInRequest(_message.Message):
     SLOTS_FIELD_NUMBER: _builtins.int
     RUN_START_FIELD_NUMBER: _builtins.int
     RUN_COUNT_FIELD_NUMBER: _builtins.int
+    SAME_PAGES_FIELD_NUMBER: _builtins.int
     handle: _builtins.bytes
     run_start: _builtins.int
     """a run instead of slots, as in SwapOutRequest"""
     run_count: _builtins.int
+    same_pages: _builtins.bool
+    """The reply may carry same-filled pages as words (a server that takes
+    same pages does so for the pages written that way).
+    """
     @_builtins.property
     def slots(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
@@ -176,10 +206,11 @@ class SwapInRequest(_message.Message):
         slots: _abc.Iterable[_builtins.int] | None = ...,
         run_start: _builtins.int = ...,
         run_count: _builtins.int = ...,
+        same_pages: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "run_count", b"run_count", "run_start", b"run_start", "slots", b"slots"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "run_count", b"run_count", "run_start", b"run_start", "same_pages", b"same_pages", "slots", b"slots"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -190,15 +221,25 @@ class SwapInResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PAGES_FIELD_NUMBER: _builtins.int
+    SAME_INDEX_FIELD_NUMBER: _builtins.int
+    SAME_WORD_FIELD_NUMBER: _builtins.int
     pages: _builtins.bytes
+    @_builtins.property
+    def same_index(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """as in SwapOutRequest"""
+
+    @_builtins.property
+    def same_word(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
         pages: _builtins.bytes = ...,
+        same_index: _abc.Iterable[_builtins.int] | None = ...,
+        same_word: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pages", b"pages"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pages", b"pages", "same_index", b"same_index", "same_word", b"same_word"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -390,22 +431,32 @@ class PageReply(_message.Message):
     CODE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     PAGES_FIELD_NUMBER: _builtins.int
+    SAME_INDEX_FIELD_NUMBER: _builtins.int
+    SAME_WORD_FIELD_NUMBER: _builtins.int
     code: _builtins.int
     """a gRPC status code; 0 (OK) when the request succeeded"""
     message: _builtins.str
     """why it failed, when code != 0"""
     pages: _builtins.bytes
     """SwapIn: the pages, as SwapInResponse.pages"""
+    @_builtins.property
+    def same_index(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """and its same-filled pages, as there"""
+
+    @_builtins.property
+    def same_word(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
         code: _builtins.int = ...,
         message: _builtins.str = ...,
         pages: _builtins.bytes = ...,
+        same_index: _abc.Iterable[_builtins.int] | None = ...,
+        same_word: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "pages", b"pages"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "pages", b"pages", "same_index", b"same_index", "same_word", b"same_word"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
