@@ -330,7 +330,9 @@ async def bench_netswap(address: str, server_pid: int, batch: int, seconds: floa
     async with await SwapClient.connect(address, TOKEN) as client:
         area = await client.swapon(f"bench{batch}", 64 << 20)
         span = area.slot_count - batch
-        pages = bytes(batch * PAGE_SIZE)
+        # Random pages: zero pages would travel as their word (same-filled pages) and
+        # measure no page movement at all.
+        pages = os.urandom(batch * PAGE_SIZE)
         buf = bytearray(batch * PAGE_SIZE)
 
         async def w(i: int) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from netswap.common.limits import MESSAGE_OVERHEAD
-from netswap.common.samepages import SamePages
+from netswap.common.samepages import WORD, SamePages
 from netswap.v1 import swap_pb2
 
 _VARINT, _LEN = 0, 2  # wire types
@@ -392,15 +392,42 @@ def split_page_reply(raw: bytes) -> tuple[int, str, memoryview, SamePages | None
     """(status code, message, pages as a view into `raw`, the same-filled pages they leave
     out) of a serialized PageReply. Raises ValueError if it is malformed."""
     buf = memoryview(raw)
-    if len(buf) > 1 and buf[0] == PAGE_REPLY_PAGES[0]:  # pages and nothing else, as most replies are
+    pos = 0
+    pages = buf[0:0]
+    if len(buf) > 1 and buf[0] == PAGE_REPLY_PAGES[0]:  # pages first, as this module writes them
         length, pos = _read_varint(buf, 1)
-        if pos + length == len(buf):
-            return 0, "", buf[pos:], None
+        pages, pos = buf[pos : pos + length], pos + length
+        if pos == len(buf):  # and nothing else, as most replies are
+            return 0, "", pages, None
+    same = _same_as_written(buf, pos)
+    if same is not None:
+        return 0, "", pages, same
     pages, rest = split_bytes_field(buf, _PAGE_REPLY_PAGES_FIELD, "PageReply")
     if not rest:
         return 0, "", pages, None
     reply = swap_pb2.PageReply.FromString(b"".join(rest))
     return reply.code, reply.message, pages, same_from_wire(reply.same_index, reply.same_word)
+
+
+def _same_as_written(buf: memoryview, pos: int) -> SamePages | None:
+    """The rest of a reply from `pos`, if it is exactly same_index and same_word as _same()
+    writes them with positions under 128 (one byte each); else None, for the full parse."""
+    keys = _REPLY_KEYS
+    if buf[pos : pos + 1] != keys.same_index:
+        return None
+    count, at = _read_varint(buf, pos + 1)
+    index = list(buf[at : at + count])
+    at += count
+    if buf[at : at + 1] != keys.same_word or max(index, default=0x80) >= 0x80:
+        return None
+    size, at = _read_varint(buf, at + 1)
+    if (
+        at + size != len(buf)
+        or size != WORD * len(index)
+        or any(a >= b for a, b in itertools.pairwise(index))
+    ):
+        return None
+    return SamePages(index, bytes(buf[at:]))
 
 
 def same_from_wire(index: Sequence[int], words: Sequence[int]) -> SamePages | None:

@@ -9,12 +9,13 @@ last one ended, the device fetches the window after it in one SwapIn while
 the kernel is still busy with what it has, and answers the following reads
 from memory.
 
-How far ahead is learnt from the reader, as Leap does for remote memory: a
-run's first window is `window_pages`; each time the reader gets through half
-of a window and goes on, the next is twice as long, up to
-`max_window_pages`. A process sweeping its memory soon gets big windows --
-few round trips for many pages -- while short runs fetch no more than the
-first.
+How far ahead is learnt from the reader, as Leap does for remote memory:
+each time the reader gets through half of a window and goes on, the next is
+twice as long, up to `max_window_pages`, and a new run starts at the size the
+last one reached; a window given up mostly unread halves it, down to
+`window_pages`, the first. A process sweeping its memory soon gets big
+windows -- few round trips for many pages -- while scattered short runs go
+back to small ones.
 
 Windows live in one buffer allocated at start (reserve safety: serving a
 read never needs fresh memory). Every write, write-zeroes or trim, once the
@@ -46,6 +47,7 @@ class _Window:
     slot: int  # which part of the read-ahead buffer it fills
     view: memoryview
     used: int = 0  # when a read last used it (Readahead._clock)
+    hits: int = 0  # pages reads took from it
     ready: bool = False  # its data arrived
     dropped: bool = False  # a write overlapped it: its data must never be used
     waiters: list[tuple[int, int, memoryview, Done]] = field(default_factory=list)
@@ -74,6 +76,7 @@ class Readahead:
         self.total_pages = total_pages
         self.window_pages = window_pages  # a run's first window
         self.max_window_pages = max(window_pages, max_window_pages or window_pages)
+        self._size = window_pages  # a new run's first window (learnt: see above)
         self._fetch = fetch  # an ordinary read
         self._fetch_ahead = fetch_ahead  # a window's read: a request of its own, after those queued
         self._schedule = schedule  # runs done(None) on a later turn of the loop
@@ -103,6 +106,7 @@ class Readahead:
             window = None
         if window is not None:
             window.used = self._clock
+            window.hits += count
             if window.ready:
                 self.hits += count
                 self._copy(window, first, count, into)
@@ -133,14 +137,14 @@ class Readahead:
     def _ahead(self, start: int) -> None:
         """Have the window at `start` under way, unless one covering it reaches far enough on."""
         covering = next((w for w in self._windows if w.first <= start < w.first + w.count), None)
-        count = self.window_pages  # a new run's
+        count = self._size  # a new run's
         if covering is not None:
             if covering.first + covering.count - start > max(covering.count, self.window_pages) // 2:
                 return
             start = covering.first + covering.count
             if any(w.first == start for w in self._windows):
                 return
-            count = min(2 * covering.count, self.max_window_pages)  # the reader goes on: twice as far
+            count = self._size = min(2 * covering.count, self.max_window_pages)  # it goes on: twice as far
         if start >= self.total_pages or (not self._free and not self._evict(start)):
             return
         count = min(count, self.total_pages - start)
@@ -158,6 +162,8 @@ class Readahead:
         window = min(ready, key=lambda w: w.used)
         self._windows.remove(window)
         self._free.append(window.slot)
+        if window.hits < window.count // 2:  # fetched mostly in vain
+            self._size = max(self.window_pages, self._size // 2)
         return True
 
     def _arrived(self, window: _Window, error: BaseException | None) -> None:

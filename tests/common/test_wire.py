@@ -194,7 +194,10 @@ slot_names_st = st.one_of(
 @st.composite
 def same_st(draw: st.DrawFn, max_pages: int = 40) -> SamePages | None:
     """Same-filled pages among up to max_pages: increasing positions, any 8-byte words."""
-    index = sorted(draw(st.sets(st.integers(0, 2**32 - 1), max_size=max_pages)))
+    positions = (
+        st.integers(0, 127) if draw(st.booleans()) else st.integers(0, 2**32 - 1)
+    )  # one byte each, or any
+    index = sorted(draw(st.sets(positions, max_size=max_pages)))
     if not index:
         return None
     return SamePages(index, b"".join(draw(st.binary(min_size=8, max_size=8)) for _ in index))

@@ -242,7 +242,7 @@ def test_windows_stay_inside_the_area_and_within_their_number() -> None:
     assert fetched[-1] == (80, 20)
 
 
-def test_windows_grow_while_the_reader_keeps_going_and_a_new_run_starts_small() -> None:
+def test_windows_grow_while_the_reader_keeps_going_and_shrink_when_left_unread() -> None:
     fetched: list[tuple[int, int]] = []
     pending: list[Callable[[BaseException | None], None]] = []
 
@@ -262,9 +262,16 @@ def test_windows_grow_while_the_reader_keeps_going_and_a_new_run_starts_small() 
     assert [count for _, count in fetched[:5]] == [8, 16, 32, 32, 32]  # twice as far each time, to the most
     assert all(b == a + n for (a, n), (b, _) in itertools.pairwise(fetched))  # one run, no gaps
     assert ra.hits >= 400 - 8
-    for first in (600, 604):  # a run elsewhere: its first window is the first size again
+    for first in (600, 604):  # a run elsewhere starts where the last one got to
         ra.read(first, 4, buf, lambda error: None)
-    assert fetched[-1] == (608, 8)
+    assert fetched[-1] == (608, 32)
+    # Short runs, each leaving its window mostly unread, bring it back to the first size.
+    for first in range(700, 1000, 50):
+        for page in (first, first + 1):
+            ra.read(page, 1, buf[:PS], lambda error: None)
+        while pending:
+            pending.pop(0)(None)
+    assert [count for _, count in fetched[-3:]] == [8, 8, 8]
 
 
 async def test_a_device_grows_windows_up_to_four_times_the_first_within_one_batch() -> None:
