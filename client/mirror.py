@@ -36,8 +36,8 @@ from netswap.client.pool import PagePool
 
 log = logging.getLogger(__name__)
 
-_ONES = b"\x01" * 65536
-_NULS = bytes(65536)
+_ONES = memoryview(b"\x01" * 65536)  # views: a slice of them copies nothing
+_NULS = memoryview(bytes(65536))
 
 
 class State(enum.Enum):
@@ -220,13 +220,14 @@ class MirroredArea(PageArea):
         for replica in self.replicas:  # placement order: the first live one with the slots reads
             if replica.state is State.DOWN or replica.area is None or not replica.clean_for_runs(runs):
                 continue
+            epoch = replica.epoch
             try:
                 await replica.area.read_batch(slots, into)
                 return
             except InvalidRequest:
                 raise
             except NetswapError as e:
-                self._lost(replica, e)
+                self._lost(replica, e, epoch)
         raise ConnectionLost(f"no replica of {self.name!r} that holds these pages can be reached")
 
     async def _to_all(self, slots: Sequence[int], rpc: Callable[[Area], Awaitable[None]]) -> None:
@@ -267,7 +268,7 @@ class MirroredArea(PageArea):
         landed = any(e is None for e in errors)
         for replica, epoch, error in zip(live, epochs, errors, strict=True):
             if error is not None and not isinstance(error, InvalidRequest):
-                self._lost(replica, error)
+                self._lost(replica, error, epoch)
             if error is None and replica.epoch == epoch:
                 replica.clear(runs)  # a syncing replica is up to date on these slots now
             elif landed:  # it missed (or was lost since) a write another copy has
@@ -282,7 +283,10 @@ class MirroredArea(PageArea):
         if self.failed is not None:
             raise AreaNotFound(self.failed)
 
-    def _lost(self, replica: Replica, error: BaseException) -> None:
+    def _lost(self, replica: Replica, error: BaseException, epoch: int) -> None:
+        """Mark a replica down for an error of a request sent to it at `epoch`."""
+        if replica.epoch != epoch:
+            return  # sent before it was marked down or re-attached: says nothing of it now
         if isinstance(error, AreaNotFound):
             replica.handle_died = True
         if replica.state is not State.DOWN:
@@ -304,7 +308,10 @@ class MirroredArea(PageArea):
         while True:
             for replica in self.replicas:
                 if replica.state is State.DOWN:
-                    await self._probe(replica)
+                    try:
+                        await self._probe(replica)
+                    except Exception:  # a bug must not end probing: a down replica would stay down
+                        log.exception("probing the replica of %r on %s", self.name, replica.server)
             await asyncio.sleep(self.options.probe_every)
 
     async def _probe(self, replica: Replica) -> None:
@@ -336,6 +343,8 @@ class MirroredArea(PageArea):
             return
         replica.handle_died = False
         replica.epoch += 1
+        # A stand-in or restarted server may take smaller batches: the batcher re-cuts to this.
+        self.max_batch_pages = min(self.max_batch_pages, replica.area.max_batch_pages)
         if created:  # empty: every slot must come from another replica
             replica.mark_all()
         log.warning(
@@ -376,6 +385,10 @@ class MirroredArea(PageArea):
                 copied = await self._copy(target, first, end, buf)
             except NetswapError:
                 continue  # a replica was lost (see _lost); the next claim finds what is left
+            except Exception:  # a bug must not end this copier: the replica would never catch up
+                log.exception("copying slots %d-%d of %r to %s", first, end, self.name, target.server)
+                await asyncio.sleep(self.options.probe_every)
+                continue
             finally:
                 self._spans.done(self._spans.copies, span)
             if not copied:  # nobody reachable has these pages now
@@ -427,10 +440,11 @@ class MirroredArea(PageArea):
             return False
         slots = range(first, end)
         data = memoryview(buf)[: (end - first) * self.page_size]
+        source_epoch, target_epoch = source.epoch, target.epoch
         try:
             await source.area.read_batch(slots, [data])
         except NetswapError as e:
-            self._lost(source, e)
+            self._lost(source, e, source_epoch)
             raise
         try:
             if _zero(buf, len(data), self._zeros):  # never written, or discarded: no page to send
@@ -438,7 +452,7 @@ class MirroredArea(PageArea):
             else:
                 await target.area.write_batch(slots, [data])
         except NetswapError as e:
-            self._lost(target, e)
+            self._lost(target, e, target_epoch)
             raise
         target.clear([(first, end)])
         self.resync_bytes += len(data)
@@ -529,11 +543,11 @@ def _runs(slots: Sequence[int]) -> list[tuple[int, int]]:
 
 
 def _zero(buf: bytearray, size: int, zeros: bytes) -> bool:
-    """Whether buf[:size] is all zeros (a whole buffer compares at memcmp speed)."""
-    return buf == zeros if size == len(buf) else bytes(buf[:size]) == zeros[:size]
+    """Whether buf[:size] is all zeros, compared in place (no copy: reserve safety)."""
+    return buf == zeros if size == len(buf) else buf.count(0, 0, size) == size
 
 
-def _fill(buf: bytearray, first: int, end: int, source: bytes) -> None:
+def _fill(buf: bytearray, first: int, end: int, source: memoryview) -> None:
     while first < end:
         step = min(end - first, len(source))
         buf[first : first + step] = source[:step]

@@ -328,9 +328,8 @@ def decode_swap_out(raw: bytes | memoryview, bounds: Bounds) -> tuple[swap_pb2.S
     """A SwapOutRequest without its pages (handle and slots, parsed by protobuf) and the
     pages as a view into `raw`: the blob is never copied on its way to the store."""
     pages, rest = split_bytes_field(raw, _SWAP_OUT_PAGES_FIELD, "SwapOutRequest", bounds.fields)
-    head = b"".join(rest)
-    _check_head(len(head), "SwapOutRequest", bounds)
-    return swap_pb2.SwapOutRequest.FromString(head), pages
+    _check_head(sum(map(len, rest)), "SwapOutRequest", bounds)  # before any copy
+    return swap_pb2.SwapOutRequest.FromString(b"".join(rest)), pages
 
 
 def _check_head(size: int, message: str, bounds: Bounds) -> None:

@@ -49,6 +49,19 @@ def page_of(word: bytes, page_size: int = PAGE_SIZE) -> bytes:
     return _ZERO_PAGE if word == ZERO_WORD and page_size == PAGE_SIZE else word * (page_size // WORD)
 
 
+def repeat_into(view: memoryview, word: bytes) -> None:
+    """Fill `view` (a whole number of words) with `word`, in place: no page is made."""
+    if word == ZERO_WORD and len(view) <= PAGE_SIZE:
+        view[:] = _ZERO_PAGE[: len(view)]
+        return
+    view[:WORD] = word
+    done = WORD
+    while done < len(view):  # doubling: a dozen copies a page
+        n = min(done, len(view) - done)
+        view[done : done + n] = view[:n]
+        done += n
+
+
 def find(
     pieces: Sequence[memoryview], page_size: int = PAGE_SIZE
 ) -> tuple[list[memoryview], SamePages | None]:
@@ -58,6 +71,7 @@ def find(
     words: list[bytes] = []
     kept: list[memoryview] = []
     base = 0  # index of the piece's first page in the batch
+    per_page = page_size // WORD
     for piece in pieces:
         count = len(piece) // page_size
         # A page can only be same-filled if its first byte is its ninth.
@@ -66,11 +80,12 @@ def find(
         )
         start = 0  # first page of the piece not yet kept or found same
         found = len(index)
+        words_of = piece.cast("Q")  # a page is same-filled if it equals itself a word on: no copy
         for i in candidates:
-            raw = piece[i * page_size : (i + 1) * page_size].tobytes()
-            word = raw[:WORD]
-            if raw != page_of(word, page_size):
+            at = i * per_page
+            if words_of[at : at + per_page - 1] != words_of[at + 1 : at + per_page]:
                 continue
+            word = piece[i * page_size : i * page_size + WORD].tobytes()
             if i > start:
                 kept.append(piece[start * page_size : i * page_size])
             index.append(base + i)
@@ -106,7 +121,7 @@ def fill(
                 ]
                 taken += i - done
             if word:
-                view[i * page_size : (i + 1) * page_size] = page_of(word, page_size)
+                repeat_into(view[i * page_size : (i + 1) * page_size], word)
             done = i + 1
         return
     ends = list(itertools.accumulate(len(view) // page_size for view in into))
@@ -117,7 +132,9 @@ def fill(
             _copy(into, ends, done, pages[taken * page_size : (taken + i - done) * page_size], page_size)
             taken += i - done
         if word:
-            _copy(into, ends, i, memoryview(page_of(word, page_size)), page_size)
+            k = bisect.bisect_right(ends, i)  # the view holding page i
+            offset = (i - (ends[k - 1] if k else 0)) * page_size
+            repeat_into(into[k][offset : offset + page_size], word)
         done = i + 1
 
 

@@ -53,7 +53,8 @@ class IoThreads:
                 outcome = (None, e)
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
                 loop.call_soon_threadsafe(_settle, future, outcome, then)
-            del call, future, outcome  # no reference to the last call's buffers while idle
+            # no reference to the last call's buffers or area while idle
+            del call, loop, future, fn, args, then, outcome
 
     def shutdown(self) -> None:
         """Let the threads end once the calls queued so far are done."""

@@ -188,7 +188,7 @@ class Batcher:
             queue[0] = _Part(head.first + room, head.count - room, rest_view, head.request, head.alone)
             head.request.parts += 1
             first_view = head.view[: room * ps] if head.view is not None else None
-            self._queued += 1  # the rest stays queued as one more part
+            # the rest stays queued in the head's place: as many parts as before
             return [_Part(head.first, room, first_view, head.request, head.alone)]
         if len(queue) == 1:  # a lone request, as at queue depth 1
             self._queued -= 1

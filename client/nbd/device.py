@@ -33,8 +33,8 @@ from netswap.common.limits import PAGE_SIZE
 
 __all__ = ["AreaDevice", "BatchArea", "DeviceError"]
 
-_ZERO_PAGE = memoryview(bytes(PAGE_SIZE))
-READAHEAD_GROWTH = 4  # zero-fill source: zeroing allocates nothing
+_ZERO_PAGE = memoryview(bytes(PAGE_SIZE))  # zero-fill source: zeroing allocates nothing
+READAHEAD_GROWTH = 4  # a window grows to this many times --readahead-pages
 
 
 class AreaDevice:

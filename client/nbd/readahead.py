@@ -54,7 +54,8 @@ class _Window:
 
 
 class Readahead:
-    """At most `windows` windows of `window_pages` pages, each filled by one read.
+    """At most `windows` windows, each filled by one read: `window_pages` pages first, up to
+    `max_window_pages` as a run goes on.
 
     The device calls invalidate() for every write-like request once the
     server has answered it (see the module docstring).
@@ -116,7 +117,7 @@ class Readahead:
             self._ahead(first + count)
             return
         # The read itself first: a window queued after it goes in a request of
-        # its own (fetch_ahead), so this read does not wait for 64 more pages.
+        # its own (fetch_ahead), so this read does not wait for the window's pages.
         self._fetch(first, count, into, done)
         if sequential:
             self._ahead(first + count)

@@ -45,7 +45,7 @@ class NbdOptions:
     # Two: one batch at the server while the next collects requests. More
     # only cut batches smaller (the server answers a stream in order anyway).
     max_rpcs: int = 2
-    # Two windows of this many pages (see readahead.py): 512 KiB, allocated at start.
+    # A run's first window (see readahead.py); two windows of up to 4x, 2 MiB, allocated at start.
     readahead_pages: int = 64
     replicas: int = 1  # copies of the area, on as many servers (2: a mirror)
     failover_timeout: float = 1.0  # mirrored: seconds a replica may take before it is marked down
@@ -61,6 +61,14 @@ class NbdOptions:
     metrics_listen: str = ""  # HOST:PORT for Prometheus, "" for none
 
     def __post_init__(self) -> None:
+        if self.max_connections < 1 or self.max_rpcs < 1:
+            raise ValueError("--max-connections and --max-rpcs must be at least 1")
+        if self.pool_pages < 4 * self.max_connections:
+            # each connection's share of the pool holds its largest request plus three scratch pages
+            raise ValueError(
+                f"--pool-pages ({self.pool_pages}) must be at least 4 per connection"
+                f" (--max-connections {self.max_connections})"
+            )
         if self.listen is not None and not self.allow_remote and not _loopback(self.listen):
             raise ValueError(
                 f"refusing to export over NBD on {self.listen}: anyone who can reach it reads and writes"
@@ -169,9 +177,9 @@ class NbdServer:
             return f"unix:{path}"
         assert self.opts.listen is not None
         host, _, port = self.opts.listen.rpartition(":")
-        self._server = await loop.create_server(self._connection, host or "127.0.0.1", int(port))
-        sock = self._server.sockets[0].getsockname()
-        return f"{sock[0]}:{sock[1]}"
+        self._server = await loop.create_server(self._connection, host.strip("[]") or "127.0.0.1", int(port))
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -203,6 +211,7 @@ async def run_nbd(fleet: Fleet, opts: NbdOptions) -> int:
     )  # fmt: skip
     if opts.metrics_listen:
         host, _, port = opts.metrics_listen.rpartition(":")
+        host = host.strip("[]")
         http, _ = start_http_server(int(port), addr=host or "127.0.0.1", registry=server.registry)
         log.info("metrics at http://%s:%d/metrics", host or "127.0.0.1", http.server_port)
     # Last: everything the data path needs now exists and has been touched.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import mmap
 
 from netswap.common.limits import PAGE_SIZE
-from netswap.common.samepages import SamePages, page_of
+from netswap.common.samepages import SamePages, repeat_into
 from netswap.server.errors import Exhausted
 from netswap.server.slots import Slots
 from netswap.server.store.base import (
@@ -88,7 +88,7 @@ class MemoryBacking:
         for first, count, at, word in layout(slots.runs, same):
             page = data[first * PAGE_SIZE : (first + count) * PAGE_SIZE]
             if word:  # the page itself too: a reader that does not ask for words reads it
-                page[:] = page_of(word)
+                repeat_into(page, word)
                 self._map.mark_same(first, word)
             else:
                 page[:] = pages[at * PAGE_SIZE : (at + count) * PAGE_SIZE]

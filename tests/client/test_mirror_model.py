@@ -18,7 +18,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from netswap.client.errors import ConnectionLost, NetswapError
+from netswap.client.errors import AreaNotFound, ConnectionLost, NetswapError
 from netswap.client.mirror import MirroredArea, MirrorOptions, Replica, State
 
 PS = 4096
@@ -366,7 +366,7 @@ async def test_a_late_result_says_nothing_of_a_replica_re_attached_since() -> No
         await asyncio.sleep(0)
     b.pages.clear()  # B's machine: gone, and back empty
     b.epoch += 1
-    mirror._lost(replicas[1], ConnectionLost("b restarted"))
+    mirror._lost(replicas[1], ConnectionLost("b restarted"), replicas[1].epoch)
     await mirror._probe(replicas[1])
     await write
     assert replicas[1].dirty[3] == 1  # still behind on slot 3
@@ -384,4 +384,27 @@ async def test_runs_nobody_has_do_not_hold_up_the_copies_behind_them() -> None:
     source.pages["m"][20] = page(9)
     await _copy_all(mirror)
     assert target.pages["m"].get(20) == page(9) and mirror.replicas[1].dirty[20] == 0
+    mirror.detach()
+
+
+async def test_a_late_error_from_before_a_reattach_leaves_the_replica_up() -> None:
+    mirror, source, _ = await _pair(lag=0)
+    replica = mirror.replicas[0]
+    sent_at = replica.epoch  # a request goes out ...
+    mirror._lost(replica, ConnectionLost("s0 restarting"), replica.epoch)  # ... the replica is lost
+    await mirror._probe(replica)  # and back, re-attached with a new handle
+    assert replica.state is State.UP
+    mirror._lost(replica, AreaNotFound("unknown handle"), sent_at)  # the old request's answer
+    assert replica.state is State.UP and not replica.handle_died
+    assert mirror.failed is None
+    mirror.detach()
+
+
+async def test_a_replica_back_with_smaller_batches_lowers_the_mirrors_limit() -> None:
+    mirror, source, _ = await _pair(lag=0)
+    replica = mirror.replicas[0]
+    mirror._lost(replica, ConnectionLost("s0 restarting"), replica.epoch)
+    cast(Any, replica.area).max_batch_pages = BATCH // 2  # its server now takes half as many
+    await mirror._probe(replica)
+    assert mirror.max_batch_pages == BATCH // 2  # what the batcher cuts to from now on
     mirror.detach()

@@ -129,6 +129,8 @@ async def test_queued_parts_are_recut_when_the_batch_limit_shrinks(tmp_path: Pat
         await read
         assert out == data
         assert device.rpcs["in"] == 5
+        assert device.batches._queued == 0  # the count of queued parts came back even
+        await finished(device.read, 0, PS, memoryview(bytearray(PS)))  # and the device still serves
         area.detach()
         await client.close()
 

@@ -78,3 +78,10 @@ def test_listening_beyond_loopback_needs_allow_remote() -> None:
         NbdOptions(name="vm1", size=PS, listen=address, allow_remote=True)
     for address in ("127.0.0.1:10809", "localhost:10809", "[::1]:10809"):
         NbdOptions(name="vm1", size=PS, listen=address)
+
+
+def test_options_that_could_not_serve_are_refused() -> None:
+    for bad in ({"max_connections": 0}, {"max_rpcs": 0}, {"pool_pages": 32, "max_connections": 9}):
+        with pytest.raises(ValueError, match="must be at least"):
+            NbdOptions(name="vm1", size=PS, **bad)  # type: ignore[arg-type]
+    NbdOptions(name="vm1", size=PS, pool_pages=32, max_connections=8)  # four pages each: enough

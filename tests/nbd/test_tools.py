@@ -9,6 +9,8 @@ import signal
 import sys
 from pathlib import Path
 
+import pytest
+
 from netswap.client import SwapClient
 from netswap.client.fleet import Fleet
 from netswap.client.nbd.serve import NbdOptions, NbdServer, attach
@@ -135,18 +137,19 @@ async def test_the_netswap_nbd_command(tmp_path: Path) -> None:
         server.stop_quietly()
 
 
-async def test_tcp_listener(tmp_path: Path) -> None:
+@pytest.mark.parametrize("host", ["127.0.0.1", "[::1]"])
+async def test_tcp_listener(tmp_path: Path, host: str) -> None:
     async with (
         running_server(tmp_path) as srv,
         await SwapClient.connect(srv.address, TOKENS["alice"]) as client,
     ):
-        options = NbdOptions(name="tcp", size=8 << 20, listen="127.0.0.1:0")
+        options = NbdOptions(name="tcp", size=8 << 20, listen=f"{host}:0")
         nbd = NbdServer(await attach(Fleet({srv.address: client}), options), options)
         where = await nbd.start()
         try:
-            host, port = where.rsplit(":", 1)
-            assert host == "127.0.0.1" and int(port) > 0
-            uri = f"nbd://127.0.0.1:{port}/tcp"
+            listening, port = where.rsplit(":", 1)
+            assert listening == host and int(port) > 0
+            uri = f"nbd://{host}:{port}/tcp"
             out = await run(
                 "qemu-io", "-f", "raw", uri, "-c", "write -P 0x5 0 70000", "-c", "read -P 0x5 0 70000"
             )
