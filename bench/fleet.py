@@ -76,6 +76,10 @@ def frontend(tmp: Path, socks: list[Path], replicas: int, name: str) -> Iterator
     with started(argv, log, nbd_sock, env, "netswap nbd: serving") as proc:
         yield f"nbd+unix:///?socket={nbd_sock}", port, log
         del proc
+    # Its copies' reservations back, or the servers' --capacity runs out a few areas later
+    # (best effort: a run that lost a server has nothing to give back there).
+    swapoff = [sys.executable, "-m", "netswap.client", "swapoff", name]
+    subprocess.run(swapoff, env=env, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _free_port() -> int:
