@@ -4,7 +4,10 @@
 
 Workloads: 4k random read and write at iodepth 1 and 32, 64k sequential write
 and read. netswap runs as deployed (netswap-server with a file store, `netswap
-nbd` locked in memory, unix sockets); nbdkit's memory plugin is what a user
+nbd` locked in memory, unix sockets) but for SCHED_FIFO: fio, the server and
+the frontend share this machine's CPUs, where a realtime frontend preempts
+the server (in a VM the server is elsewhere). A third table runs the frontend
+as deployed, SCHED_FIFO, against that. nbdkit's memory plugin is what a user
 would otherwise run. Prints medians of --runs, the ratio netswap/nbdkit, and
 the CPU seconds the netswap server and frontend spend per GB moved, and how
 often per request the frontend sleeps and is woken (its threads' voluntary
@@ -93,8 +96,13 @@ def measure(uri: str, tmp: Path, runs: int, seconds: float, pids: list[int]) -> 
 def run_block(runs: int, seconds: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="netswap-block-") as tmp_s:
         tmp = Path(tmp_s)
-        with netswap_nbd(tmp, "512MiB", "2GiB") as (server, nbd, uri):
+        # --no-realtime: a SCHED_FIFO frontend preempts the server it shares two
+        # CPUs with here (not so in a VM); as deployed is measured too, below.
+        with netswap_nbd(tmp, "512MiB", "2GiB", realtime=False) as (server, nbd, uri):
             netswap = measure(uri, tmp, runs, seconds, [server.pid, nbd.pid])
+        (tmp / "rt").mkdir()
+        with netswap_nbd(tmp / "rt", "512MiB", "2GiB", realtime=True) as (server, nbd, uri):
+            realtime = measure(uri, tmp, runs, seconds, [server.pid, nbd.pid])
         kit_sock = tmp / "kit.sock"
         kit_argv = ["nbdkit", "--foreground", "--unix", str(kit_sock), "memory", "512M"]
         with started(kit_argv, tmp / "kit.log", kit_sock) as kit:
@@ -106,7 +114,7 @@ def run_block(runs: int, seconds: float) -> dict[str, Any]:
             with started(argv, tmp / f"{kind}.log", sock) as proc:
                 # one process: its CPU is reported as the "frontend"'s
                 layers[kind] = measure(f"nbd+unix:///?socket={sock}", tmp, runs, seconds, [0, proc.pid])
-    return {"netswap": netswap, "nbdkit": nbdkit, **layers}
+    return {"netswap": netswap, "nbdkit": nbdkit, "realtime": realtime, **layers}
 
 
 def table(result: dict[str, Any]) -> str:
@@ -174,6 +182,10 @@ def main() -> int:
         "\nIOPS by layers: a bare Python NBD server, netswap's frontend without gRPC, netswap\n"
         + layers_table(result)
     )
+    print("\nThe frontend as deployed (SCHED_FIFO) against --no-realtime, on the same server")
+    for name, _, _ in WORKLOADS:
+        rt, plain = result["realtime"][name]["iops"], result["netswap"][name]["iops"]
+        print(f"{name:18} {rt:9.0f} IOPS against {plain:9.0f}: {rt / plain:5.2f}x")
     result["bounds"] = {}
     for name in ("4k randwrite qd32", "4k randread qd32"):
         b = result["bounds"][name] = zero_cost_frontend_bound(result, name)

@@ -89,9 +89,10 @@ def server_argv(tmp: Path, sock: Path, *extra: str) -> list[str]:
 
 @contextlib.contextmanager
 def netswap_nbd(
-    tmp: Path, size: str, capacity: str
+    tmp: Path, size: str, capacity: str, realtime: bool = True, name: str = "bench"
 ) -> Iterator[tuple[subprocess.Popen[bytes], subprocess.Popen[bytes], str]]:
-    """A file-store server and `netswap nbd` on it, as deployed: (server, frontend, NBD URI)."""
+    """A file-store server and `netswap nbd` on it, as deployed unless `realtime` is False
+    (--no-realtime): (server, frontend, NBD URI)."""
     grpc_sock, nbd_sock = tmp / "grpc.sock", tmp / "nbd.sock"
     env = {**os.environ, "NETSWAP_TOKEN": TOKEN, "NETSWAP_SERVER": f"unix:{grpc_sock}"}
     nbd_argv = [
@@ -99,11 +100,12 @@ def netswap_nbd(
         "-m",
         "netswap.client",
         "nbd",
-        "bench",
+        name,
         "--size",
         size,
         "--socket",
         str(nbd_sock),
+        *([] if realtime else ["--no-realtime"]),
     ]
     with (
         started(server_argv(tmp, grpc_sock, "--capacity", capacity), tmp / "server.log", grpc_sock) as server,
