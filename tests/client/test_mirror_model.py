@@ -388,7 +388,7 @@ async def test_runs_nobody_has_do_not_hold_up_the_copies_behind_them() -> None:
 
 
 async def test_a_late_error_from_before_a_reattach_leaves_the_replica_up() -> None:
-    mirror, source, _ = await _pair(lag=0)
+    mirror, _, _ = await _pair(lag=0)
     replica = mirror.replicas[0]
     sent_at = replica.epoch  # a request goes out ...
     mirror._lost(replica, ConnectionLost("s0 restarting"), replica.epoch)  # ... the replica is lost
@@ -401,7 +401,7 @@ async def test_a_late_error_from_before_a_reattach_leaves_the_replica_up() -> No
 
 
 async def test_a_replica_back_with_smaller_batches_lowers_the_mirrors_limit() -> None:
-    mirror, source, _ = await _pair(lag=0)
+    mirror, _, _ = await _pair(lag=0)
     replica = mirror.replicas[0]
     mirror._lost(replica, ConnectionLost("s0 restarting"), replica.epoch)
     cast(Any, replica.area).max_batch_pages = BATCH // 2  # its server now takes half as many
