@@ -6,7 +6,9 @@ to the kernel. A process handling 1 MiB messages then takes 256 page faults
 for every message it builds or receives, which costs more than gRPC's whole
 round trip for it. Fixing both thresholds keeps such blocks in the heap and
 reuses them. The price is that the heap stays at its high-water mark; a
-server gives back what a burst left behind with trim().
+server gives back what a burst left behind with trim(). A server also keeps
+to one arena: a thread's arena never gives back the free top of its heap
+under this trim threshold, and malloc_trim() trims only the main arena's.
 
 `netswap nbd` gets the same effect from environment variables at re-exec
 (client/reserve.py), which also cover memory allocated before Python runs.
@@ -18,14 +20,21 @@ import ctypes
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 MMAP_THRESHOLD = 32 << 20  # glibc's own upper bound for the adaptive threshold
 TRIM_THRESHOLD = (1 << 31) - 1  # mallopt takes an int: "2 GiB free at the top" never happens here
 
 
-def keep_heap() -> bool:
-    """Apply the thresholds (glibc only); False where the C library has no mallopt (e.g. musl)."""
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+_LIBC = ctypes.CDLL(None)  # once: a CDLL made per call is a reference cycle for the GC
+
+
+def keep_heap(one_arena: bool = False) -> bool:
+    """Apply the thresholds (glibc only), and with `one_arena` share the main arena between
+    threads (call it before any thread starts); False where there is no mallopt (e.g. musl)."""
+    mallopt = getattr(_LIBC, "mallopt", None)
     if mallopt is None:
+        return False
+    if one_arena and not mallopt(_M_ARENA_MAX, 1):
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
         mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
@@ -52,7 +61,7 @@ class _Mallinfo2(ctypes.Structure):
 
 def free_in_heap() -> int | None:
     """Bytes the heap holds free (glibc's mallinfo2), or None where there is no such call."""
-    mallinfo2 = getattr(ctypes.CDLL(None), "mallinfo2", None)
+    mallinfo2 = getattr(_LIBC, "mallinfo2", None)
     if mallinfo2 is None:
         return None
     mallinfo2.restype = _Mallinfo2
@@ -69,6 +78,6 @@ def trim(above: int) -> bool:
     free = free_in_heap()
     if free is None or free <= above:
         return False
-    malloc_trim = ctypes.CDLL(None).malloc_trim
+    malloc_trim = _LIBC.malloc_trim
     malloc_trim.argtypes = [ctypes.c_size_t]
     return bool(malloc_trim(0))

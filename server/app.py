@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 HealthServicer: Any = health.aio.HealthServicer  # type: ignore[attr-defined]
 
 SERVICE_NAME = swap_pb2.DESCRIPTOR.services_by_name["SwapService"].full_name
-CHORES_EVERY = 5.0  # seconds: audit summaries, giving a burst's memory back
-TRIM_ABOVE = 16 << 20  # free heap bytes kept for reuse before the rest goes back to the kernel
+CHORES_EVERY = 2.0  # seconds: audit summaries, giving a burst's memory back
+TRIM_ABOVE = 4 << 20  # free heap bytes kept for reuse before the rest goes back to the kernel
 
 
 class NetswapServer:

@@ -199,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[:1] == ["areas"]:
         return admin.main(args[1:])
     config = config_from_args(args, os.environ)
-    keep_heap()  # page batches in and out all day: see netswap.common.heap
+    keep_heap(one_arena=True)  # page batches in and out all day: see netswap.common.heap
     logging.basicConfig(
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -92,13 +92,20 @@ class SwapService:
 
     async def _body(self, method: str, requests: AsyncIterator[bytes]) -> bytes:
         """The call's one request message, once all of it has arrived (within request_timeout)."""
+        reader = aiter(requests)  # gRPC's receiver hands out its generator
         try:
             async with asyncio.timeout(self._request_timeout):
-                raw = await anext(requests, None)
+                raw = await anext(reader, None)
         except TimeoutError:
             raise TimedOut(
                 f"the {method} request did not arrive within {self._request_timeout:g}s of its headers"
             ) from None
+        finally:
+            # gRPC's reader is a generator left holding the message it yielded until
+            # closed; closed now, the message goes with the call, not with the next GC.
+            aclose = getattr(reader, "aclose", None)
+            if aclose is not None:
+                await aclose()
         if raw is None:
             raise InvalidArgument(f"no {method} request message")
         return raw

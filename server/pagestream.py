@@ -84,8 +84,9 @@ class PageStreams:
                 refusal = None
             except (ValueError, DecodeError) as e:
                 refusal = malformed("PageRequest", e)
-            if refusal is not None:  # raised outside the handler of e: see requests.malformed
-                raise refusal
+            if refusal is not None:  # not raised: its traceback would keep this frame, and raw
+                code, message = self._path.failed(method, start, refusal)
+                return encode_page_error(code.value[0], message)
             method = op.value
             pieces, same = await self._path.execute(principal, op, head, pages, later=True)
         except Exception as e:

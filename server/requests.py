@@ -116,8 +116,12 @@ def decoded(what: str, parse: Callable[[bytes], T], raw: bytes) -> T:
         return parse(raw)
     except (ValueError, DecodeError) as e:
         refusal = malformed(what, e)
-    # Raised outside the handler: no chain back to the parser's frames, which hold the bytes.
-    raise refusal
+    # Raised outside the handler: no chain back to the parser's frames, which hold the bytes;
+    # and not kept in this frame, which its traceback holds (a cycle only the GC would end).
+    try:
+        raise refusal
+    finally:
+        del refusal
 
 
 def malformed(what: str, error: Exception) -> InvalidArgument:
