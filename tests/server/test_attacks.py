@@ -166,15 +166,16 @@ async def test_refused_bodies_are_let_go_with_their_calls(tmp_path: Path) -> Non
     async with running_server(tmp_path) as srv, grpc.aio.insecure_channel(srv.address) as channel:
         stub = swap_pb2_grpc.SwapServiceStub(channel)
         a = await stub.SwapOn(swap_pb2.SwapOnRequest(name="a", size_bytes=1 << 20), metadata=auth("alice"))
-        swap_out = channel.unary_unary("/netswap.v1.SwapService/SwapOut")  # bytes in, bytes out
-        page_stream = channel.stream_stream("/netswap.v1.SwapService/PageStream")
+        swap_out = channel.unary_unary("/netswap.v1.SwapService/SwapOut", None, None)  # bytes as they are
+        page_stream = channel.stream_stream("/netswap.v1.SwapService/PageStream", None, None)
         gc.disable()
         try:
             for _ in range(4):
                 await expect(INVALID, swap_out(malformed, metadata=auth("alice")))
-            stream = page_stream(metadata=auth("alice"))
+            stream = page_stream(None, metadata=auth("alice"))
             await stream.write(malformed)
-            assert swap_pb2.PageReply.FromString(await stream.read()).code != 0
+            reply = await stream.read()
+            assert isinstance(reply, bytes) and swap_pb2.PageReply.FromString(reply).code != 0
             await stream.done_writing()
             assert await stream.code() == grpc.StatusCode.OK
             held = [
