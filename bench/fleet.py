@@ -184,10 +184,10 @@ def resync_rate(tmp: Path, socks: list[Path], stores: list[Path], procs: list[An
             ["fio", "--name=fill", "--ioengine=nbd", f"--uri={uri}", "--rw=write", "--bs=1M", "--iodepth=4",
              "--size=256M", "--output=/dev/null"], cwd=tmp, check=True,
         )  # fmt: skip
-        held = [line for line in log.read_text().splitlines() if "replica" in line]
-        del held
-        # Lose the first server's machine, then bring it back empty: whichever copy it held is rebuilt.
-        victim = 0
+        # Lose the machine of a server that holds a copy (placement decides which do), then
+        # bring it back empty: that copy is rebuilt.
+        data = "resync".encode().hex() + ".data"
+        victim = next(i for i, store in enumerate(stores) if any(store.rglob(data)))
         procs[victim].kill()
         procs[victim].wait()
         shutil.rmtree(stores[victim])
