@@ -179,14 +179,14 @@ async def failover_pause(tmp: Path, procs: list[subprocess.Popen[bytes]], socks:
 
 def resync_rate(tmp: Path, socks: list[Path], stores: list[Path], procs: list[Any]) -> tuple[float, float]:
     """(seconds to rebuild a lost copy of 256 MiB written, MiB/s)."""
-    with frontend(tmp, socks, 2, "resync") as (uri, port, log):
+    with frontend(tmp, socks, 2, "resync") as (uri, port, _):
         subprocess.run(
             ["fio", "--name=fill", "--ioengine=nbd", f"--uri={uri}", "--rw=write", "--bs=1M", "--iodepth=4",
              "--size=256M", "--output=/dev/null"], cwd=tmp, check=True,
         )  # fmt: skip
         # Lose the machine of a server that holds a copy (placement decides which do), then
         # bring it back empty: that copy is rebuilt.
-        data = "resync".encode().hex() + ".data"
+        data = b"resync".hex() + ".data"
         victim = next(i for i, store in enumerate(stores) if any(store.rglob(data)))
         procs[victim].kill()
         procs[victim].wait()

@@ -185,7 +185,11 @@ def plot(res: dict[str, Any], path: Path) -> None:
     axes[1].set(xlabel="netswap / nbdkit memory (IOPS)", title="block path (fio over NBD)")
     g = res["guest"]
     kinds = ("nbdkit", "netswap", "nbdkit same-filled", "netswap same-filled")
-    axes[2].bar([k.replace("nbdkit", "nbdkit memory") for k in kinds], [g[k]["seconds"] for k in kinds])
+    labels = [
+        k.replace("nbdkit", "nbdkit memory").replace(" same-filled", f"\n{SAME_PCT}% same-filled")
+        for k in kinds
+    ]
+    axes[2].bar(labels, [g[k]["seconds"] for k in kinds])
     axes[2].set(ylabel="seconds", title="QEMU guest swap test (wall time)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -229,7 +229,7 @@ class PageStream:
 
         One timer per stream, re-armed about once per timeout while requests
         keep coming, rather than one per request: arming and disarming a timer
-        is a noticeable share of a round trip (docs/performance.md).
+        is a noticeable share of a round trip.
         """
         stream.watchdog = None
         if stream.broken is not None or not stream.deadlines:

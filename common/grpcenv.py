@@ -3,9 +3,10 @@
 gRPC reads GRPC_EXPERIMENTS once, when its core loads. Since 1.6x its
 EventEngine is on by default for client channels and listeners; with
 grpc.aio it hands every completion through more threads before it reaches
-the event loop, which about doubles a small request's round trip
-(docs/performance.md). So netswap's processes -- netswap-server, the
-netswap CLI, `netswap nbd` -- turn those two experiments off, unless the
+the event loop, which lengthens a small request's round trip (more thread
+wake-ups: see docs/performance.md on where a round trip goes). So netswap's
+processes -- netswap-server, the netswap CLI, `netswap nbd` -- turn those
+two experiments off, unless the
 operator set GRPC_EXPERIMENTS already. A program using netswap.client as a
 library decides for itself (call apply() before importing grpc, or export
 the variable).

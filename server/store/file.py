@@ -235,7 +235,7 @@ _NULS = memoryview(bytes(4096))
 # At most this much per write(2). The kernel sizes page-cache folios by the
 # write that creates them, and since Linux 6.x ext4 makes large ones; every
 # later 4 KiB write into a large folio walks all of its block buffers. Swap
-# rewrites pages one at a time, so small folios win (docs/performance.md).
+# rewrites pages one at a time, so small folios win (bench/pagecache.py, docs/performance.md).
 WRITE_CHUNK = 16 * 1024
 
 
