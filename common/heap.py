@@ -59,13 +59,19 @@ class _Mallinfo2(ctypes.Structure):
     ]
 
 
+_mallinfo2 = getattr(_LIBC, "mallinfo2", None)  # None before glibc 2.33, and on musl
+if _mallinfo2 is not None:
+    _mallinfo2.restype = _Mallinfo2
+_malloc_trim = getattr(_LIBC, "malloc_trim", None)
+if _malloc_trim is not None:
+    _malloc_trim.argtypes = [ctypes.c_size_t]
+
+
 def free_in_heap() -> int | None:
     """Bytes the heap holds free (glibc's mallinfo2), or None where there is no such call."""
-    mallinfo2 = getattr(_LIBC, "mallinfo2", None)
-    if mallinfo2 is None:
+    if _mallinfo2 is None:
         return None
-    mallinfo2.restype = _Mallinfo2
-    info: _Mallinfo2 = mallinfo2()
+    info: _Mallinfo2 = _mallinfo2()
     return int(info.fordblks)
 
 
@@ -76,8 +82,6 @@ def trim(above: int) -> bool:
     more than the steady load needs, and the pages would stay resident for
     good. Call it now and then, in a worker thread: it walks the heap."""
     free = free_in_heap()
-    if free is None or free <= above:
+    if free is None or free <= above or _malloc_trim is None:
         return False
-    malloc_trim = _LIBC.malloc_trim
-    malloc_trim.argtypes = [ctypes.c_size_t]
-    return bool(malloc_trim(0))
+    return bool(_malloc_trim(0))
