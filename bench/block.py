@@ -16,13 +16,19 @@ context switches).
 A second table takes netswap apart by layers (bench/nbdlayers.py): the same
 workloads against a bare Python NBD server (the ceiling of any frontend in
 Python here) and against netswap's frontend on an in-process memory area (no
-gRPC, no server), with the CPU time per request of each process.
+gRPC, no server), with the CPU time per request of each process. At queue
+depth 1 it adds the least a Python frontend can do over gRPC (nbdlayers.py's
+relay: each request forwarded as it comes, one PageStream message, nothing
+else), against a netswap-server like the one above and against
+bench/library.py's stream echo (the transport alone): the bound on a qd1
+round trip through any Python frontend on that server, or on this transport.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -30,7 +36,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from procs import cpu_seconds, netswap_nbd, started, voluntary_switches
+from procs import TOKEN, cpu_seconds, netswap_nbd, server_argv, started, voluntary_switches
 
 WORKLOADS = [
     # name, fio arguments, direction
@@ -41,6 +47,7 @@ WORKLOADS = [
     ("64k seq write", ["--rw=write", "--bs=64k", "--iodepth=8"], "write"),
     ("64k seq read", ["--rw=read", "--bs=64k", "--iodepth=8"], "read"),
 ]
+QD1 = [w for w in WORKLOADS if w[0].endswith("qd1")]  # where a request waits for a whole round trip
 
 
 def fio(uri: str, args: list[str], seconds: float, tmp: Path) -> dict[str, Any]:
@@ -54,7 +61,9 @@ def fio(uri: str, args: list[str], seconds: float, tmp: Path) -> dict[str, Any]:
     return job
 
 
-def measure(uri: str, tmp: Path, runs: int, seconds: float, pids: list[int]) -> dict[str, dict[str, float]]:
+def measure(
+    uri: str, tmp: Path, runs: int, seconds: float, pids: list[int], workloads: list[Any] = WORKLOADS
+) -> dict[str, dict[str, float]]:
     """Medians per workload; CPU figures are of `pids` in the order server, frontend."""
     # Fill the export once so reads return written data, not holes.
     subprocess.run(
@@ -63,7 +72,7 @@ def measure(uri: str, tmp: Path, runs: int, seconds: float, pids: list[int]) -> 
     )  # fmt: skip
     results: dict[str, dict[str, list[float]]] = {}
     for _ in range(runs):
-        for name, args, direction in WORKLOADS:
+        for name, args, direction in workloads:
             cpu0 = [cpu_seconds(p) if p else 0.0 for p in pids]
             sleeps0 = voluntary_switches(pids[-1])
             whole = fio(uri, args, seconds, tmp)
@@ -114,6 +123,25 @@ def run_block(runs: int, seconds: float) -> dict[str, Any]:
             with started(argv, tmp / f"{kind}.log", sock) as proc:
                 # one process: its CPU is reported as the "frontend"'s
                 layers[kind] = measure(f"nbd+unix:///?socket={sock}", tmp, runs, seconds, [0, proc.pid])
+        (tmp / "relay").mkdir()
+        grpc_sock = tmp / "relay" / "grpc.sock"
+        library = Path(__file__).with_name("library.py")
+        relay_to = {
+            "relay to server": server_argv(tmp / "relay", grpc_sock, "--capacity", "2GiB"),
+            "relay to echo": [sys.executable, str(library), "--serve-echo", f"unix:{grpc_sock}"],
+        }
+        for kind, server_cmd in relay_to.items():
+            sock = tmp / "relay" / "nbd.sock"
+            env = {**os.environ, "NETSWAP_SERVER": f"unix:{grpc_sock}", "NETSWAP_TOKEN": TOKEN}
+            argv = [sys.executable, str(Path(__file__).with_name("nbdlayers.py")), "relay", str(sock)]
+            with (
+                started(server_cmd, tmp / f"{kind}.server.log", grpc_sock) as server,
+                started(argv, tmp / f"{kind}.log", sock, env) as proc,
+            ):
+                uri = f"nbd+unix:///?socket={sock}"
+                layers[kind] = measure(uri, tmp, runs, seconds, [server.pid, proc.pid], QD1)
+            for left in (grpc_sock, sock):  # as `started` waits for them to appear
+                left.unlink(missing_ok=True)
     return {"netswap": netswap, "nbdkit": nbdkit, "realtime": realtime, **layers}
 
 
@@ -186,6 +214,18 @@ def main() -> int:
     for name, _, _ in WORKLOADS:
         rt, plain = result["realtime"][name]["iops"], result["netswap"][name]["iops"]
         print(f"{name:18} {rt:9.0f} IOPS against {plain:9.0f}: {rt / plain:5.2f}x")
+    print(
+        "\nAt queue depth 1: the least a Python frontend does (nbdlayers.py relay), to a server and an echo"
+    )
+    for name, _, _ in QD1:
+        kit, n = result["nbdkit"][name], result["netswap"][name]
+        line = [f"{name:18} netswap {n['iops']:6.0f} IOPS p50 {n['lat_p50_us']:4.0f} us"]
+        for kind in ("relay to server", "relay to echo"):
+            r = result[kind][name]
+            line.append(
+                f"{kind} {r['iops']:6.0f} p50 {r['lat_p50_us']:4.0f} = {r['iops'] / kit['iops']:.3f}x nbdkit"
+            )
+        print(", ".join(line))
     result["bounds"] = {}
     for name in ("4k randwrite qd32", "4k randread qd32"):
         b = result["bounds"][name] = zero_cost_frontend_bound(result, name)

@@ -3,6 +3,8 @@
 
     .venv/bin/python bench/nbdlayers.py floor SOCKET      # a bare Python NBD server
     .venv/bin/python bench/nbdlayers.py frontend SOCKET   # `netswap nbd` without gRPC
+    NETSWAP_SERVER=unix:G NETSWAP_TOKEN=T \
+    .venv/bin/python bench/nbdlayers.py relay SOCKET      # floor + one PageStream message each
 
 floor: the least a Python NBD server can do on netswap's event loop (uvloop):
 parse each request, copy the payload into or out of one bytearray, answer
@@ -15,12 +17,20 @@ pool, range locks, batching, metrics) on an area that lives in this process
 and copies pages in and out of a bytearray instead of sending RPCs. The gap
 to `floor` is the frontend's own work; the gap from here to netswap is the
 gRPC transport and the server.
+
+relay: `floor` that forwards each READ and WRITE, as it comes, as one
+PageStream message to a server (a netswap-server, or bench/library.py's
+echo), and answers when the reply comes: no pool, no batching, no checks,
+no retries, no metrics. At queue depth 1 it is the least a Python frontend
+over that server and transport does for a request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -29,12 +39,15 @@ from netswap.common import grpcenv
 
 grpcenv.apply()
 
+import grpc
+
 from netswap.client.nbd import protocol as p
 from netswap.client.nbd.serve import NbdOptions, NbdServer
 from netswap.client.pool import PagePool
 from netswap.common import loop
 from netswap.common.heap import keep_heap
 from netswap.common.limits import PAGE_SIZE
+from netswap.v1 import swap_pb2 as pb
 
 SIZE = 512 << 20
 MAX_BATCH = 256  # netswap-server's default max_batch_pages
@@ -133,6 +146,117 @@ class FloorConnection(asyncio.BufferedProtocol):
                     out.append(reply)
 
 
+class RelayConnection(FloorConnection):
+    """FloorConnection's handshake; then each READ and WRITE is one message on `call`
+    (a PageStream), answered in order as the replies come."""
+
+    def __init__(self, call: Any, handle: bytes) -> None:
+        super().__init__(memoryview(bytearray(0)))
+        self.call, self.handle = call, handle
+        self.requests: asyncio.Queue[bytes] = asyncio.Queue()
+        self.waiting: deque[tuple[int, bool]] = deque()  # (cookie, is a read), in request order
+        self.write_cookie, self.write_offset, self.write_data = 0, 0, bytearray()
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.tasks = [asyncio.ensure_future(self.send()), asyncio.ensure_future(self.receive())]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for task in self.tasks:
+            task.cancel()
+        self.call.cancel()
+
+    async def send(self) -> None:
+        while True:
+            await self.call.write(await self.requests.get())
+
+    async def receive(self) -> None:
+        while True:
+            reply = pb.PageReply.FromString(await self.call.read())
+            cookie, is_read = self.waiting.popleft()
+            if is_read:
+                self.transport.writelines(
+                    (p.simple_reply(0 if not reply.code else p.EIO, cookie), reply.pages)
+                )
+            else:
+                self.transport.write(p.simple_reply(0 if not reply.code else p.EIO, cookie))
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.sink is not None:
+            self.sink = self.sink[nbytes:]
+            if len(self.sink):
+                return
+            self.sink = None
+            self.forward_write(self.write_cookie, self.write_offset, self.write_data)
+        else:
+            self.end += nbytes
+        self.parse()
+        if self.out:
+            self.transport.writelines(self.out)
+            self.out = []
+
+    def forward_write(self, cookie: int, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self.waiting.append((cookie, False))
+        first, count = offset // PAGE_SIZE, len(data) // PAGE_SIZE
+        swap_out = pb.SwapOutRequest(handle=self.handle, run_start=first, run_count=count, pages=bytes(data))
+        self.requests.put_nowait(pb.PageRequest(swap_out=swap_out).SerializeToString())
+
+    def parse(self) -> None:
+        if self.phase != "transmission":
+            super().parse()
+        while self.phase == "transmission" and self.end - self.start >= p.REQUEST.size:
+            _, _, cmd, cookie, offset, length = p.REQUEST.unpack_from(self.buf, self.start)
+            self.start += p.REQUEST.size
+            if cmd == p.CMD_READ:
+                self.waiting.append((cookie, True))
+                swap_in = pb.SwapInRequest(
+                    handle=self.handle, run_start=offset // PAGE_SIZE, run_count=length // PAGE_SIZE
+                )
+                self.requests.put_nowait(pb.PageRequest(swap_in=swap_in).SerializeToString())
+            elif cmd == p.CMD_WRITE:
+                have = min(length, self.end - self.start)
+                if have == length:
+                    self.forward_write(cookie, offset, self.view[self.start : self.start + length])
+                    self.start += length
+                else:  # the rest of the payload arrives straight into a buffer of its own
+                    self.write_cookie, self.write_offset = cookie, offset
+                    self.write_data = bytearray(length)
+                    self.write_data[:have] = self.view[self.start : self.start + have]
+                    self.start += have
+                    self.sink = memoryview(self.write_data)[have:]
+                    return
+            elif cmd == p.CMD_DISC:
+                self.transport.close()
+                return
+            else:
+                self.out.append(p.simple_reply(0, cookie))
+
+
+async def relay_to(address: str, token: str) -> tuple[Any, bytes]:
+    """A PageStream opener on `address`, and the handle of a SIZE area there (an echo has no
+    SwapOn and takes any handle)."""
+    metadata = (("authorization", f"Bearer {token}"),)
+    channel = grpc.aio.insecure_channel(address)
+    swapon = channel.unary_unary(
+        "/netswap.v1.SwapService/SwapOn",
+        request_serializer=pb.SwapOnRequest.SerializeToString,
+        response_deserializer=pb.SwapOnResponse.FromString,
+    )
+    try:
+        handle: bytes = (
+            await swapon(pb.SwapOnRequest(name="relay", size_bytes=SIZE), metadata=metadata)
+        ).handle
+    except grpc.aio.AioRpcError as e:
+        if e.code() != grpc.StatusCode.UNIMPLEMENTED:
+            raise
+        handle = b"echo"
+    stream = channel.stream_stream(
+        "/netswap.v1.SwapService/PageStream", request_serializer=None, response_deserializer=None
+    )
+    return lambda: stream(None, metadata=metadata), handle
+
+
 class MemoryArea:
     """The RPC side of an area (client.nbd.device.BatchArea) in this process: pages are copied
     into and out of a bytearray where netswap would send SwapOut and SwapIn."""
@@ -176,6 +300,9 @@ async def serve(kind: str, socket: Path) -> None:
     if kind == "floor":
         store = memoryview(bytearray(SIZE))
         await running.create_unix_server(lambda: FloorConnection(store), str(socket))
+    elif kind == "relay":
+        open_call, handle = await relay_to(os.environ["NETSWAP_SERVER"], os.environ.get("NETSWAP_TOKEN", ""))
+        await running.create_unix_server(lambda: RelayConnection(open_call(), handle), str(socket))
     else:
         area = MemoryArea()
         # NbdServer is typed for netswap's Area; it uses only the BatchArea part of it.
@@ -186,7 +313,7 @@ async def serve(kind: str, socket: Path) -> None:
 
 
 def main() -> int:
-    if len(sys.argv) != 3 or sys.argv[1] not in ("floor", "frontend"):
+    if len(sys.argv) != 3 or sys.argv[1] not in ("floor", "frontend", "relay"):
         print(__doc__, file=sys.stderr)
         return 2
     keep_heap()  # as netswap's processes do
