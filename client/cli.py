@@ -18,7 +18,7 @@ from netswap.client.fleet import Fleet
 from netswap.client.mirror import MirroredArea
 from netswap.client.nbd.serve import NBD_MAX_BATCH, NbdOptions, run_nbd
 from netswap.client.reserve import ReserveError, before_threads, reserve_safe_process_or_reexec
-from netswap.common import loop
+from netswap.common import logsink, loop
 from netswap.common.heap import keep_heap
 from netswap.common.limits import PAGE_SIZE
 from netswap.common.sizes import format_size, size_arg
@@ -365,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         reserve_safe_process_or_reexec(sys.argv[1:])  # before any thread exists; see reserve.py
         before_threads(realtime=args.realtime)  # so that gRPC's threads inherit them
     keep_heap()  # see netswap.common.heap (`nbd` has it from its environment already)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logsink.install(logging.INFO)  # a stalled reader of stderr must not stall the swap device
     token = read_token(args, os.environ)
     try:
         return loop.run(lambda: run(args, token))

@@ -11,7 +11,7 @@ from prometheus_client.registry import Collector
 
 from netswap.client import reserve
 from netswap.client.mirror import MirroredArea, State
-from netswap.common import loopmetrics
+from netswap.common import logsink, loopmetrics
 
 if TYPE_CHECKING:
     from netswap.client.nbd.serve import NbdServer
@@ -117,6 +117,11 @@ class NbdCollector(Collector):
             "netswap_client_server_up",
             "1 if the last RPC reached the server, 0 while retrying.",
             int(device.server_up),
+        )
+        yield CounterMetricFamily(
+            "netswap_client_log_lines_dropped",
+            "Log lines dropped because the reader of the frontend's log was too slow.",
+            logsink.dropped(),
         )
         yield from _replicas(s.area, device.server_up)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from prometheus_client import REGISTRY, start_http_server
 
-from netswap.common import loop
+from netswap.common import logsink, loop
 from netswap.common.heap import keep_heap
 from netswap.common.limits import NAME_PATTERN
 from netswap.common.sizes import format_size, size_arg
@@ -200,10 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return admin.main(args[1:])
     config = config_from_args(args, os.environ)
     keep_heap(one_arena=True)  # page batches in and out all day: see netswap.common.heap
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logsink.install(config.log_level.upper())  # a stalled reader of stderr must not stall tenants
     # The audit trail is not chatter: --log-level quiets the rest, never it.
     logging.getLogger("netswap.audit").setLevel(logging.INFO)
     try:

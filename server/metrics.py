@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from netswap.common import loopmetrics
+from netswap.common import logsink, loopmetrics
 from netswap.common.limits import PAGE_SIZE
 
 if TYPE_CHECKING:
@@ -110,6 +110,11 @@ class _AreaCollector(Collector):
             "netswap_event_loop_lag_max_seconds",
             "The longest the event loop was seen held since the server started.",
             self._monitor.max_lag,
+        )
+        yield CounterMetricFamily(
+            "netswap_log_lines_dropped",
+            "Log lines dropped because the reader of the server's log was too slow.",
+            logsink.dropped(),
         )
         yield GaugeMetricFamily("netswap_areas", "Areas that exist (attached or not).", m.area_count())
         yield GaugeMetricFamily("netswap_reserved_bytes", "Bytes reserved by all areas.", m.reserved_bytes)
