@@ -70,7 +70,8 @@ def frontend(tmp: Path, socks: list[Path], replicas: int, name: str) -> Iterator
     port = _free_port()
     env = {**os.environ, "NETSWAP_TOKEN": TOKEN, "NETSWAP_SERVER": ",".join(f"unix:{s}" for s in socks)}
     argv = [sys.executable, "-m", "netswap.client", "--replicas", str(replicas)]
-    argv += ["--failover-timeout", str(FAILOVER), "nbd", name, "--size", "512MiB", "--socket", str(nbd_sock)]
+    # 513 MiB areas: a mirror is a page less (its generation page), and fio uses 512 MiB of either
+    argv += ["--failover-timeout", str(FAILOVER), "nbd", name, "--size", "513MiB", "--socket", str(nbd_sock)]
     argv += ["--metrics-listen", f"127.0.0.1:{port}"]
     log = tmp / f"{name}.log"
     with started(argv, log, nbd_sock, env, "netswap nbd: serving") as proc:

@@ -334,7 +334,7 @@ async def run_swapon(fleet: Fleet, args: argparse.Namespace) -> int:
         print(f"exists {args.name}: {format_size(args.size)} ({args.size // PAGE_SIZE} pages)")
         return 0
     area = await fleet.swapon(args.name, args.size, replicas=args.replicas, pool_pages=1)
-    print(f"created {area.name}: {format_size(area.size_bytes)} ({area.slot_count} pages)")
+    print(f"created {area.name}: {format_size(args.size)} ({args.size // PAGE_SIZE} pages)")
     if isinstance(area, MirroredArea):
         await area.close()
         for replica in area.replicas:

@@ -142,7 +142,7 @@ class Fleet:
             raise last or ConnectionLost("no server to attach to")
         if replicas == 1:
             return attached[0][1]
-        return self._mirror(
+        return await self._mirror(
             name,
             size_bytes,
             attached,
@@ -162,7 +162,7 @@ class Fleet:
         principal = next(iter(principals - {""}), "")
         return ranked(principal, name, self.servers)
 
-    def _mirror(
+    async def _mirror(
         self,
         name: str,
         size_bytes: int,
@@ -174,7 +174,7 @@ class Fleet:
         pool_pages: int | None,
         options: MirrorOptions,
     ) -> MirroredArea:
-        slots = size_bytes // attached[0][1].page_size
+        slots = size_bytes // attached[0][1].page_size - 1  # the last page holds the generation
         copies = [Replica(s, self.clients[s], a, bytearray(slots), State.UP) for s, a in attached]
         # Places still missing go to servers that could not take the area now: they are
         # probed like any replica that is down, and get every slot once they answer.
@@ -182,20 +182,16 @@ class Fleet:
             missing = Replica(server, self.clients[server], None, bytearray(slots), State.DOWN)
             missing.mark_all()
             copies.append(missing)
-        existing = [r for r in copies if r.area is not None and not r.area.created]
-        if existing:
-            # The first copy that was there already is the one the others follow: a
-            # copy made now is empty, and two old ones may differ.
-            source = existing[0]
-            for r in copies:
-                if r is not source and r.state is State.UP:
-                    r.mark_all()
-                    r.state = State.SYNCING
         used = {r.server for r in copies}
         spares = [(s, self.clients[s]) for s in order if s not in used]
         area = MirroredArea(
             name, size_bytes, copies, spares=spares, pool_pages=pool_pages or 512, options=options
         )
+        try:
+            await area.read_generations()  # which copies the others follow
+        except BaseException:
+            area.detach()
+            raise
         area.start()
         return area
 

@@ -18,6 +18,17 @@ copied; writes go to the replica being synced as well, and a slot it is
 still behind on is never read from it. With every replica down, or none
 holding a slot's latest write, requests fail with ConnectionLost -- the NBD
 frontend retries until its deadline and then answers EIO, never zeros.
+
+Which copies have every acknowledged write must outlive the frontend: one
+that restarts finds copies that may differ, and only the one that saw a copy
+fall behind knew which. So the last page of each replica's area is not the
+mirror's (as md's superblock is not the array's): it holds a *generation*.
+Before a write that a copy in step missed is acknowledged, the copies that
+have it take the next generation (none in step reachable: the write fails);
+a copy brought up to date takes the current one. At attach the copies of the
+highest generation are the truth (the first of them, in placement order,
+when several are: equal generations do not prove equal contents after a
+crash with writes in flight) and every other copy is rebuilt from it.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import struct
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +50,8 @@ log = logging.getLogger(__name__)
 
 _ONES = memoryview(b"\x01" * 65536)  # views: a slice of them copies nothing
 _NULS = memoryview(bytes(65536))
+_GENERATION = struct.Struct("<16sQ")  # the generation page: magic, generation
+_MAGIC = b"netswap mirror\x00\x01"
 
 
 class State(enum.Enum):
@@ -61,6 +75,7 @@ class Replica:
     epoch: int = 0
     handle_died: bool = False  # its server said our handle is unknown
     cursor: int = 0  # where the copies to it go on from
+    generation: int = 0  # what its generation page holds, as far as this frontend knows
 
     def clean_for(self, first: int, end: int) -> bool:
         return self.dirty_count == 0 or self.dirty.find(1, first, end) < 0
@@ -144,9 +159,14 @@ class MirroredArea(PageArea):
         page_size: int = 4096,
         options: MirrorOptions = MirrorOptions(),
     ) -> None:
+        if size_bytes < 2 * page_size:
+            raise InvalidRequest("a mirrored area needs at least two pages (one holds its generation)")
         self.name = name
         self.page_size = page_size
-        self.slot_count = size_bytes // page_size
+        self.area_bytes = size_bytes  # of each replica's area: the mirror's slots and the generation page
+        self.slot_count = size_bytes // page_size - 1
+        if any(len(r.dirty) != self.slot_count for r in replicas):
+            raise ValueError("a replica's dirty map must have one byte per slot of the mirror")
         self.replicas = replicas
         self.spares = list(spares)  # servers in placement order that hold no replica
         self.options = options
@@ -155,7 +175,11 @@ class MirroredArea(PageArea):
         self.takes_runs = all(a.takes_runs for a in attached)
         self.pool = PagePool(pool_pages, page_size)
         self.created = all(a.created for a in attached)
+        self.generation = max(r.generation for r in replicas)  # what the copies in step hold
+        self._generation_lock = asyncio.Lock()  # generation pages are written one round at a time
         # Allocated now, as everything the data path uses.
+        self._page = bytearray(page_size)  # a generation page, written (under the lock) or read at attach
+        self._probed_page = bytearray(page_size)  # the generation page of a replica coming back
         self._buffers = [bytearray(self.max_batch_pages * page_size) for _ in range(options.resync_workers)]
         self._zeros = bytes(self.max_batch_pages * page_size)
         self._paced_until = 0.0
@@ -254,6 +278,8 @@ class MirroredArea(PageArea):
                     replica.mark(runs)
                 raise
             self._took(live, epochs, errors, runs)
+            if self._fell_behind():
+                await self._next_generation()  # before the write is acknowledged
         finally:
             self._spans.done(self._spans.writes, span)
 
@@ -282,6 +308,97 @@ class MirroredArea(PageArea):
     def _check(self) -> None:
         if self.failed is not None:
             raise AreaNotFound(self.failed)
+
+    # -- generations -----------------------------------------------------------------
+
+    def _fell_behind(self) -> bool:
+        """Whether a copy whose page holds the current generation misses a write."""
+        return any(r.generation == self.generation and r.dirty_count for r in self.replicas)
+
+    def _in_step(self) -> list[Replica]:
+        return [r for r in self.replicas if r.state is State.UP and not r.dirty_count and r.area is not None]
+
+    async def _next_generation(self) -> None:
+        """Give the copies in step the next generation, so that a copy behind is known as such
+        after a restart; raise ConnectionLost if no copy in step takes it."""
+        async with self._generation_lock:
+            while self._fell_behind():
+                in_step = self._in_step()
+                if not in_step:
+                    raise ConnectionLost(f"no replica of {self.name!r} holds every write")
+                await self._write_generation(in_step, self.generation + 1)
+                if any(r.generation == self.generation + 1 for r in in_step):
+                    self.generation += 1
+                    log.warning("replicas of %r in step now at generation %d", self.name, self.generation)
+
+    async def _caught_up(self, replica: Replica) -> None:
+        """A replica brought up to date takes the current generation (one written since it
+        caught up and missed meanwhile is caught by _fell_behind on that write's path)."""
+        async with self._generation_lock:
+            if replica in self._in_step() and replica.generation != self.generation:
+                await self._write_generation([replica], self.generation)
+
+    async def _write_generation(self, replicas: list[Replica], generation: int) -> None:
+        _GENERATION.pack_into(self._page, 0, _MAGIC, generation)
+        slots = range(self.slot_count, self.slot_count + 1)
+        epochs = [r.epoch for r in replicas]
+        errors = await _each(replicas, lambda area: area.write_batch(slots, [memoryview(self._page)]))
+        for replica, epoch, error in zip(replicas, epochs, errors, strict=True):
+            if error is None:
+                replica.generation = generation
+            else:
+                self._lost(replica, error, epoch)
+
+    async def _check_not_ahead(self, replica: Replica) -> None:
+        """A replica back with a generation above the mirror's was ahead of the copies this
+        frontend started from while it could not be reached: say so, and rebuild it too."""
+        assert replica.area is not None
+        try:
+            await replica.area.read_batch(
+                range(self.slot_count, self.slot_count + 1), [memoryview(self._probed_page)]
+            )
+        except NetswapError:
+            return  # the next request to it will tell
+        magic, generation = _GENERATION.unpack_from(self._probed_page)
+        if magic == _MAGIC and generation > self.generation:
+            log.error(
+                "replica of %r on %s is at generation %d, ahead of the %d this frontend started from:"
+                " it was unreachable at attach, and writes only it had were not served; rebuilding it",
+                self.name, replica.server, generation, self.generation,
+            )  # fmt: skip
+            replica.mark_all()
+            replica.generation = 0
+
+    async def read_generations(self) -> None:
+        """Read every attached replica's generation page, and take the highest generation's
+        copies as the truth: the first of them in placement order, from which every other
+        copy is rebuilt (see the module docstring)."""
+        slots = range(self.slot_count, self.slot_count + 1)
+        for replica in self.replicas:
+            if replica.area is None or replica.state is State.DOWN:
+                continue
+            epoch = replica.epoch
+            try:
+                await replica.area.read_batch(slots, [memoryview(self._page)])
+            except NetswapError as e:
+                self._lost(replica, e, epoch)
+                replica.mark_all()  # whether it is behind is unknown: rebuilt when it is back
+                continue
+            magic, generation = _GENERATION.unpack_from(self._page)
+            replica.generation = generation if magic == _MAGIC else 0
+        reached = [r for r in self.replicas if r.state is not State.DOWN and r.area is not None]
+        if not reached:
+            raise ConnectionLost(f"no replica of {self.name!r} can be reached")
+        self.generation = max(r.generation for r in reached)
+        existing = [r for r in reached if not r.area.created]  # type: ignore[union-attr]
+        if existing:
+            truth = max(existing, key=lambda r: r.generation)  # the first of the highest
+            self.generation = truth.generation
+            for replica in reached:
+                if replica is not truth:
+                    replica.mark_all()
+                    self._set(replica, State.SYNCING)
+        # A copy made now, or one that was behind, takes a generation once it is rebuilt.
 
     def _lost(self, replica: Replica, error: BaseException, epoch: int) -> None:
         """Mark a replica down for an error of a request sent to it at `epoch`."""
@@ -333,7 +450,7 @@ class MirroredArea(PageArea):
                 return
             if replica.area is None:
                 replica.area = await replica.client.swapon(
-                    self.name, self.size_bytes, pool_pages=1, timeout=opts.control_timeout
+                    self.name, self.area_bytes, pool_pages=1, timeout=opts.control_timeout
                 )
                 created = replica.area.created
             else:
@@ -343,15 +460,20 @@ class MirroredArea(PageArea):
             return
         replica.handle_died = False
         replica.epoch += 1
+        if not created:
+            await self._check_not_ahead(replica)
         # A stand-in or restarted server may take smaller batches: the batcher re-cuts to this.
         self.max_batch_pages = min(self.max_batch_pages, replica.area.max_batch_pages)
         if created:  # empty: every slot must come from another replica
             replica.mark_all()
+            replica.generation = 0
         log.warning(
             "replica of %r on %s is back (%s); %d slots to copy",
             self.name, replica.server, "empty" if created else "kept its data", replica.dirty_count,
         )  # fmt: skip
         self._set(replica, State.SYNCING if replica.dirty_count else State.UP)
+        if replica.state is State.UP:
+            await self._caught_up(replica)
 
     def _replace(self, replica: Replica) -> None:
         """Let the next server in placement order stand in for a replica down too long."""
@@ -362,6 +484,7 @@ class MirroredArea(PageArea):
             replica.area.detach()
         replica.server, replica.client, replica.area = server, client, None
         replica.mark_all()
+        replica.generation = 0
         replica.since = time.monotonic()
         replica.epoch += 1
         replica.handle_died = False
@@ -396,6 +519,10 @@ class MirroredArea(PageArea):
             if target.state is State.SYNCING and target.dirty_count == 0:
                 log.warning("replica of %r on %s is up to date", self.name, target.server)
                 self._set(target, State.UP)
+                try:
+                    await self._caught_up(target)
+                except Exception:  # a bug must not end this copier
+                    log.exception("giving %s the generation of %r", target.server, self.name)
 
     async def _pace(self, size: int) -> None:
         """Wait for this copy's turn at the resync rate (shared by every copier)."""

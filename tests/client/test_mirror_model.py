@@ -133,16 +133,16 @@ class MirrorMachine(RuleBasedStateMachine):
         ]
         for s in self.servers[:2]:
             s.pages["m"] = {}
-        spare = self.servers[2]
-        self.mirror = self.loop.run_until_complete(self._make(replicas, spare))
+        spares = [(self.servers[2].name, cast(Any, FakeClient(self.servers[2])))]
+        self.mirror = self.loop.run_until_complete(self._make(replicas, spares))
         # slot -> the values a read may return: one once a write is acknowledged, more while unknown
         self.ref: dict[int, set[bytes]] = {s: {bytes(PS)} for s in range(SLOTS)}
         self.value = 0
 
-    async def _make(self, replicas: list[Replica], spare: FakeServer) -> MirroredArea:
+    async def _make(self, replicas: list[Replica], spares: list[tuple[str, Any]]) -> MirroredArea:
         options = MirrorOptions(replace_after=0, probe_every=0.001, resync_workers=2)
-        spares = [(spare.name, cast(Any, FakeClient(spare)))]
-        return MirroredArea("m", SLOTS * PS, replicas, spares=spares, pool_pages=16, options=options)
+        # One page more than the mirror's slots: the last holds its generation.
+        return MirroredArea("m", (SLOTS + 1) * PS, replicas, spares=spares, pool_pages=16, options=options)
 
     def teardown(self) -> None:
         self.mirror.detach()
@@ -222,6 +222,28 @@ class MirrorMachine(RuleBasedStateMachine):
 
         self.run(probe())
 
+    @precondition(lambda self: all(self._server(r).up for r in self.mirror.replicas))
+    @rule()
+    def restart(self) -> None:
+        """The frontend restarts: a new mirror on the same copies, knowing only what the
+        servers hold. (A copy unreachable at attach is out of this model: its generation is
+        unknown until it answers -- see docs/fleet.md.)"""
+        old = self.mirror
+        old.detach()
+
+        async def attach() -> MirroredArea:
+            replicas = []
+            for r in old.replicas:  # where the copies are, in placement order
+                server = self._server(r)
+                area = await FakeClient(server).swapon("m", (SLOTS + 1) * PS)
+                client = cast(Any, FakeClient(server))
+                replicas.append(Replica(server.name, client, cast(Any, area), bytearray(SLOTS), State.UP))
+            mirror = await self._make(replicas, old.spares)
+            await mirror.read_generations()
+            return mirror
+
+        self.mirror = self.run(attach())
+
     @rule()
     def settle(self) -> None:
         """What the background tasks do: probe down replicas, copy what syncing ones lack."""
@@ -269,6 +291,7 @@ class MirrorMachine(RuleBasedStateMachine):
                 break
             if target.state is State.SYNCING and target.dirty_count == 0:
                 self.mirror._set(target, State.UP)
+                await self.mirror._caught_up(target)
 
     def _server(self, replica: Replica) -> FakeServer:
         return next(s for s in self.servers if s.name == replica.server)
@@ -311,7 +334,7 @@ async def _pair(lag: int) -> tuple[MirroredArea, FakeServer, FakeServer]:
             Replica(server.name, cast(Any, FakeClient(server)), cast(Any, area), bytearray(SLOTS), state)
         )
     replicas[1].mark_all()
-    return MirroredArea("m", SLOTS * PS, replicas, pool_pages=16), source, target
+    return MirroredArea("m", (SLOTS + 1) * PS, replicas, pool_pages=16), source, target
 
 
 async def _copy_all(mirror: MirroredArea) -> None:
@@ -359,7 +382,7 @@ async def test_a_late_result_says_nothing_of_a_replica_re_attached_since() -> No
         replicas.append(
             Replica(server.name, cast(Any, FakeClient(server)), cast(Any, area), bytearray(SLOTS), State.UP)
         )
-    mirror = MirroredArea("m", SLOTS * PS, replicas, pool_pages=16)
+    mirror = MirroredArea("m", (SLOTS + 1) * PS, replicas, pool_pages=16)
     a.lag = 20
     write = asyncio.ensure_future(mirror.write_batch(range(3, 4), [memoryview(page(7))]))
     while 3 not in b.pages["m"]:  # B has it; A not yet

@@ -64,7 +64,8 @@ async def until(condition: object, seconds: float = 60) -> None:
 async def test_fio_verify_survives_losing_a_replicas_machine_and_the_copy_is_rebuilt(tmp_path: Path) -> None:
     async with three_servers(tmp_path) as servers:
         address = ",".join(s.address for s in servers)
-        async with nbd_export(address, tmp_path / "nbd.sock", size=64 << 20, replicas=2) as export:
+        # 65 MiB areas: the mirror is a page less (its generation page), 64 MiB for fio
+        async with nbd_export(address, tmp_path / "nbd.sock", size=65 << 20, replicas=2) as export:
             mirror = mirror_of(export)
             assert [r.state for r in mirror.replicas] == [State.UP, State.UP]
             argv = ["fio", "--name=mirror", "--ioengine=nbd", f"--uri={export.uri}", "--rw=randwrite"]
@@ -135,3 +136,27 @@ async def test_losing_every_replica_is_eio_never_zeros(tmp_path: Path) -> None:
                 lose_machine(holding(servers, mirror, index))
             with pytest.raises(AssertionError, match="Input/output error"):
                 await run("qemu-io", "-f", "raw", export.uri, "-c", "read -P 0x33 0 64k", timeout=60)
+
+
+async def test_a_restarted_frontend_follows_the_copy_that_has_every_write(tmp_path: Path) -> None:
+    async with three_servers(tmp_path) as servers:
+        address = ",".join(s.address for s in servers)
+        async with nbd_export(address, tmp_path / "nbd.sock", size=16 << 20, replicas=2) as export:
+            mirror = mirror_of(export)
+            await run("qemu-io", "-f", "raw", export.uri, "-c", "write -P 0x11 0 1M")
+            behind = holding(servers, mirror, 0)  # the first in placement order
+            behind.kill9()  # its process only: the copy, with 0x11, stays on its disk
+            await run("qemu-io", "-f", "raw", export.uri, "-c", "write -P 0x22 0 1M")
+            assert mirror.replicas[0].state is State.DOWN
+            assert mirror.replicas[1].generation > mirror.replicas[0].generation
+        # The frontend is gone, and with it what it knew of which copy is behind.
+        await behind.astart()
+        async with nbd_export(address, tmp_path / "nbd.sock", size=16 << 20, replicas=2) as export:
+            mirror = mirror_of(export)
+            assert not mirror.created and [r.state for r in mirror.replicas] == [State.SYNCING, State.UP]
+            out = await run("qemu-io", "-f", "raw", export.uri, "-c", "read -P 0x22 0 1M")
+            assert "Pattern verification failed" not in out
+            await until(lambda: not mirror.degraded)  # the old copy rebuilt from the new
+            lose_machine(holding(servers, mirror, 1))
+            out = await run("qemu-io", "-f", "raw", export.uri, "-c", "read -P 0x22 0 1M")
+            assert "Pattern verification failed" not in out
