@@ -127,7 +127,9 @@ class Fleet:
         skipped: list[str] = []
         last: NetswapError | None = None
         for server in candidates:
-            if len(attached) == replicas:
+            # Every copy there is, for a mirror: which of them has every write is on
+            # their generation pages (MirroredArea.read_generations).
+            if len(attached) >= replicas and (replicas == 1 or server not in holders):
                 break
             try:
                 area = await self.clients[server].swapon(
@@ -178,7 +180,7 @@ class Fleet:
         copies = [Replica(s, self.clients[s], a, bytearray(slots), State.UP) for s, a in attached]
         # Places still missing go to servers that could not take the area now: they are
         # probed like any replica that is down, and get every slot once they answer.
-        for server in skipped[: replicas - len(copies)]:
+        for server in skipped[: max(0, replicas - len(copies))]:
             missing = Replica(server, self.clients[server], None, bytearray(slots), State.DOWN)
             missing.mark_all()
             copies.append(missing)
@@ -188,7 +190,7 @@ class Fleet:
             name, size_bytes, copies, spares=spares, pool_pages=pool_pages or 512, options=options
         )
         try:
-            await area.read_generations()  # which copies the others follow
+            await area.read_generations(keep=replicas)  # which copy the others follow
         except BaseException:
             area.detach()
             raise

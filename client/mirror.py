@@ -369,10 +369,11 @@ class MirroredArea(PageArea):
             replica.mark_all()
             replica.generation = 0
 
-    async def read_generations(self) -> None:
+    async def read_generations(self, keep: int | None = None) -> None:
         """Read every attached replica's generation page, and take the highest generation's
         copies as the truth: the first of them in placement order, from which every other
-        copy is rebuilt (see the module docstring)."""
+        copy is rebuilt (see the module docstring). Then keep `keep` replicas (the truth and
+        the first others in placement order), leaving the rest where they are, detached."""
         slots = range(self.slot_count, self.slot_count + 1)
         for replica in self.replicas:
             if replica.area is None or replica.state is State.DOWN:
@@ -398,7 +399,25 @@ class MirroredArea(PageArea):
                 if replica is not truth:
                     replica.mark_all()
                     self._set(replica, State.SYNCING)
+            if keep is not None:
+                self._keep(truth, keep)
         # A copy made now, or one that was behind, takes a generation once it is rebuilt.
+
+    def _keep(self, truth: Replica, keep: int) -> None:
+        """Trim to `keep` replicas: the truth, then reachable copies, then the rest, each in
+        placement order. The others stay on their servers (`netswap ls` shows them)."""
+        ranked = sorted(self.replicas, key=lambda r: (r is not truth, r.state is State.DOWN))
+        kept = ranked[:keep]
+        for replica in ranked[keep:]:
+            if replica.area is not None:
+                replica.area.detach()
+            self.spares.append((replica.server, replica.client))
+        self.replicas = [r for r in self.replicas if r in kept]
+        attached = [r.area for r in self.replicas if r.area is not None]
+        self.max_batch_pages = min(a.max_batch_pages for a in attached)
+        self.takes_runs = all(a.takes_runs for a in attached)
+        self.created = all(a.created for a in attached)
+        self._note_degraded()
 
     def _lost(self, replica: Replica, error: BaseException, epoch: int) -> None:
         """Mark a replica down for an error of a request sent to it at `epoch`."""

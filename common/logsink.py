@@ -7,8 +7,12 @@ server behind it -- or, in `netswap nbd`, the swap device that the stalled
 reader may itself be waiting on. So records are formatted where they are
 logged, queued (bounded), and written by one thread; when the queue is full
 a record is dropped and counted, and the writer says how many once it gets
-through again. Counted: `dropped()`, exported by the server as
-netswap_log_lines_dropped_total.
+through again. Counted: `dropped()`, exported as netswap_log_lines_dropped_total
+(netswap_client_log_lines_dropped_total by `netswap nbd`).
+
+The writer writes to the file descriptor itself, holding no lock of the
+logging module: a writer stuck on a full pipe cannot hold up the logging
+module's own flush at exit, and the process still ends.
 """
 
 from __future__ import annotations
@@ -16,71 +20,90 @@ from __future__ import annotations
 import atexit
 import logging
 import logging.handlers
+import os
 import queue
+import sys
+import threading
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-LIMIT = 4096  # records waiting for the writer; past it, new ones are dropped
+LIMIT = 4096  # lines waiting for the writer; past it, new ones are dropped
 STOP_WAIT = 2.0  # seconds the writer gets at exit to write what is queued
 
 _sinks: list[_Sink] = []
 
 
 class _Sink(logging.handlers.QueueHandler):
-    """Formats each record where it is logged and queues it; never blocks."""
+    """Formats each record where it is logged and queues the line; never blocks."""
 
     def __init__(self, limit: int) -> None:
-        super().__init__(queue.Queue(limit))
-        self.dropped = 0  # only the logging thread writes it (under the handler's lock)
+        self.lines: queue.Queue[bytes | None] = queue.Queue(limit)  # None: the writer stops
+        super().__init__(self.lines)
+        self.dropped = 0  # written under the handler's lock (Handler.handle)
 
-    def enqueue(self, record: logging.LogRecord) -> None:
+    def prepare(self, record: logging.LogRecord) -> bytes:
+        return (self.format(record) + "\n").encode(errors="backslashreplace")
+
+    def enqueue(self, record: logging.LogRecord | bytes) -> None:
         try:
-            self.queue.put_nowait(record)
+            self.lines.put_nowait(record)  # type: ignore[arg-type]  # a line, from prepare()
         except queue.Full:
             self.dropped += 1
 
 
-class _Writer(logging.handlers.QueueListener):
-    """Writes queued records; after a record, reports lines dropped since the last report."""
+class _Writer:
+    """The thread that writes queued lines to `fd`, and after a line the count dropped since."""
 
-    def __init__(self, sink: _Sink, out: logging.Handler) -> None:
-        super().__init__(sink.queue, out)
-        self._sink = sink
+    def __init__(self, sink: _Sink, fd: int) -> None:
+        self._sink, self._fd = sink, fd
         self._reported = 0
+        self._thread = threading.Thread(target=self._run, name="netswap-log", daemon=True)
+        self._thread.start()
 
-    def handle(self, record: logging.LogRecord) -> None:
-        super().handle(record)
-        self.report_dropped()
+    def _run(self) -> None:
+        lines = self._sink.lines
+        while (line := lines.get()) is not None:
+            self._write(line)
+            self._report()
 
-    def report_dropped(self) -> None:
+    def _write(self, line: bytes) -> None:
+        view = memoryview(line)
+        while view:
+            try:
+                view = view[os.write(self._fd, view) :]
+            except InterruptedError:
+                continue
+            except OSError:
+                return  # nobody to read the log any more: what cannot be written is lost
+
+    def _report(self) -> None:
         dropped = self._sink.dropped
         if dropped != self._reported:
             lost, self._reported = dropped - self._reported, dropped
-            note = f"netswap: {lost} log lines dropped: the reader of this log was too slow"
-            super().handle(logging.makeLogRecord({"msg": note, "levelno": logging.WARNING}))
+            self._write(f"netswap: {lost} log lines dropped: the reader of this log was too slow\n".encode())
 
     def finish(self) -> None:
-        """Stop the writer once it has written what is queued, waiting at most STOP_WAIT
-        seconds: a reader that never comes back must not keep the process from exiting
-        (the writer's thread is a daemon)."""
+        """Stop once what is queued is written, waiting at most STOP_WAIT seconds in all: a
+        reader that never comes back must not keep the process from exiting."""
         try:
-            self.queue.put(self._sentinel, timeout=STOP_WAIT)  # type: ignore[attr-defined]
+            self._sink.lines.put(None, timeout=STOP_WAIT)
         except queue.Full:
             return
-        thread = self._thread  # type: ignore[has-type]
-        if thread is not None:
-            thread.join(STOP_WAIT)
-            if not thread.is_alive():
-                self.report_dropped()
+        self._thread.join(STOP_WAIT)
+        if not self._thread.is_alive():
+            self._report()
 
 
 def install(level: int | str, fmt: str = FORMAT, limit: int = LIMIT) -> None:
     """Send the root logger's records to stderr through a writer thread (replacing its handlers)."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (a test's capture): as logging does
+        logging.basicConfig(level=level, format=fmt, force=True)
+        return
+    sys.stderr.flush()  # what was printed before goes first
     sink = _Sink(limit)
     sink.setFormatter(logging.Formatter(fmt))
-    out = logging.StreamHandler()  # sys.stderr
-    out.setFormatter(logging.Formatter("%(message)s"))  # formatted already, by the sink
-    writer = _Writer(sink, out)
-    writer.start()
+    writer = _Writer(sink, fd)
     root = logging.getLogger()
     root.handlers[:] = [sink]
     root.setLevel(level)

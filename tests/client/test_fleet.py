@@ -145,7 +145,7 @@ def test_the_cli_with_three_servers_and_two_replicas(tmp_path: Path) -> None:
         listed = netswap(address, "ls")
         rows = {line.split()[0]: line for line in listed.stdout.splitlines()[1:]}
         assert listed.stdout.splitlines()[0].split() == ["NAME", "SIZE", "PAGES", "STORED", "REPLICAS"]
-        assert rows["d"].count("=stored(512)") == 2 and rows["vm1"].count("=stored(0)") == 2
+        assert rows["d"].count("=stored(511)") == 2 and rows["vm1"].count("=stored(0)") == 2
         servers[0].kill9()  # ls says who it could not ask
         listed = netswap(address, "ls")
         assert listed.returncode == 0 and f"unreachable: {servers[0].address}" in listed.stdout

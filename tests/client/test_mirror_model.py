@@ -222,24 +222,41 @@ class MirrorMachine(RuleBasedStateMachine):
 
         self.run(probe())
 
-    @precondition(lambda self: all(self._server(r).up for r in self.mirror.replicas))
+    def _complete(self, server: FakeServer) -> bool:
+        stored = server.pages.get("m")
+        return stored is not None and all(stored.get(s, bytes(PS)) in self.ref[s] for s in range(SLOTS))
+
+    @precondition(
+        lambda self: (
+            all(s.up for s in self.servers if "m" in s.pages) and any(self._complete(s) for s in self.servers)
+        )
+    )
     @rule()
     def restart(self) -> None:
-        """The frontend restarts: a new mirror on the same copies, knowing only what the
-        servers hold. (A copy unreachable at attach is out of this model: its generation is
-        unknown until it answers -- see docs/fleet.md.)"""
+        """The frontend restarts: a new mirror found as the fleet finds it -- every server that
+        holds a copy, then others until there are two -- knowing only what the servers hold.
+        Out of this model: a copy unreachable at attach (its generation is unknown until it
+        answers), and no copy left with every write (both lost: docs/fleet.md)."""
         old = self.mirror
         old.detach()
 
         async def attach() -> MirroredArea:
+            holders = [s for s in self.servers if "m" in s.pages]
+            chosen = holders + [s for s in self.servers if s not in holders and s.up]
+            chosen = chosen[: max(2, len(holders))]
             replicas = []
-            for r in old.replicas:  # where the copies are, in placement order
-                server = self._server(r)
+            for server in chosen:
                 area = await FakeClient(server).swapon("m", (SLOTS + 1) * PS)
                 client = cast(Any, FakeClient(server))
                 replicas.append(Replica(server.name, client, cast(Any, area), bytearray(SLOTS), State.UP))
-            mirror = await self._make(replicas, old.spares)
-            await mirror.read_generations()
+            for server in [s for s in self.servers if s not in chosen][: 2 - len(replicas)]:
+                missing = Replica(server.name, cast(Any, FakeClient(server)), None, bytearray(SLOTS))
+                missing.mark_all()
+                replicas.append(missing)
+            used = {r.server for r in replicas}
+            spares = [(s.name, cast(Any, FakeClient(s))) for s in self.servers if s.name not in used]
+            mirror = await self._make(replicas, spares)
+            await mirror.read_generations(keep=2)
             return mirror
 
         self.mirror = self.run(attach())
@@ -431,3 +448,31 @@ async def test_a_replica_back_with_smaller_batches_lowers_the_mirrors_limit() ->
     await mirror._probe(replica)
     assert mirror.max_batch_pages == BATCH // 2  # what the batcher cuts to from now on
     mirror.detach()
+
+
+@pytest.mark.parametrize(
+    "steps",
+    [
+        # the first copy in placement order misses a write, and is back when the frontend restarts
+        ["fail 0", "write", "restore 0"],
+        # the only copy with the write is given up for a stand-in, then answers again
+        ["fail 1", "write", "fail 0", "restore 1", "settle", "stand_in", "restore 0"],
+    ],
+)
+def test_a_restarted_frontend_follows_the_copy_with_every_write(steps: list[str]) -> None:
+    machine = MirrorMachine()
+    try:
+        for step in steps:
+            name, _, arg = step.partition(" ")
+            if name == "write":
+                machine.write(first=0, count=1, discard=False)
+            elif arg:
+                getattr(machine, name)(int(arg))
+            else:
+                getattr(machine, name)()
+        machine.restart()
+        machine.replicas_hold_what_they_claim()
+        machine.read(first=0, count=1)
+        assert machine.mirror.replicas[0].state is State.UP or machine.mirror.replicas[1].state is State.UP
+    finally:
+        machine.teardown()
