@@ -82,8 +82,9 @@ class _Writer:
             self._write(f"netswap: {lost} log lines dropped: the reader of this log was too slow\n".encode())
 
     def finish(self) -> None:
-        """Stop once what is queued is written, waiting at most STOP_WAIT seconds in all: a
-        reader that never comes back must not keep the process from exiting."""
+        """Stop once what is queued is written, waiting at most STOP_WAIT seconds for room in
+        the queue and as long again for the writer: a reader that never comes back must not
+        keep the process from exiting."""
         try:
             self._sink.lines.put(None, timeout=STOP_WAIT)
         except queue.Full:
