@@ -177,6 +177,9 @@ class MirroredArea(PageArea):
         self.created = all(a.created for a in attached)
         self.generation = max(r.generation for r in replicas)  # what the copies in step hold
         self._generation_lock = asyncio.Lock()  # generation pages are written one round at a time
+        # A copy whose page may hold the current generation left the set or was not read:
+        # the next write moves the copies in step past it.
+        self._bump_wanted = False
         # Allocated now, as everything the data path uses.
         self._page = bytearray(page_size)  # a generation page, written (under the lock) or read at attach
         self._probed_page = bytearray(page_size)  # the generation page of a replica coming back
@@ -312,8 +315,10 @@ class MirroredArea(PageArea):
     # -- generations -----------------------------------------------------------------
 
     def _fell_behind(self) -> bool:
-        """Whether a copy whose page holds the current generation misses a write."""
-        return any(r.generation == self.generation and r.dirty_count for r in self.replicas)
+        """Whether a copy whose page may hold the current generation misses a write."""
+        return self._bump_wanted or any(
+            r.generation == self.generation and r.dirty_count for r in self.replicas
+        )
 
     def _in_step(self) -> list[Replica]:
         return [r for r in self.replicas if r.state is State.UP and not r.dirty_count and r.area is not None]
@@ -329,6 +334,7 @@ class MirroredArea(PageArea):
                 await self._write_generation(in_step, self.generation + 1)
                 if any(r.generation == self.generation + 1 for r in in_step):
                     self.generation += 1
+                    self._bump_wanted = False
                     log.warning("replicas of %r in step now at generation %d", self.name, self.generation)
 
     async def _caught_up(self, replica: Replica) -> None:
@@ -372,11 +378,13 @@ class MirroredArea(PageArea):
     async def read_generations(self, keep: int | None = None) -> None:
         """Read every attached replica's generation page, and take the highest generation's
         copies as the truth: the first of them in placement order, from which every other
-        copy is rebuilt (see the module docstring). Then keep `keep` replicas (the truth and
-        the first others in placement order), leaving the rest where they are, detached."""
+        copy is rebuilt (see the module docstring). Keep `keep` replicas (the truth and the
+        first others in placement order), leaving the rest where they are, detached; then
+        give the copies in step the next generation. Raises ConnectionLost if none takes it."""
         slots = range(self.slot_count, self.slot_count + 1)
         for replica in self.replicas:
             if replica.area is None or replica.state is State.DOWN:
+                self._bump_wanted = True  # its page may hold any generation
                 continue
             epoch = replica.epoch
             try:
@@ -384,34 +392,39 @@ class MirroredArea(PageArea):
             except NetswapError as e:
                 self._lost(replica, e, epoch)
                 replica.mark_all()  # whether it is behind is unknown: rebuilt when it is back
+                self._bump_wanted = True
                 continue
             magic, generation = _GENERATION.unpack_from(self._page)
             replica.generation = generation if magic == _MAGIC else 0
         reached = [r for r in self.replicas if r.state is not State.DOWN and r.area is not None]
         if not reached:
             raise ConnectionLost(f"no replica of {self.name!r} can be reached")
-        self.generation = max(r.generation for r in reached)
         existing = [r for r in reached if not r.area.created]  # type: ignore[union-attr]
-        if existing:
-            truth = max(existing, key=lambda r: r.generation)  # the first of the highest
-            self.generation = truth.generation
-            for replica in reached:
-                if replica is not truth:
-                    replica.mark_all()
-                    self._set(replica, State.SYNCING)
-            if keep is not None:
-                self._keep(truth, keep)
-        # A copy made now, or one that was behind, takes a generation once it is rebuilt.
+        truth = max(existing, key=lambda r: r.generation) if existing else None  # the first of the highest
+        self.generation = truth.generation if truth is not None else 0
+        for replica in reached:
+            if truth is not None and replica is not truth:
+                replica.mark_all()
+                self._set(replica, State.SYNCING)
+        if keep is not None and len(self.replicas) > keep:
+            self._keep(truth, keep)
+        # Before any I/O the copies in step move past every other copy's page -- one
+        # made now holds none, and must not tie with the truth if we restart again
+        # before a write -- and a copy being rebuilt takes a generation once it is.
+        self._bump_wanted = True
+        await self._next_generation()
 
-    def _keep(self, truth: Replica, keep: int) -> None:
+    def _keep(self, truth: Replica | None, keep: int) -> None:
         """Trim to `keep` replicas: the truth, then reachable copies, then the rest, each in
-        placement order. The others stay on their servers (`netswap ls` shows them)."""
+        placement order. The others stay on their servers (`netswap ls` shows them) and
+        will not see the writes to come: the copies kept move past their generation."""
         ranked = sorted(self.replicas, key=lambda r: (r is not truth, r.state is State.DOWN))
         kept = ranked[:keep]
         for replica in ranked[keep:]:
             if replica.area is not None:
                 replica.area.detach()
             self.spares.append((replica.server, replica.client))
+            self._bump_wanted = True
         self.replicas = [r for r in self.replicas if r in kept]
         attached = [r.area for r in self.replicas if r.area is not None]
         self.max_batch_pages = min(a.max_batch_pages for a in attached)
@@ -504,6 +517,7 @@ class MirroredArea(PageArea):
         replica.server, replica.client, replica.area = server, client, None
         replica.mark_all()
         replica.generation = 0
+        self._bump_wanted = True  # the copy given up keeps its page, and will miss what comes
         replica.since = time.monotonic()
         replica.epoch += 1
         replica.handle_died = False

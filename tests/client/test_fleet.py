@@ -120,7 +120,7 @@ async def test_a_mirrored_area_on_servers_found_by_srv(tmp_path: Path) -> None:
             assert not unreachable
             (info,) = areas
             assert sorted(c.server for c in info.copies) == sorted(r.server for r in area.replicas)
-            assert [c.pages_stored for c in info.copies] == [64, 64]
+            assert [c.pages_stored for c in info.copies] == [65, 65]  # and the generation page
             area.detach()
             # Attached again: the same two servers (placement, and the copies already there).
             again = await fleet.swapon("vm1", 1 << 20, replicas=2)
@@ -145,7 +145,8 @@ def test_the_cli_with_three_servers_and_two_replicas(tmp_path: Path) -> None:
         listed = netswap(address, "ls")
         rows = {line.split()[0]: line for line in listed.stdout.splitlines()[1:]}
         assert listed.stdout.splitlines()[0].split() == ["NAME", "SIZE", "PAGES", "STORED", "REPLICAS"]
-        assert rows["d"].count("=stored(511)") == 2 and rows["vm1"].count("=stored(0)") == 2
+        # each copy also stores the generation page
+        assert rows["d"].count("=stored(512)") == 2 and rows["vm1"].count("=stored(1)") == 2
         servers[0].kill9()  # ls says who it could not ask
         listed = netswap(address, "ls")
         assert listed.returncode == 0 and f"unreachable: {servers[0].address}" in listed.stdout

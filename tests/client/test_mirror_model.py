@@ -19,6 +19,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from netswap.client.errors import AreaNotFound, ConnectionLost, NetswapError
+from netswap.client.mirror import _GENERATION as GENERATION
+from netswap.client.mirror import _MAGIC as MAGIC
 from netswap.client.mirror import MirroredArea, MirrorOptions, Replica, State
 
 PS = 4096
@@ -135,6 +137,7 @@ class MirrorMachine(RuleBasedStateMachine):
             s.pages["m"] = {}
         spares = [(self.servers[2].name, cast(Any, FakeClient(self.servers[2])))]
         self.mirror = self.loop.run_until_complete(self._make(replicas, spares))
+        self.loop.run_until_complete(self.mirror.read_generations(keep=2))  # as the fleet attaches
         # slot -> the values a read may return: one once a write is acknowledged, more while unknown
         self.ref: dict[int, set[bytes]] = {s: {bytes(PS)} for s in range(SLOTS)}
         self.value = 0
@@ -222,21 +225,23 @@ class MirrorMachine(RuleBasedStateMachine):
 
         self.run(probe())
 
-    def _complete(self, server: FakeServer) -> bool:
-        stored = server.pages.get("m")
-        return stored is not None and all(stored.get(s, bytes(PS)) in self.ref[s] for s in range(SLOTS))
+    def _current(self, server: FakeServer) -> bool:
+        """Whether the server holds a copy whose page has the mirror's generation."""
+        page = server.pages.get("m", {}).get(SLOTS)
+        return page is not None and GENERATION.unpack_from(page) == (MAGIC, self.mirror.generation)
 
     @precondition(
         lambda self: (
-            all(s.up for s in self.servers if "m" in s.pages) and any(self._complete(s) for s in self.servers)
+            all(s.up for s in self.servers if "m" in s.pages) and any(self._current(s) for s in self.servers)
         )
     )
     @rule()
     def restart(self) -> None:
         """The frontend restarts: a new mirror found as the fleet finds it -- every server that
         holds a copy, then others until there are two -- knowing only what the servers hold.
-        Out of this model: a copy unreachable at attach (its generation is unknown until it
-        answers), and no copy left with every write (both lost: docs/fleet.md)."""
+        Out of this model, as docs/fleet.md says: a copy unreachable at attach (its
+        generation is unknown until it answers), and every copy of the latest generation
+        lost."""
         old = self.mirror
         old.detach()
 
