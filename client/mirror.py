@@ -384,15 +384,13 @@ class MirroredArea(PageArea):
         slots = range(self.slot_count, self.slot_count + 1)
         for replica in self.replicas:
             if replica.area is None or replica.state is State.DOWN:
-                self._bump_wanted = True  # its page may hold any generation
-                continue
+                continue  # its page may hold any generation: the bump below moves past it
             epoch = replica.epoch
             try:
                 await replica.area.read_batch(slots, [memoryview(self._page)])
             except NetswapError as e:
                 self._lost(replica, e, epoch)
                 replica.mark_all()  # whether it is behind is unknown: rebuilt when it is back
-                self._bump_wanted = True
                 continue
             magic, generation = _GENERATION.unpack_from(self._page)
             replica.generation = generation if magic == _MAGIC else 0
@@ -417,14 +415,14 @@ class MirroredArea(PageArea):
     def _keep(self, truth: Replica | None, keep: int) -> None:
         """Trim to `keep` replicas: the truth, then reachable copies, then the rest, each in
         placement order. The others stay on their servers (`netswap ls` shows them) and
-        will not see the writes to come: the copies kept move past their generation."""
+        will not see the writes to come: read_generations then moves the copies kept past
+        their generation."""
         ranked = sorted(self.replicas, key=lambda r: (r is not truth, r.state is State.DOWN))
         kept = ranked[:keep]
         for replica in ranked[keep:]:
             if replica.area is not None:
                 replica.area.detach()
             self.spares.append((replica.server, replica.client))
-            self._bump_wanted = True
         self.replicas = [r for r in self.replicas if r in kept]
         attached = [r.area for r in self.replicas if r.area is not None]
         self.max_batch_pages = min(a.max_batch_pages for a in attached)
