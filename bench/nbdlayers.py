@@ -89,13 +89,17 @@ class FloorConnection(asyncio.BufferedProtocol):
             if len(self.sink):
                 return
             self.sink = None
-            self.out.append(self.sink_reply)
+            self.payload_arrived()
         else:
             self.end += nbytes
         self.parse()
         if self.out:
             self.transport.writelines(self.out)
             self.out = []
+
+    def payload_arrived(self) -> None:
+        """A write's payload, split over socket reads, is all in: answer it."""
+        self.out.append(self.sink_reply)
 
     def parse(self) -> None:
         buf, out, store = self.buf, self.out, self.store
@@ -182,19 +186,8 @@ class RelayConnection(FloorConnection):
             else:
                 self.transport.write(p.simple_reply(0 if not reply.code else p.EIO, cookie))
 
-    def buffer_updated(self, nbytes: int) -> None:
-        if self.sink is not None:
-            self.sink = self.sink[nbytes:]
-            if len(self.sink):
-                return
-            self.sink = None
-            self.forward_write(self.write_cookie, self.write_offset, self.write_data)
-        else:
-            self.end += nbytes
-        self.parse()
-        if self.out:
-            self.transport.writelines(self.out)
-            self.out = []
+    def payload_arrived(self) -> None:
+        self.forward_write(self.write_cookie, self.write_offset, self.write_data)
 
     def forward_write(self, cookie: int, offset: int, data: bytes | bytearray | memoryview) -> None:
         self.waiting.append((cookie, False))
