@@ -182,6 +182,7 @@ class MirroredArea(PageArea):
         self._bump_wanted = False
         # Allocated now, as everything the data path uses.
         self._page = bytearray(page_size)  # a generation page, written (under the lock) or read at attach
+        self._generation_slot = range(self.slot_count, self.slot_count + 1)  # past the mirror's last slot
         self._probed_page = bytearray(page_size)  # the generation page of a replica coming back
         self._buffers = [bytearray(self.max_batch_pages * page_size) for _ in range(options.resync_workers)]
         self._zeros = bytes(self.max_batch_pages * page_size)
@@ -346,7 +347,7 @@ class MirroredArea(PageArea):
 
     async def _write_generation(self, replicas: list[Replica], generation: int) -> None:
         _GENERATION.pack_into(self._page, 0, _MAGIC, generation)
-        slots = range(self.slot_count, self.slot_count + 1)
+        slots = self._generation_slot
         epochs = [r.epoch for r in replicas]
         errors = await _each(replicas, lambda area: area.write_batch(slots, [memoryview(self._page)]))
         for replica, epoch, error in zip(replicas, epochs, errors, strict=True):
@@ -355,18 +356,21 @@ class MirroredArea(PageArea):
             else:
                 self._lost(replica, error, epoch)
 
+    async def _read_generation(self, replica: Replica, page: bytearray) -> int:
+        """The generation on a replica's page (0 for a page never written), read into `page`."""
+        assert replica.area is not None
+        await replica.area.read_batch(self._generation_slot, [memoryview(page)])
+        magic, generation = _GENERATION.unpack_from(page)
+        return int(generation) if magic == _MAGIC else 0
+
     async def _check_not_ahead(self, replica: Replica) -> None:
         """A replica back with a generation above the mirror's was ahead of the copies this
         frontend started from while it could not be reached: say so, and rebuild it too."""
-        assert replica.area is not None
         try:
-            await replica.area.read_batch(
-                range(self.slot_count, self.slot_count + 1), [memoryview(self._probed_page)]
-            )
+            generation = await self._read_generation(replica, self._probed_page)
         except NetswapError:
             return  # the next request to it will tell
-        magic, generation = _GENERATION.unpack_from(self._probed_page)
-        if magic == _MAGIC and generation > self.generation:
+        if generation > self.generation:
             log.error(
                 "replica of %r on %s is at generation %d, ahead of the %d this frontend started from:"
                 " it was unreachable at attach, and writes only it had were not served; rebuilding it",
@@ -381,19 +385,15 @@ class MirroredArea(PageArea):
         copy is rebuilt (see the module docstring). Keep `keep` replicas (the truth and the
         first others in placement order), leaving the rest where they are, detached; then
         give the copies in step the next generation. Raises ConnectionLost if none takes it."""
-        slots = range(self.slot_count, self.slot_count + 1)
         for replica in self.replicas:
             if replica.area is None or replica.state is State.DOWN:
                 continue  # its page may hold any generation: the bump below moves past it
             epoch = replica.epoch
             try:
-                await replica.area.read_batch(slots, [memoryview(self._page)])
+                replica.generation = await self._read_generation(replica, self._page)
             except NetswapError as e:
                 self._lost(replica, e, epoch)
                 replica.mark_all()  # whether it is behind is unknown: rebuilt when it is back
-                continue
-            magic, generation = _GENERATION.unpack_from(self._page)
-            replica.generation = generation if magic == _MAGIC else 0
         reached = [r for r in self.replicas if r.state is not State.DOWN and r.area is not None]
         if not reached:
             raise ConnectionLost(f"no replica of {self.name!r} can be reached")
