@@ -4,7 +4,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.deploy.engine import BASE, PROMETHEUS, RUN_ID, Podman, build_netswap, debian_image
+from tests.deploy.engine import (
+    BASE,
+    PROMETHEUS,
+    RUN_ID,
+    Podman,
+    build_netswap,
+    debian_image,
+    sweep_stale_images,
+)
 
 # Filled by test_image_is_lean; printed at the end of the run (measured, never asserted).
 IMAGE_REPORT: list[str] = []
@@ -12,7 +20,9 @@ IMAGE_REPORT: list[str] = []
 
 @pytest.fixture(scope="session")
 def podman() -> Podman:
-    return Podman.here()
+    podman = Podman.here()
+    sweep_stale_images(podman)
+    return podman
 
 
 @pytest.fixture(scope="session")

@@ -191,8 +191,26 @@ def build_args(base: str) -> list[str]:
     return ["--pull=never", "--build-arg", f"BASE_IMAGE={base}", "-v", f"{CA_BUNDLE}:{CA_BUNDLE}:ro"]
 
 
+# Tests build with this beyond the operator's command: no intermediate image per step, which
+# every run would otherwise leave behind (the build context changes with each commit).
+NO_LAYERS = "--layers=false"
+
+
 def build_netswap(podman: Podman, base: str, tag: str) -> None:
     podman(
-        "build", "--format", "docker", *build_args(base), "-f", "deploy/Dockerfile", "-t", tag, ".",
+        "build", NO_LAYERS, "--format", "docker", *build_args(base), "-f", "deploy/Dockerfile", "-t", tag, ".",
         cwd=ROOT, timeout=900,
     )  # fmt: skip
+
+
+def sweep_stale_images(podman: Podman) -> None:
+    """Removes the images of test runs whose process is gone (killed runs skip their teardown)."""
+    listed = podman(
+        "images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", "reference=localhost/netswap-test/*"
+    )
+    for ref in listed.stdout.split():
+        name, _, tag = ref.rpartition("/")[2].partition(":")
+        owner = tag.partition("-")[0]
+        if name in ("netswap", "netswap-compose") and owner.isdigit() and not Path(f"/proc/{owner}").exists():
+            podman("rmi", "--force", ref, check=False)
+    podman("image", "prune", "--force", check=False)

@@ -18,7 +18,7 @@ import yaml
 
 from netswap.client import AuthenticationFailed, InvalidRequest
 from netswap.client.sync import SwapClient
-from tests.deploy.engine import CA_BUNDLE, RUN_ID, VENV_BIN, Podman, run
+from tests.deploy.engine import CA_BUNDLE, NO_LAYERS, RUN_ID, VENV_BIN, Podman, run
 from tests.helpers import PS, free_port
 
 pytestmark = [pytest.mark.container, pytest.mark.root, pytest.mark.timeout(900)]
@@ -56,7 +56,9 @@ def test_compose_stack(podman: Podman, base_image: str, prometheus_image: str, t
     ]  # fmt: skip
     # As the docs' `up -d --build`, with the build's machine-specific additions (engine.build_args:
     # the base comes from compose.local.yaml) and without Grafana.
-    build_extra = shlex.join(["--format", "docker", "--pull=never", "-v", f"{CA_BUNDLE}:{CA_BUNDLE}:ro"])
+    build_extra = shlex.join(
+        [NO_LAYERS, "--format", "docker", "--pull=never", "-v", f"{CA_BUNDLE}:{CA_BUNDLE}:ro"]
+    )
     api = f"http://127.0.0.1:{ports['PROMETHEUS_PORT']}/api/v1"
     volumes: set[str] = set()
     try:
