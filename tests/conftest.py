@@ -5,12 +5,27 @@ from netswap.common import grpcenv
 
 grpcenv.apply()  # as netswap's own processes do, before anything loads gRPC
 
+import shutil
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import Running, running_server
+
+# The suite's peak of scratch disk is about 3 GiB (guest and fleet tests reserve file-store
+# areas of up to 2 GiB); below this, tests would fail one by one with ENOSPC instead.
+SCRATCH_NEEDED = 4 << 30
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    scratch = tempfile.gettempdir()
+    free = shutil.disk_usage(scratch).free
+    if free < SCRATCH_NEEDED and not session.config.option.collectonly:
+        raise pytest.UsageError(
+            f"{scratch} has {free >> 20} MiB free; the tests need {SCRATCH_NEEDED >> 30} GiB of scratch disk there"
+        )
 
 
 @pytest.fixture(params=["memory", "file"])
