@@ -75,7 +75,9 @@ class Replica:
     epoch: int = 0
     handle_died: bool = False  # its server said our handle is unknown
     cursor: int = 0  # where the copies to it go on from
-    generation: int = 0  # what its generation page holds, as far as this frontend knows
+    # The highest generation its page may hold, as far as this frontend knows: a page write
+    # that errs may still have landed.
+    generation: int = 0
 
     def clean_for(self, first: int, end: int) -> bool:
         return self.dirty_count == 0 or self.dirty.find(1, first, end) < 0
@@ -176,6 +178,8 @@ class MirroredArea(PageArea):
         self.pool = PagePool(pool_pages, page_size)
         self.created = all(a.created for a in attached)
         self.generation = max(r.generation for r in replicas)  # what the copies in step hold
+        self._highest = self.generation  # the highest any page may hold: the next is above it
+        self._started_from = self.generation  # the truth's at attach (see _check_not_ahead)
         self._generation_lock = asyncio.Lock()  # generation pages are written one round at a time
         # A copy whose page may hold the current generation left the set or was not read:
         # the next write moves the copies in step past it.
@@ -244,6 +248,7 @@ class MirroredArea(PageArea):
 
     async def read_batch(self, slots: Sequence[int], into: Sequence[memoryview]) -> None:
         self._check()
+        self._in_bounds(slots)
         runs = _runs(slots)
         for replica in self.replicas:  # placement order: the first live one with the slots reads
             if replica.state is State.DOWN or replica.area is None or not replica.clean_for_runs(runs):
@@ -261,8 +266,9 @@ class MirroredArea(PageArea):
     async def _to_all(self, slots: Sequence[int], rpc: Callable[[Area], Awaitable[None]]) -> None:
         """rpc on every live replica at once; acknowledged when all of them have it."""
         self._check()
+        first, end = self._in_bounds(slots)
         runs = _runs(slots)
-        span = await self._spans.write(*_span(slots))
+        span = await self._spans.write(first, end)
         try:
             live = []
             for replica in self.replicas:
@@ -279,7 +285,7 @@ class MirroredArea(PageArea):
                 # Cancelled (or worse) with the write on its way: the copies may now
                 # differ. Whatever the first has, the others are made to follow.
                 for replica in live[1:]:
-                    replica.mark(runs)
+                    self._behind(replica, runs)
                 raise
             self._took(live, epochs, errors, runs)
             if self._fell_behind():
@@ -302,23 +308,39 @@ class MirroredArea(PageArea):
             if error is None and replica.epoch == epoch:
                 replica.clear(runs)  # a syncing replica is up to date on these slots now
             elif landed:  # it missed (or was lost since) a write another copy has
-                replica.mark(runs)
+                self._behind(replica, runs)
+        for replica in live:
+            if replica.state is State.SYNCING and not replica.dirty_count:
+                self._wake.set()  # the writes brought it up to date: a copier says so
         rejected = next((e for e in errors if isinstance(e, InvalidRequest)), None)
         if rejected is not None:
             raise rejected
         if not landed:
             raise ConnectionLost(f"no replica of {self.name!r} took the write")
 
+    def _behind(self, replica: Replica, runs: list[tuple[int, int]]) -> None:
+        """A reachable replica missed a write: it is no longer in step until copied to."""
+        replica.mark(runs)
+        if replica.state is State.UP:
+            self._set(replica, State.SYNCING)
+
     def _check(self) -> None:
         if self.failed is not None:
             raise AreaNotFound(self.failed)
 
+    def _in_bounds(self, slots: Sequence[int]) -> tuple[int, int]:
+        """The slots' span; InvalidRequest past the mirror's last slot (the generation page's)."""
+        first, end = _span(slots) if len(slots) else (0, 0)
+        if first < 0 or end > self.slot_count:
+            raise InvalidRequest(f"slots {first}-{end - 1} are outside the mirror's {self.slot_count} slots")
+        return first, end
+
     # -- generations -----------------------------------------------------------------
 
     def _fell_behind(self) -> bool:
-        """Whether a copy whose page may hold the current generation misses a write."""
+        """Whether a copy whose page may hold the current generation (or a later one) misses a write."""
         return self._bump_wanted or any(
-            r.generation == self.generation and r.dirty_count for r in self.replicas
+            r.generation >= self.generation and r.dirty_count for r in self.replicas
         )
 
     def _in_step(self) -> list[Replica]:
@@ -332,9 +354,9 @@ class MirroredArea(PageArea):
                 in_step = self._in_step()
                 if not in_step:
                     raise ConnectionLost(f"no replica of {self.name!r} holds every write")
-                await self._write_generation(in_step, self.generation + 1)
-                if any(r.generation == self.generation + 1 for r in in_step):
-                    self.generation += 1
+                generation = self._highest + 1  # above any page, even one whose write erred
+                if await self._write_generation(in_step, generation):
+                    self.generation = generation
                     self._bump_wanted = False
                     log.warning("replicas of %r in step now at generation %d", self.name, self.generation)
 
@@ -345,9 +367,13 @@ class MirroredArea(PageArea):
             if replica in self._in_step() and replica.generation != self.generation:
                 await self._write_generation([replica], self.generation)
 
-    async def _write_generation(self, replicas: list[Replica], generation: int) -> None:
+    async def _write_generation(self, replicas: list[Replica], generation: int) -> bool:
+        """Write `generation` to the replicas' pages; whether any of them answered that it took it."""
         _GENERATION.pack_into(self._page, 0, _MAGIC, generation)
         slots = self._generation_slot
+        self._highest = max(self._highest, generation)
+        for replica in replicas:  # from now on each may hold it, whatever it answers
+            replica.generation = max(replica.generation, generation)
         epochs = [r.epoch for r in replicas]
         errors = await _each(replicas, lambda area: area.write_batch(slots, [memoryview(self._page)]))
         for replica, epoch, error in zip(replicas, epochs, errors, strict=True):
@@ -355,6 +381,7 @@ class MirroredArea(PageArea):
                 replica.generation = generation
             else:
                 self._lost(replica, error, epoch)
+        return any(e is None for e in errors)
 
     async def _read_generation(self, replica: Replica, page: bytearray) -> int:
         """The generation on a replica's page (0 for a page never written), read into `page`."""
@@ -364,20 +391,23 @@ class MirroredArea(PageArea):
         return int(generation) if magic == _MAGIC else 0
 
     async def _check_not_ahead(self, replica: Replica) -> None:
-        """A replica back with a generation above the mirror's was ahead of the copies this
-        frontend started from while it could not be reached: say so, and rebuild it too."""
+        """Learn what a replica that kept its data holds on its page. One above both what this
+        frontend may have written there and the truth it started from was ahead of that truth
+        while it could not be reached: say so, and rebuild it too."""
         try:
             generation = await self._read_generation(replica, self._probed_page)
         except NetswapError:
             return  # the next request to it will tell
-        if generation > self.generation:
+        ahead = generation > max(replica.generation, self._started_from)
+        replica.generation = generation
+        self._highest = max(self._highest, generation)
+        if ahead:
             log.error(
                 "replica of %r on %s is at generation %d, ahead of the %d this frontend started from:"
                 " it was unreachable at attach, and writes only it had were not served; rebuilding it",
-                self.name, replica.server, generation, self.generation,
+                self.name, replica.server, generation, self._started_from,
             )  # fmt: skip
             replica.mark_all()
-            replica.generation = 0
 
     async def read_generations(self, keep: int | None = None) -> None:
         """Read every attached replica's generation page, and take the highest generation's
@@ -399,7 +429,8 @@ class MirroredArea(PageArea):
             raise ConnectionLost(f"no replica of {self.name!r} can be reached")
         existing = [r for r in reached if not r.area.created]  # type: ignore[union-attr]
         truth = max(existing, key=lambda r: r.generation) if existing else None  # the first of the highest
-        self.generation = truth.generation if truth is not None else 0
+        self.generation = self._started_from = truth.generation if truth is not None else 0
+        self._highest = max(r.generation for r in reached)
         for replica in reached:
             if truth is not None and replica is not truth:
                 replica.mark_all()
@@ -425,8 +456,7 @@ class MirroredArea(PageArea):
             self.spares.append((replica.server, replica.client))
         self.replicas = [r for r in self.replicas if r in kept]
         attached = [r.area for r in self.replicas if r.area is not None]
-        self.max_batch_pages = min(a.max_batch_pages for a in attached)
-        self.takes_runs = all(a.takes_runs for a in attached)
+        self.takes_runs = all(a.takes_runs for a in attached)  # max_batch_pages stays: the buffers fit it
         self.created = all(a.created for a in attached)
         self._note_degraded()
 
@@ -504,6 +534,9 @@ class MirroredArea(PageArea):
         self._set(replica, State.SYNCING if replica.dirty_count else State.UP)
         if replica.state is State.UP:
             await self._caught_up(replica)
+        if self._fell_behind():  # a page behind that ties with the copies in step, or beats them
+            with contextlib.suppress(ConnectionLost):  # none in step: the next write fails and tells
+                await self._next_generation()
 
     def _replace(self, replica: Replica) -> None:
         """Let the next server in placement order stand in for a replica down too long."""
@@ -523,9 +556,10 @@ class MirroredArea(PageArea):
     async def _copy_loop(self, buf: bytearray) -> None:
         """One copier: the next run of dirty slots of a syncing replica, from a replica that has it."""
         while True:
+            self._wake.clear()  # before looking: whatever sets it from now on is seen below or wakes us
+            await self._promote_caught_up()
             claim = self._claim()
             if claim is None:
-                self._wake.clear()
                 await self._wake.wait()
                 continue
             # Paced before it is claimed: a claimed span holds off writes to it.
@@ -547,6 +581,10 @@ class MirroredArea(PageArea):
                 self._spans.done(self._spans.copies, span)
             if not copied:  # nobody reachable has these pages now
                 await asyncio.sleep(self.options.probe_every)
+
+    async def _promote_caught_up(self) -> None:
+        """Syncing replicas with nothing left to copy (by copies or by writes) are in step."""
+        for target in self.replicas:
             if target.state is State.SYNCING and target.dirty_count == 0:
                 log.warning("replica of %r on %s is up to date", self.name, target.server)
                 self._set(target, State.UP)

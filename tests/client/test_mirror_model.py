@@ -10,6 +10,7 @@ every slot it is not behind on.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -18,7 +19,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from netswap.client.errors import AreaNotFound, ConnectionLost, NetswapError
+from netswap.client.errors import AreaNotFound, ConnectionLost, InvalidRequest, NetswapError
 from netswap.client.mirror import _GENERATION as GENERATION
 from netswap.client.mirror import _MAGIC as MAGIC
 from netswap.client.mirror import MirroredArea, MirrorOptions, Replica, State
@@ -35,6 +36,7 @@ class FakeServer:
         self.pages: dict[str, dict[int, bytes]] = {}  # area -> slot -> page
         self.epoch = 0  # bumped when it loses its data
         self.lag = 0  # turns of the loop a request spends on its way (and a reply on its way back)
+        self.mute = False  # requests land, but no reply comes back (a crash after the write, a timeout)
 
     async def trip(self) -> None:
         for _ in range(self.lag + 1):
@@ -62,6 +64,12 @@ class FakeArea:
             raise ConnectionLost("unknown handle")
         return self.server.pages.setdefault(self.name, {})
 
+    def _answer(self) -> None:
+        """A write's reply: it reaches the mirror only from a server still up and answering."""
+        self.server.check()
+        if self.server.mute:
+            raise ConnectionLost(f"{self.server.name} did not answer in time")
+
     # Each request takes turns of the loop on its way, as a real one does: a
     # write lands after its trip there, a read is what was stored when it
     # arrived, seen after its trip back.
@@ -73,6 +81,7 @@ class FakeArea:
         for i, slot in enumerate(slots):
             store[slot] = blob[i * PS : (i + 1) * PS]
         await self.server.trip()
+        self._answer()
 
     async def read_batch(self, slots: Sequence[int], into: Sequence[memoryview]) -> None:
         await asyncio.sleep(0)
@@ -91,6 +100,7 @@ class FakeArea:
         for slot in slots:
             store.pop(slot, None)
         await self.server.trip()
+        self._answer()
 
     async def reattach(self, timeout: float | None = None) -> bool:
         self.server.check()
@@ -208,6 +218,10 @@ class MirrorMachine(RuleBasedStateMachine):
     def slow(self, i: int, lag: int) -> None:
         self.servers[i].lag = lag
 
+    @rule(i=st.integers(0, 2), mute=st.booleans())
+    def mute(self, i: int, mute: bool) -> None:
+        self.servers[i].mute = mute
+
     @precondition(lambda self: any(r.state is State.DOWN for r in self.mirror.replicas))
     @rule()
     def stand_in(self) -> None:
@@ -232,7 +246,8 @@ class MirrorMachine(RuleBasedStateMachine):
 
     @precondition(
         lambda self: (
-            all(s.up for s in self.servers if "m" in s.pages) and any(self._current(s) for s in self.servers)
+            all(s.up and not s.mute for s in self.servers if "m" in s.pages)
+            and any(self._current(s) for s in self.servers)
         )
     )
     @rule()
@@ -270,6 +285,8 @@ class MirrorMachine(RuleBasedStateMachine):
     def settle(self) -> None:
         """What the background tasks do: probe down replicas, copy what syncing ones lack."""
         self.run(self._settle())
+        for replica in self.mirror.replicas:  # none left syncing with nothing to copy
+            assert replica.state is not State.SYNCING or replica.dirty_count, replica.server
 
     @rule(first=st.integers(0, SLOTS - 1), count=st.integers(1, BATCH), head_start=st.integers(0, 3))
     def write_while_settling(self, first: int, count: int, head_start: int) -> None:
@@ -311,9 +328,7 @@ class MirrorMachine(RuleBasedStateMachine):
                 self.mirror._spans.done(self.mirror._spans.copies, span)
             if not copied:
                 break
-            if target.state is State.SYNCING and target.dirty_count == 0:
-                self.mirror._set(target, State.UP)
-                await self.mirror._caught_up(target)
+        await self.mirror._promote_caught_up()  # as each copier does before it looks for work
 
     def _server(self, replica: Replica) -> FakeServer:
         return next(s for s in self.servers if s.name == replica.server)
@@ -328,6 +343,7 @@ class MirrorMachine(RuleBasedStateMachine):
     @invariant()
     def replicas_hold_what_they_claim(self) -> None:
         for replica in self.mirror.replicas:
+            assert replica.state is not State.UP or not replica.dirty_count, f"{replica.server} up but behind"
             if replica.state is State.DOWN or replica.area is None:
                 continue
             server = self._server(replica)
@@ -481,3 +497,165 @@ def test_a_restarted_frontend_follows_the_copy_with_every_write(steps: list[str]
         assert machine.mirror.replicas[0].state is State.UP or machine.mirror.replicas[1].state is State.UP
     finally:
         machine.teardown()
+
+
+def _generation(server: FakeServer) -> int:
+    stored = server.pages["m"].get(SLOTS)
+    return int(GENERATION.unpack_from(stored)[1]) if stored else 0
+
+
+async def _mirror(servers: list[FakeServer], options: MirrorOptions | None = None) -> MirroredArea:
+    """Copies in step at generation 1, each an area that existed."""
+    replicas = []
+    for server in servers:
+        server.pages.setdefault("m", {})[SLOTS] = GENERATION.pack(MAGIC, 1) + bytes(PS - GENERATION.size)
+        area = cast(Any, FakeArea(server, "m", False))
+        replica = Replica(server.name, cast(Any, FakeClient(server)), area, bytearray(SLOTS), State.UP)
+        replica.generation = 1
+        replicas.append(replica)
+    return MirroredArea("m", (SLOTS + 1) * PS, replicas, pool_pages=16, options=options or MirrorOptions())
+
+
+async def _restarted(servers: list[FakeServer]) -> MirroredArea:
+    """A new frontend's mirror, attached as the fleet attaches it (tests/client/test_fleet.py)."""
+    replicas = []
+    for server in servers:
+        area = cast(Any, await FakeClient(server).swapon("m", (SLOTS + 1) * PS))
+        replicas.append(Replica(server.name, cast(Any, FakeClient(server)), area, bytearray(SLOTS), State.UP))
+    mirror = MirroredArea("m", (SLOTS + 1) * PS, replicas, pool_pages=16)
+    await mirror.read_generations()
+    return mirror
+
+
+async def test_a_generation_page_that_landed_unanswered_counts_as_held() -> None:
+    # B (first in placement order) is brought up to date and given the generation; the page
+    # lands, then B's server dies before it answers. A write B misses must still move A past
+    # B's page, or a restart would follow B and lose the write.
+    b, a = FakeServer("b"), FakeServer("a")
+    mirror = await _mirror([b, a])
+    rb, _ = mirror.replicas
+    del b.pages["m"][SLOTS]  # B was rebuilt from empty: its page holds no generation yet
+    rb.generation = 0
+    rb.mark([(0, 1)])
+    mirror._set(rb, State.SYNCING)
+    await _copy_all(mirror)
+    b.lag = 2
+    mirror._set(rb, State.UP)
+    caught_up = asyncio.ensure_future(mirror._caught_up(rb))
+    while _generation(b) != mirror.generation:  # landed; the answer is on its way back
+        await asyncio.sleep(0)
+    write = asyncio.ensure_future(mirror.write_batch(range(7, 8), [memoryview(page(42))]))
+    await asyncio.sleep(0)
+    b.up = False
+    await write  # acknowledged by A alone
+    await caught_up
+    assert _generation(a) > _generation(b)
+    mirror.detach()
+    b.up = True
+    restarted = await _restarted([b, a])
+    buf = bytearray(PS)
+    await restarted.read_batch(range(7, 8), [memoryview(buf)])
+    assert buf == page(42)
+    restarted.detach()
+
+
+async def test_a_bump_that_landed_unanswered_is_not_taken_for_a_copy_ahead() -> None:
+    # B misses a write, so A's page takes the next generation -- which lands, but A's answer
+    # is lost and the write fails. When both answer again, A (which has every write) stays in
+    # step and moves past B; only B, behind on slot 3, syncs.
+    a, b = FakeServer("a"), FakeServer("b")
+    mirror = await _mirror([a, b])
+    ra, rb = mirror.replicas
+    a.lag, b.up = 2, False
+    write = asyncio.ensure_future(mirror.write_batch(range(3, 4), [memoryview(page(9))]))
+    while _generation(a) == 1:
+        await asyncio.sleep(0)
+    a.mute = True
+    with pytest.raises(ConnectionLost):
+        await write
+    a.mute, b.up = False, True
+    for replica in (rb, ra):
+        await mirror._probe(replica)
+    assert ra.state is State.UP and not ra.dirty_count
+    assert rb.state is State.SYNCING and rb.dirty_count == 1
+    assert mirror.generation == _generation(a) > 2 > _generation(b)
+    buf = bytearray(2 * PS)
+    await mirror.read_batch(range(3, 5), [memoryview(buf)])
+    assert buf[:PS] == page(9)
+    mirror.detach()
+
+
+async def test_a_copy_brought_up_to_date_by_writes_alone_is_in_step() -> None:
+    # B is behind on two slots, and the guest rewrites both before a copier gets to them:
+    # B must still be taken as in step, and carry the area alone once A is lost.
+    a, b = FakeServer("a"), FakeServer("b")
+    mirror = await _mirror([a, b], MirrorOptions(probe_every=0.01, resync_rate=PS, resync_workers=1))
+    _, rb = mirror.replicas
+    b.up = False
+    for slot in (3, 9):
+        await mirror.write_batch(range(slot, slot + 1), [memoryview(page(slot))])
+    b.up = True
+    await mirror._probe(rb)
+    assert rb.state is State.SYNCING and rb.dirty_count == 2
+    mirror._paced_until = time.monotonic() + 0.3  # the copier waits its turn
+    mirror.start()
+    for slot in (3, 9):
+        await mirror.write_batch(range(slot, slot + 1), [memoryview(page(slot + 1))])
+    async with asyncio.timeout(5):
+        while rb.state is not State.UP:
+            await asyncio.sleep(0.01)
+    a.up = False
+    await mirror.write_batch(range(5, 6), [memoryview(page(5))])
+    await mirror.close()
+    mirror.detach()
+
+
+async def test_a_copy_that_misses_a_write_while_up_is_synced() -> None:
+    # A write's answer from B arrives after B was lost and re-attached with nothing to copy:
+    # B has missed it, so it is synced again, not left up and behind.
+    a, b = FakeServer("a"), FakeServer("b")
+    mirror = await _mirror([a, b])
+    _, rb = mirror.replicas
+    b.lag = 6
+    write = asyncio.ensure_future(mirror.write_batch(range(3, 4), [memoryview(page(7))]))
+    await asyncio.sleep(0)
+    mirror._lost(rb, ConnectionLost("a read from b failed"), rb.epoch)
+    await mirror._probe(rb)
+    assert rb.state is State.UP
+    await write
+    assert rb.state is State.SYNCING and rb.dirty[3] == 1
+    assert mirror._claim() == (rb, 3, 4)
+    mirror.detach()
+
+
+async def test_slots_past_the_mirror_are_refused() -> None:
+    a, b = FakeServer("a"), FakeServer("b")
+    mirror = await _mirror([a, b])
+    generation = _generation(a)
+    for slots in (range(SLOTS, SLOTS + 1), [SLOTS - 1, SLOTS + 3], range(-1, 1)):
+        with pytest.raises(InvalidRequest, match="outside the mirror"):
+            await mirror.write_batch(slots, [memoryview(page(1) * len(slots))])
+        with pytest.raises(InvalidRequest, match="outside the mirror"):
+            await mirror.read_batch(slots, [memoryview(bytearray(len(slots) * PS))])
+    assert _generation(a) == _generation(b) == generation  # the generation page is the mirror's own
+    assert all(len(r.dirty) == SLOTS for r in mirror.replicas)
+    mirror.detach()
+
+
+async def test_trimming_a_copy_keeps_the_batch_limit_the_buffers_fit() -> None:
+    servers = [FakeServer(n) for n in "abc"]
+    replicas = []
+    for server, batch in zip(servers, (BATCH, BATCH, BATCH // 4), strict=True):
+        server.pages["m"] = {}
+        area = FakeArea(server, "m", False)
+        area.max_batch_pages = batch
+        replicas.append(
+            Replica(server.name, cast(Any, FakeClient(server)), cast(Any, area), bytearray(SLOTS))
+        )
+    for replica in replicas:
+        replica.state = State.UP
+    mirror = MirroredArea("m", (SLOTS + 1) * PS, replicas, pool_pages=16)
+    await mirror.read_generations(keep=2)  # c, with the smallest batches, is left out
+    assert len(mirror.replicas) == 2
+    assert mirror.max_batch_pages * PS <= min(len(buf) for buf in mirror._buffers)
+    mirror.detach()
