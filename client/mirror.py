@@ -78,6 +78,7 @@ class Replica:
     # The highest generation its page may hold, as far as this frontend knows: a page write
     # that errs may still have landed.
     generation: int = 0
+    confirmed: int | None = None  # what its page was last read or answered to hold; None: unknown
 
     def clean_for(self, first: int, end: int) -> bool:
         return self.dirty_count == 0 or self.dirty.find(1, first, end) < 0
@@ -180,6 +181,7 @@ class MirroredArea(PageArea):
         self.generation = max(r.generation for r in replicas)  # what the copies in step hold
         self._highest = self.generation  # the highest any page may hold: the next is above it
         self._started_from = self.generation  # the truth's at attach (see _check_not_ahead)
+        self._written: dict[str, int] = {}  # server -> the highest generation this frontend sent there
         self._generation_lock = asyncio.Lock()  # generation pages are written one round at a time
         # A copy whose page may hold the current generation left the set or was not read:
         # the next write moves the copies in step past it.
@@ -235,8 +237,8 @@ class MirroredArea(PageArea):
             replica.state = state
             replica.since = time.monotonic()
             self._note_degraded()
-            if state is State.SYNCING:
-                self._wake.set()
+            if state is not State.DOWN:
+                self._wake.set()  # one to copy to, or one to copy from
 
     # -- the three operations --------------------------------------------------------
 
@@ -283,9 +285,11 @@ class MirroredArea(PageArea):
                 errors = await _each(live, rpc)
             except BaseException:
                 # Cancelled (or worse) with the write on its way: the copies may now
-                # differ. Whatever the first has, the others are made to follow.
-                for replica in live[1:]:
-                    self._behind(replica, runs)
+                # differ. Whatever one in step (else the first) has, the others follow.
+                keep = next((r for r in live if r.state is State.UP), live[0])
+                for replica in live:
+                    if replica is not keep:
+                        self._behind(replica, runs)
                 raise
             self._took(live, epochs, errors, runs)
             if self._fell_behind():
@@ -364,7 +368,7 @@ class MirroredArea(PageArea):
         """A replica brought up to date takes the current generation (one written since it
         caught up and missed meanwhile is caught by _fell_behind on that write's path)."""
         async with self._generation_lock:
-            if replica in self._in_step() and replica.generation != self.generation:
+            if replica in self._in_step() and replica.confirmed != self.generation:
                 await self._write_generation([replica], self.generation)
 
     async def _write_generation(self, replicas: list[Replica], generation: int) -> bool:
@@ -374,11 +378,13 @@ class MirroredArea(PageArea):
         self._highest = max(self._highest, generation)
         for replica in replicas:  # from now on each may hold it, whatever it answers
             replica.generation = max(replica.generation, generation)
+            replica.confirmed = None
+            self._written[replica.server] = max(self._written.get(replica.server, 0), generation)
         epochs = [r.epoch for r in replicas]
         errors = await _each(replicas, lambda area: area.write_batch(slots, [memoryview(self._page)]))
         for replica, epoch, error in zip(replicas, epochs, errors, strict=True):
             if error is None:
-                replica.generation = generation
+                replica.generation = replica.confirmed = generation
             else:
                 self._lost(replica, error, epoch)
         return any(e is None for e in errors)
@@ -390,16 +396,18 @@ class MirroredArea(PageArea):
         magic, generation = _GENERATION.unpack_from(page)
         return int(generation) if magic == _MAGIC else 0
 
-    async def _check_not_ahead(self, replica: Replica) -> None:
-        """Learn what a replica that kept its data holds on its page. One above both what this
-        frontend may have written there and the truth it started from was ahead of that truth
-        while it could not be reached: say so, and rebuild it too."""
+    async def _check_not_ahead(self, replica: Replica) -> bool:
+        """Learn what a replica that kept its data holds on its page (False if it could not be
+        read). One above both what this frontend may have written there and the truth it
+        started from was ahead of that truth while it could not be reached: say so, and
+        rebuild it too."""
         try:
             generation = await self._read_generation(replica, self._probed_page)
         except NetswapError:
-            return  # the next request to it will tell
-        ahead = generation > max(replica.generation, self._started_from)
-        replica.generation = generation
+            return False
+        written = max(replica.generation, self._written.get(replica.server, 0))
+        ahead = generation > max(written, self._started_from)
+        replica.generation = replica.confirmed = generation
         self._highest = max(self._highest, generation)
         if ahead:
             log.error(
@@ -408,6 +416,7 @@ class MirroredArea(PageArea):
                 self.name, replica.server, generation, self._started_from,
             )  # fmt: skip
             replica.mark_all()
+        return True
 
     async def read_generations(self, keep: int | None = None) -> None:
         """Read every attached replica's generation page, and take the highest generation's
@@ -421,6 +430,7 @@ class MirroredArea(PageArea):
             epoch = replica.epoch
             try:
                 replica.generation = await self._read_generation(replica, self._page)
+                replica.confirmed = replica.generation
             except NetswapError as e:
                 self._lost(replica, e, epoch)
                 replica.mark_all()  # whether it is behind is unknown: rebuilt when it is back
@@ -520,23 +530,26 @@ class MirroredArea(PageArea):
             return
         replica.handle_died = False
         replica.epoch += 1
-        if not created:
-            await self._check_not_ahead(replica)
+        if not created and not await self._check_not_ahead(replica):
+            log.debug(
+                "replica of %r on %s: its generation page cannot be read yet", self.name, replica.server
+            )
+            return  # what its page holds decides how it comes back: the next probe tries again
         # A stand-in or restarted server may take smaller batches: the batcher re-cuts to this.
         self.max_batch_pages = min(self.max_batch_pages, replica.area.max_batch_pages)
         if created:  # empty: every slot must come from another replica
             replica.mark_all()
-            replica.generation = 0
+            replica.generation, replica.confirmed = 0, None
         log.warning(
             "replica of %r on %s is back (%s); %d slots to copy",
             self.name, replica.server, "empty" if created else "kept its data", replica.dirty_count,
         )  # fmt: skip
         self._set(replica, State.SYNCING if replica.dirty_count else State.UP)
-        if replica.state is State.UP:
-            await self._caught_up(replica)
         if self._fell_behind():  # a page behind that ties with the copies in step, or beats them
             with contextlib.suppress(ConnectionLost):  # none in step: the next write fails and tells
                 await self._next_generation()
+        if replica.state is State.UP:
+            await self._caught_up(replica)
 
     def _replace(self, replica: Replica) -> None:
         """Let the next server in placement order stand in for a replica down too long."""
@@ -547,7 +560,7 @@ class MirroredArea(PageArea):
             replica.area.detach()
         replica.server, replica.client, replica.area = server, client, None
         replica.mark_all()
-        replica.generation = 0
+        replica.generation, replica.confirmed = 0, None
         self._bump_wanted = True  # the copy given up keeps its page, and will miss what comes
         replica.since = time.monotonic()
         replica.epoch += 1

@@ -37,6 +37,7 @@ class FakeServer:
         self.epoch = 0  # bumped when it loses its data
         self.lag = 0  # turns of the loop a request spends on its way (and a reply on its way back)
         self.mute = False  # requests land, but no reply comes back (a crash after the write, a timeout)
+        self.unreadable = False  # reads fail (a disk error, say); writes still work
 
     async def trip(self) -> None:
         for _ in range(self.lag + 1):
@@ -85,6 +86,8 @@ class FakeArea:
 
     async def read_batch(self, slots: Sequence[int], into: Sequence[memoryview]) -> None:
         await asyncio.sleep(0)
+        if self.server.unreadable:
+            raise ConnectionLost(f"{self.server.name} failed a read")
         store = self._pages()
         blob = b"".join(store.get(s, bytes(PS)) for s in slots)
         await self.server.trip()
@@ -509,7 +512,9 @@ def _generation(server: FakeServer) -> int:
     return int(GENERATION.unpack_from(stored)[1]) if stored else 0
 
 
-async def _mirror(servers: list[FakeServer], options: MirrorOptions | None = None) -> MirroredArea:
+async def _mirror(
+    servers: list[FakeServer], options: MirrorOptions | None = None, spares: Sequence[FakeServer] = ()
+) -> MirroredArea:
     """Copies in step at generation 1, each an area that existed."""
     replicas = []
     for server in servers:
@@ -518,7 +523,9 @@ async def _mirror(servers: list[FakeServer], options: MirrorOptions | None = Non
         replica = Replica(server.name, cast(Any, FakeClient(server)), area, bytearray(SLOTS), State.UP)
         replica.generation = 1
         replicas.append(replica)
-    return MirroredArea("m", (SLOTS + 1) * PS, replicas, pool_pages=16, options=options or MirrorOptions())
+    others = [(s.name, cast(Any, FakeClient(s))) for s in spares]
+    options = options or MirrorOptions()
+    return MirroredArea("m", (SLOTS + 1) * PS, replicas, spares=others, pool_pages=16, options=options)
 
 
 async def _restarted(servers: list[FakeServer]) -> MirroredArea:
@@ -663,4 +670,45 @@ async def test_trimming_a_copy_keeps_the_batch_limit_the_buffers_fit() -> None:
     await mirror.read_generations(keep=2)  # c, with the smallest batches, is left out
     assert len(mirror.replicas) == 2
     assert mirror.max_batch_pages * PS <= min(len(buf) for buf in mirror._buffers)
+    mirror.detach()
+
+
+async def test_a_copy_back_whose_page_cannot_be_read_stays_down() -> None:
+    # B was sent the current generation, which never landed: its page is older. Back, but
+    # with its page unreadable, it cannot be told apart from a copy ahead, so it stays down;
+    # once the page reads, B comes back in step and takes the generation for real.
+    a, b = FakeServer("a"), FakeServer("b")
+    mirror = await _mirror([a, b])
+    _, rb = mirror.replicas
+    del b.pages["m"][SLOTS]
+    rb.confirmed = None
+    mirror._lost(rb, ConnectionLost("b: the page write timed out"), rb.epoch)
+    b.unreadable = True
+    await mirror._probe(rb)
+    assert state(rb) is State.DOWN
+    b.unreadable = False
+    await mirror._probe(rb)
+    assert state(rb) is State.UP and _generation(b) == mirror.generation == _generation(a)
+    mirror.detach()
+
+
+async def test_a_server_given_up_and_taken_back_is_not_called_ahead(caplog: pytest.LogCaptureFixture) -> None:
+    # B is given up for C, C in turn for B: B's page holds what this frontend wrote there,
+    # which is no sign of a copy that was ahead of the truth.
+    a, b, c = FakeServer("a"), FakeServer("b"), FakeServer("c")
+    mirror = await _mirror([a, b], MirrorOptions(probe_every=0.01), spares=[c])
+    _, rb = mirror.replicas
+    mirror._bump_wanted = True
+    await mirror._next_generation()  # both at 2: above what the mirror started from
+    b.up = False
+    await mirror.write_batch(range(3, 4), [memoryview(page(3))])  # B misses it: A moves to 3
+    mirror._replace(rb)
+    assert rb.server == "c"
+    c.up = False
+    mirror._replace(rb)
+    assert rb.server == "b"
+    b.up = True
+    await mirror._probe(rb)
+    assert state(rb) is State.SYNCING and rb.dirty_count == SLOTS
+    assert not [r for r in caplog.records if "ahead" in r.getMessage()]
     mirror.detach()
