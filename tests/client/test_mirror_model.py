@@ -712,3 +712,25 @@ async def test_a_server_given_up_and_taken_back_is_not_called_ahead(caplog: pyte
     assert state(rb) is State.SYNCING and rb.dirty_count == SLOTS
     assert not [r for r in caplog.records if "ahead" in r.getMessage()]
     mirror.detach()
+
+
+async def test_a_cancelled_write_leaves_its_slots_on_the_copy_in_step() -> None:
+    # A (first in placement order) is being rebuilt and is behind on slot 3; a write to slot 3
+    # is cancelled on its way. The copies may now differ there: B, in step, is the one kept.
+    a, b = FakeServer("a"), FakeServer("b")
+    mirror = await _mirror([a, b])
+    ra, rb = mirror.replicas
+    ra.mark([(3, 4)])
+    mirror._set(ra, State.SYNCING)
+    a.lag = b.lag = 4
+    write = asyncio.ensure_future(mirror.write_batch(range(3, 4), [memoryview(page(5))]))
+    await asyncio.sleep(0)
+    write.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await write
+    assert ra.dirty[3] == 1 and rb.dirty[3] == 0 and state(rb) is State.UP
+    a.lag = b.lag = 0
+    buf = bytearray(PS)
+    await mirror.read_batch(range(3, 4), [memoryview(buf)])  # from B
+    assert buf in (page(5), bytes(PS))
+    mirror.detach()
