@@ -60,7 +60,9 @@ def test_a_log_nobody_reads_stalls_no_request_and_drops_are_counted(tmp_path: Pa
             metrics = page.read().decode()
         dropped = int(float(re.search(r"^netswap_log_lines_dropped_total (\S+)$", metrics, re.M)[1]))  # type: ignore[index]
         assert dropped > 0
-        # The reader is back: what was queued comes out, and how many lines were dropped.
+        # The reader is back: what was queued comes out, then how many lines were dropped --
+        # before the server is stopped, so its last lines find room.
+        read_until(r, b"log lines dropped", log)
         proc.terminate()
         while chunk := os.read(r, 1 << 16):  # to the end: the server has exited
             log += chunk
